@@ -1,0 +1,270 @@
+"""Structured configs: one dataclass per Hydra group, validated at start-up.
+
+Hydra merges `conf/<group>/<option>.yaml` into these typed nodes, so an unknown key or a wrong type fails at
+composition; `validate` then instantiates the dataclasses, whose `__post_init__` checks choices and ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("pair", "selector", "benchmark", "data", "rollout", "train", "logger")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says what was expected."""
+
+
+def _one_of(where: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{where}={value!r} is not valid; expected one of: {', '.join(map(str, options))}")
+
+
+def _in_range(where: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise ConfigError(f"{where}={value!r} is out of range; expected a number in {bracket}{lo}, {hi}]")
+
+
+@dataclass
+class PairConfig:
+    """A teacher-student pair. Model fields take a HF id, a local path, or `toy://teacher|student`."""
+
+    name: str = "toy"
+    teacher: str = "toy://teacher"
+    student: str = "toy://student"
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    chat_template: str | None = None  # a Jinja template replacing the tokenizer's own
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("pair.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+SELECTORS = ("all", "random", "entropy", "divergence", "soft_or", "hard_or", "and", "quadrant")
+QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
+
+
+@dataclass
+class SelectorConfig:
+    """Which tokens enter the loss (SPEC section 5)."""
+
+    name: str = "soft_or"
+    mode: str = "topk"  # topk | sample
+    alpha: float = 1.0  # sampling weight = score ** alpha
+    quadrants: list[str] = field(default_factory=lambda: ["Q3"])
+    cap_by: str = "divergence"  # ranking used when a mask selector holds more tokens than the budget
+    scope: str = "batch"  # batch | per_sequence: where the budget K is counted
+
+    def __post_init__(self) -> None:
+        _one_of("selector.name", self.name, SELECTORS)
+        _one_of("selector.mode", self.mode, ("topk", "sample"))
+        _one_of("selector.cap_by", self.cap_by, ("divergence", "entropy", "soft_or"))
+        _one_of("selector.scope", self.scope, ("batch", "per_sequence"))
+        if self.alpha <= 0:
+            raise ConfigError(f"selector.alpha={self.alpha} must be > 0")
+        for q in self.quadrants:
+            _one_of("selector.quadrants[]", q, QUADRANTS)
+        if self.name == "quadrant" and not self.quadrants:
+            raise ConfigError("selector=quadrant needs at least one quadrant, e.g. selector.quadrants=[Q3]")
+
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+
+
+@dataclass
+class ImportanceConfig:
+    """The two axes (entropy H, divergence D), their normalisation and quadrant thresholds (SPEC 2-4)."""
+
+    divergence: str = "reverse_kl"
+    jsd_beta: float = 0.5
+    topk: int | None = None  # restrict D to the teacher's top-K tokens, renormalised
+    norm: str = "minmax"  # minmax | rank | quantile_clip
+    clip_lo: float = 0.01
+    clip_hi: float = 0.99
+    threshold: str = "quantile"  # quantile (per batch) | absolute (nats)
+    h_threshold: float = 0.5  # the median by default
+    d_threshold: float = 0.5
+    chunk_size: int = 1024  # rows of [chunk, V] logits scored at once
+
+    def __post_init__(self) -> None:
+        _one_of("importance.divergence", self.divergence, DIVERGENCES)
+        _one_of("importance.norm", self.norm, ("minmax", "rank", "quantile_clip"))
+        _one_of("importance.threshold", self.threshold, ("quantile", "absolute"))
+        _in_range("importance.jsd_beta", self.jsd_beta, 0.0, 1.0)
+        if not 0.0 <= self.clip_lo < self.clip_hi <= 1.0:
+            raise ConfigError(f"importance.clip_lo/clip_hi = {self.clip_lo}/{self.clip_hi}; need 0 <= lo < hi <= 1")
+        if self.threshold == "quantile":
+            _in_range("importance.h_threshold", self.h_threshold, 0.0, 1.0)
+            _in_range("importance.d_threshold", self.d_threshold, 0.0, 1.0)
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError(f"importance.topk={self.topk} must be >= 1 (or null for the full vocabulary)")
+        if self.chunk_size < 1:
+            raise ConfigError(f"importance.chunk_size={self.chunk_size} must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    """Per-token distillation loss over the full vocabulary (SPEC section 1)."""
+
+    kind: str = "reverse_kl"
+    jsd_beta: float = 0.5
+    norm: str = "selected"  # selected: mean over kept tokens | total: divide by all response tokens
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _one_of("loss.kind", self.kind, DIVERGENCES)
+        _one_of("loss.norm", self.norm, ("selected", "total"))
+        _in_range("loss.jsd_beta", self.jsd_beta, 0.0, 1.0)
+        if self.chunk_size < 1:
+            raise ConfigError(f"loss.chunk_size={self.chunk_size} must be >= 1")
+
+
+@dataclass
+class DatasetConfig:
+    """A prompt source: a local JSONL/JSON/Parquet path, `toy://train|test`, or a HF dataset id."""
+
+    name: str = "toy"
+    path: str | None = "toy://test"
+    hf_id: str | None = None
+    hf_config: str | None = None
+    split: str = "test"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: str | None = "id"
+    prompt_template: str = "{problem}"
+    # sampling defaults for evaluation on this source (eval.* overrides them)
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.hf_id is None):
+            raise ConfigError(f"dataset {self.name!r}: set exactly one of path= (local file) or hf_id= (HF dataset)")
+        if "{problem}" not in self.prompt_template:
+            raise ConfigError(f"dataset {self.name!r}: prompt_template must contain '{{problem}}'")
+        if self.n < 1:
+            raise ConfigError(f"dataset {self.name!r}: n={self.n} must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | vllm
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    samples_per_prompt: int = 1
+    batch_size: int = 64  # sequences generated at once
+
+    def __post_init__(self) -> None:
+        _one_of("rollout.engine", self.engine, ("hf", "vllm"))
+        _in_range("rollout.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        if self.temperature < 0 or self.max_new_tokens < 1 or self.samples_per_prompt < 1 or self.batch_size < 1:
+            raise ConfigError("rollout: temperature >= 0, max_new_tokens >= 1, samples_per_prompt >= 1, batch_size >= 1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    prompts_per_step: int = 16
+    micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole rollout batch at once
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    save_every: int = 20
+    keep_checkpoints: int = 0  # 0 = keep all
+    eval_every: int = 0  # 0 = only before and after training
+    eval_before: bool = True
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+        if self.steps < 0 or self.prompts_per_step < 1 or self.micro_batch_size < 0:
+            raise ConfigError("train: steps >= 0, prompts_per_step >= 1, micro_batch_size >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if self.save_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
+            raise ConfigError("train: save_every, eval_every, keep_checkpoints must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Overrides of the benchmark's own sampling defaults; null = the benchmark's value."""
+
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    limit: int | None = None  # evaluate only the first N problems
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.n is not None and self.n < 1:
+            raise ConfigError(f"eval.n={self.n} must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval.limit={self.limit} must be >= 1 (or null for all problems)")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none; metrics.jsonl is always written
+    project: str = "tip"
+    entity: str | None = None
+    mode: str = "auto"  # auto: online with credentials, else offline | online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _one_of("logger.name", self.name, ("wandb", "none"))
+        _one_of("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class TipConfig:
+    pair: PairConfig = field(default_factory=PairConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    benchmark: DatasetConfig = field(default_factory=DatasetConfig)
+    data: DatasetConfig = field(default_factory=lambda: DatasetConfig(name="toy", path="toy://train", split="train"))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    budget: float = 0.5
+    seed: int = 0
+    out_dir: str | None = None  # null = Hydra's run dir
+    checkpoint: str | None = None  # what `tip eval` evaluates
+
+    def __post_init__(self) -> None:
+        _in_range("budget", self.budget, 0.0, 1.0, lo_open=True)
+
+
+def register() -> None:
+    """Put the schema into Hydra's ConfigStore; conf/config.yaml lists it first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="tip_schema", node=TipConfig)
+
+
+def validate(cfg: DictConfig) -> TipConfig:
+    """Instantiate the dataclasses (running every `__post_init__` check) and return the typed config."""
+    node = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_object(node)  # type: ignore[return-value]
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group, read from conf/<group>/*.yaml."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -1,0 +1,43 @@
+"""Per-token divergences between two next-token distributions, given as log-probabilities over the same vocab.
+
+All functions take `[C, V]` log-prob rows (C tokens, V vocabulary entries) and return `[C]`, in nats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H(p) = -sum_v p(v) log p(v)."""
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p(v) [log p(v) - log q(v)]; terms with p(v) = 0 contribute 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def jsd(logp_s: torch.Tensor, logp_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """beta * KL(p_T || m) + (1 - beta) * KL(p_S || m), with m = beta * p_T + (1 - beta) * p_S.
+
+    beta = 0 or 1 makes m equal to one side and the divergence 0.
+    """
+    if beta <= 0.0 or beta >= 1.0:
+        return torch.zeros(logp_s.shape[:-1], dtype=logp_s.dtype, device=logp_s.device)
+    log_m = torch.logaddexp(logp_t + math.log(beta), logp_s + math.log(1.0 - beta))
+    return beta * kl(logp_t, log_m) + (1.0 - beta) * kl(logp_s, log_m)
+
+
+def token_divergence(logp_s: torch.Tensor, logp_t: torch.Tensor, kind: str = "reverse_kl", beta: float = 0.5) -> torch.Tensor:
+    """The student-teacher divergence named by `kind`: reverse_kl = KL(S||T), forward_kl = KL(T||S), jsd."""
+    if kind == "reverse_kl":
+        return kl(logp_s, logp_t)
+    if kind == "forward_kl":
+        return kl(logp_t, logp_s)
+    if kind == "jsd":
+        return jsd(logp_s, logp_t, beta)
+    raise ValueError(f"unknown divergence {kind!r}; expected reverse_kl, forward_kl or jsd")
