@@ -1,0 +1,36 @@
+# `make demo` and `make test` each set everything up on a fresh machine first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TIP := $(VENV)/bin/tip
+# A CPU build of torch where there is no CUDA (this pin resolves to the CPU wheel on the reference machine;
+# elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+export WANDB_SILENT ?= true
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then echo "CUDA found: torch from the default index"; \
+	else $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Build the embedded pair, distil it (soft_or, budget 0.5), and print the student's accuracy before and after.
+demo: setup
+	$(TIP) toy
+	$(TIP) train out_dir=outputs/demo logger=wandb logger.mode=offline
+
+test: setup
+	WANDB_MODE=offline $(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check tip_cli tests scripts
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

@@ -1,0 +1,188 @@
+"""The `tip` command line: Typer commands whose arguments are Hydra overrides (`tip train selector=soft_or budget=0.5`).
+
+Every command first composes and validates the config for each job it would run (each point of a `-m` sweep
+too), so a typo fails in about a second with the valid options listed; then Hydra runs the job(s), giving each
+its own output dir (`outputs/...`, or `multirun/.../N_overrides` for sweeps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from tip_cli.config import CONF_DIR, GROUPS, ConfigError, TipConfig, group_options, register, validate
+
+console = Console(stderr=True)
+_command = {"name": "train"}  # the command the Hydra entry point runs
+
+
+def groups_help() -> str:
+    lines = ["Config groups (choose with GROUP=OPTION):"]
+    lines += [f"  {g}: {', '.join(group_options(g))}" for g in GROUPS]
+    lines += [
+        "Values: budget=FLOAT in (0,1], seed=INT, out_dir=PATH, and any field such as train.steps=100, "
+        "rollout.max_new_tokens=512, importance.norm=rank, loss.kind=jsd (see `tip config`).",
+    ]
+    return "\n\n".join(lines)
+
+
+def _field_names(path: list[str]) -> list[str] | None:
+    """Field names of the dataclass node at `path` in TipConfig (None if the path is not a dataclass)."""
+    node: type = TipConfig
+    for part in path:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return None
+        node = type(getattr(node(), part)) if dataclasses.is_dataclass(node) else None
+        if not dataclasses.is_dataclass(node):
+            return None
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def explain(err: Exception) -> str:
+    """A short message for a config error, listing valid keys when an unknown key was given."""
+    msg = str(err).split("\nConfig search path")[0].strip()
+    found = re.search(r"Could not override '([\w.]+)'", msg)
+    if found:
+        key = found.group(1).split(".")
+        valid = _field_names(key[:-1])
+        where = ".".join(key[:-1]) or "the top level"
+        if valid is not None:
+            return f"unknown key '{found.group(1)}'; valid keys of {where}: {', '.join(valid)}"
+    cause = err.__cause__
+    if cause is not None and str(cause).splitlines():
+        msg = f"{msg}: {str(cause).splitlines()[0]}"
+    return msg
+
+
+def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job: one for a plain run, the cartesian product of the sweep for -m."""
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def compose_config(overrides: list[str]) -> TipConfig:
+    """Compose conf/config.yaml with the overrides and validate it; raises ConfigError with a readable message."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    GlobalHydra.instance().clear()
+    own = [o for o in overrides if not o.lstrip("~+").startswith("hydra")]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            return validate(compose("config", overrides=own))
+    except ConfigError:
+        raise
+    except Exception as err:  # Hydra and OmegaConf errors carry their own message
+        raise ConfigError(explain(err)) from err
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _hydra_entry(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    tip_cfg = validate(cfg)
+    run_dir = Path(tip_cfg.out_dir) if tip_cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if _command["name"] == "train":
+            from tip_cli.trainer import train
+
+            train(tip_cfg, run_dir)
+        else:
+            from tip_cli.evaluation import run_eval_command
+
+            run_eval_command(tip_cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise SystemExit(2) from err
+
+
+def launch(command: str, overrides: list[str], multirun: bool) -> None:
+    """Validate every job's config, then hand the overrides to Hydra, which runs the job(s)."""
+    import hydra
+
+    try:
+        for job in _job_overrides(overrides, multirun):
+            compose_config(job)
+    except Exception as err:
+        console.print(f"[red]error:[/] {err if isinstance(err, ConfigError) else explain(err)}")
+        raise typer.Exit(2) from err
+    register()
+    extra = ["hydra.output_subdir=null", "hydra.run.dir=."] if command == "eval" and not multirun else []
+    _command["name"] = command
+    sys.argv = ["tip", *overrides, *extra, *(["--multirun"] if multirun else [])]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_hydra_entry)()
+
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="tip: on-policy distillation with token importance (TIP).\n\n" + groups_help(),
+)
+OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. selector=soft_or budget=0.5 train.steps=100")
+MULTIRUN = typer.Option(False, "--multirun", "-m", help="Sweep: comma lists become one job each (budget=0.1,0.5,1.0)")
+
+
+@app.command(epilog=groups_help())
+def train(overrides: list[str] = OVERRIDES, multirun: bool = MULTIRUN) -> None:
+    """Distil the student from the teacher on its own rollouts, training on the selected tokens.
+
+    Re-running with the same out_dir=PATH resumes from the last checkpoint there.
+    """
+    launch("train", overrides or [], multirun)
+
+
+@app.command("eval", epilog=groups_help())
+def eval_(
+    checkpoint: str = typer.Argument(..., help="A checkpoint dir, a run dir (every checkpoint), a HF id, or toy://student"),
+    overrides: list[str] = OVERRIDES,
+    multirun: bool = MULTIRUN,
+) -> None:
+    """Evaluate a model on a benchmark (benchmark=toy|math500|aime24|aime25) with math-verify grading."""
+    launch("eval", [f"checkpoint='{checkpoint}'", *(overrides or [])], multirun)
+
+
+@app.command()
+def toy(
+    seed: int = typer.Option(0, help="Seed of the task, tokenizer and both models"),
+    force: bool = typer.Option(False, help="Rebuild even if cached"),
+) -> None:
+    """Build the embedded tiny teacher-student pair (cached under $TIP_CACHE, default ~/.cache/tip)."""
+    from tip_cli.toy import build_toy
+
+    path = build_toy(seed=seed, force=force)
+    console.print(f"toy pair: {path}")
+
+
+@app.command(epilog=groups_help())
+def config(overrides: list[str] = OVERRIDES) -> None:
+    """Print the composed, validated config."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = compose_config(overrides or [])
+    except ConfigError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from err
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Evaluation: sample k responses per problem, grade them with math-verify, report avg@k / pass@k / maj@k.
+
+`tip eval PATH` takes a checkpoint dir (or any HF id / `toy://student`), or a run dir, whose checkpoints are all
+evaluated (skipping those already evaluated with the same settings) into an accuracy curve.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from tip_cli.checkpoint import Checkpoint, list_checkpoints
+from tip_cli.config import DatasetConfig, EvalConfig, PairConfig, TipConfig
+from tip_cli.data import Problem, load_problems
+from tip_cli.grading import grade
+from tip_cli.metrics import summarize
+from tip_cli.models import load_model, load_tokenizer, pick_device, render_prompt, resolve_model
+from tip_cli.rollout import HFEngine, Sampling
+from tip_cli.tracking import wandb_mode
+
+console = Console()
+
+
+def eval_sampling(bench: DatasetConfig, ev: EvalConfig) -> Sampling:
+    """The benchmark's own sampling defaults, with any eval.* value that is set taking precedence."""
+
+    def pick(override, default):
+        return default if override is None else override
+
+    return Sampling(
+        n=pick(ev.n, bench.n),
+        temperature=pick(ev.temperature, bench.temperature),
+        top_p=pick(ev.top_p, bench.top_p),
+        max_new_tokens=pick(ev.max_new_tokens, bench.max_new_tokens),
+    )
+
+
+def evaluate(
+    model, tokenizer, pair_cfg: PairConfig, problems: list[Problem], sampling: Sampling, batch_size: int
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Generate `sampling.n` responses per problem and grade them; returns (metrics, per-problem records)."""
+    engine = HFEngine(model, tokenizer, batch_size)
+    prompts = [render_prompt(tokenizer, p.prompt, pair_cfg) for p in problems]
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("eval", total=len(prompts) * sampling.n)
+        responses = engine.generate(prompts, sampling, on_batch=lambda done: bar.update(task, completed=done))
+    records = []
+    for i, problem in enumerate(problems):
+        ids = responses[i * sampling.n : (i + 1) * sampling.n]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        verdicts = [grade(t, problem.answer) for t in texts]
+        records.append({
+            "id": problem.id, "gold": problem.answer, "meta": problem.meta, "prompt": problem.prompt,
+            "responses": texts, "correct": [v.correct for v in verdicts], "preds": [v.pred for v in verdicts],
+            "response_lens": [len(r) for r in ids],
+        })
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= sampling.n} | {sampling.n})
+    metrics = summarize(records, ks)
+    metrics["accuracy"] = metrics[f"avg@{sampling.n}"]
+    return metrics, records
+
+
+def _settings(cfg: TipConfig) -> dict[str, Any]:
+    """What makes two evaluations comparable: the benchmark, its sampling, and the problem limit."""
+    return {"benchmark": asdict(cfg.benchmark), "sampling": asdict(eval_sampling(cfg.benchmark, cfg.eval)), "limit": cfg.eval.limit}
+
+
+def print_metrics(title: str, metrics: dict[str, float]) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+def _log_wandb(cfg: TipConfig, out_dir: Path, metrics: dict[str, float], records: list[dict], step: int) -> None:
+    import wandb
+
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=wandb_mode(cfg.logger.mode),
+                     dir=str(out_dir), job_type="eval", config=_settings(cfg), reinit="finish_previous")
+    name = cfg.benchmark.name
+    run.log({f"eval/{name}/{k}": v for k, v in metrics.items()} | {"step": step})
+    rows = [[r["id"], r["prompt"], r["responses"][0], r["gold"], r["preds"][0], r["correct"][0]] for r in records[:200]]
+    run.log({f"eval/{name}/samples": wandb.Table(columns=["id", "prompt", "response", "gold", "pred", "correct"], data=rows)})
+    run.finish()
+
+
+def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problems: list[Problem]) -> dict[str, float]:
+    """Evaluate one model into out_dir/results.<benchmark>.json, reusing a result with identical settings."""
+    out_file = out_dir / f"results.{cfg.benchmark.name}.json"
+    settings = _settings(cfg)
+    if out_file.exists():
+        previous = json.loads(out_file.read_text())
+        if previous.get("settings") == settings:
+            console.print(f"[dim]{out_file} already has these settings; skipping[/]")
+            return previous["metrics"]
+    device = pick_device(cfg.train.device)
+    path = resolve_model(str(ckpt.path) if ckpt.step >= 0 else cfg.checkpoint)
+    model = load_model(path, cfg.pair, device, trainable=False)
+    tokenizer = load_tokenizer(path, cfg.pair)
+    metrics, records = evaluate(model, tokenizer, cfg.pair, problems, eval_sampling(cfg.benchmark, cfg.eval), cfg.eval.batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps({"model": str(ckpt.path), "settings": settings, "metrics": metrics, "records": records}, indent=1))
+    if cfg.logger.name == "wandb":
+        _log_wandb(cfg, out_dir, metrics, records, max(ckpt.step, 0))
+    del model
+    return metrics
+
+
+def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
+    """`tip eval PATH`: a run dir -> every checkpoint and the curve; anything else -> that one model."""
+    if not cfg.checkpoint:
+        raise ValueError("tip eval needs a checkpoint dir, a run dir, or a model id: tip eval PATH")
+    target = Path(cfg.checkpoint).expanduser()
+    problems = load_problems(cfg.benchmark, limit=cfg.eval.limit)
+    name = cfg.benchmark.name
+    ckpts = list_checkpoints(target)
+    if not ckpts:  # one model: a checkpoint dir, a HF id, or toy://student
+        out_dir = target if target.is_dir() else Path(cfg.out_dir or "eval") / cfg.checkpoint.replace("://", "_").replace("/", "_")
+        metrics = evaluate_checkpoint(cfg, Checkpoint(-1, Path(cfg.checkpoint)), out_dir, problems)
+        print_metrics(f"{name}: {cfg.checkpoint}", metrics)
+        return metrics
+    curve = []
+    for ckpt in ckpts:
+        metrics = evaluate_checkpoint(cfg, ckpt, ckpt.path, problems)
+        curve.append({"step": ckpt.step, **metrics})
+        console.print(f"step {ckpt.step}: {name} accuracy {metrics['accuracy']:.3f}")
+    (target / f"eval_curve.{name}.json").write_text(json.dumps(curve, indent=1))
+    table = Table(title=f"{name} over training: {target}")
+    for col in ("step", "accuracy", "no_answer", "response_len"):
+        table.add_column(col, justify="right")
+    for row in curve:
+        table.add_row(str(row["step"]), *(f"{row.get(c, float('nan')):.3f}" for c in ("accuracy", "no_answer", "response_len")))
+    console.print(table)
+    return {"curve": curve}

@@ -1,0 +1,130 @@
+"""Loading a teacher-student pair and the two model calls tip needs: final hidden states and the lm_head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tip_cli.config import ConfigError, PairConfig
+
+_PROBE_CHAT = [{"role": "user", "content": "What is 1 + 1?"}]
+
+
+def resolve_model(ref: str) -> str:
+    """`toy://teacher|student` -> the cached embedded pair (built on first use); anything else is a HF id or path."""
+    if ref.startswith("toy://"):
+        from tip_cli.toy import toy_path
+
+        return str(toy_path(ref.removeprefix("toy://")))
+    if (ref.startswith((".", "/", "~")) or Path(ref).exists()) and not Path(ref).expanduser().exists():
+        raise FileNotFoundError(f"model path {Path(ref).expanduser().resolve()} does not exist")
+    return ref
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(path: str, cfg: PairConfig) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.chat_template is not None:
+        tok.chat_template = cfg.chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, cfg: PairConfig, device: torch.device, trainable: bool) -> PreTrainedModel:
+    kwargs = {"dtype": pick_dtype(cfg.dtype, device), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    if model.get_output_embeddings().bias is not None:
+        raise ConfigError(f"{path}: an lm_head with a bias is not supported by the selected-token loss")
+    return model
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, text: str, cfg: PairConfig) -> list[int]:
+    """Token ids of a one-turn user conversation, ready for the assistant's reply."""
+    chat = [{"role": "user", "content": text}]
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **cfg.chat_template_kwargs)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def shared_vocab(
+    tok_s: PreTrainedTokenizerBase,
+    tok_t: PreTrainedTokenizerBase,
+    rows_s: int,
+    rows_t: int,
+    names: tuple[str, str],
+    cfg: PairConfig,
+) -> int:
+    """The vocabulary size both models' logits are cut to; raise if the pair cannot be distilled token by token.
+
+    Vocabularies may differ only by padding rows of the lm_head (e.g. 151936 vs 152064): the tokenizers must be
+    identical, and the common prefix of the rows covers every token.
+    """
+    student, teacher = names
+    if tok_s.get_vocab() != tok_t.get_vocab():
+        raise ConfigError(
+            f"teacher {teacher} and student {student} have different tokenizers "
+            f"({len(tok_t)} vs {len(tok_s)} tokens); on-policy distillation needs a shared vocabulary"
+        )
+    probe = [tok.apply_chat_template(_PROBE_CHAT, add_generation_prompt=True, tokenize=False, **cfg.chat_template_kwargs)
+             for tok in (tok_s, tok_t)]
+    if probe[0] != probe[1]:
+        raise ConfigError(
+            f"teacher {teacher} and student {student} render different chat templates:\n"
+            f"  student: {probe[0]!r}\n  teacher: {probe[1]!r}\n"
+            "set pair.chat_template to force one template for both"
+        )
+    vocab = min(rows_s, rows_t)
+    if len(tok_s) > vocab:
+        raise ConfigError(f"tokenizer has {len(tok_s)} tokens but the lm_heads have only {rows_s} (student) / {rows_t} (teacher) rows")
+    return vocab
+
+
+@dataclass
+class Pair:
+    student: PreTrainedModel
+    teacher: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    vocab: int  # logits of both models are cut to [:vocab]
+    device: torch.device
+
+
+def load_pair(cfg: PairConfig, device: torch.device, student_path: str | None = None) -> Pair:
+    """Load both models and check they can be distilled; `student_path` (a checkpoint) replaces the student."""
+    s_path = student_path or resolve_model(cfg.student)
+    t_path = resolve_model(cfg.teacher)
+    tok_s, tok_t = load_tokenizer(s_path, cfg), load_tokenizer(t_path, cfg)
+    student = load_model(s_path, cfg, device, trainable=True)
+    teacher = load_model(t_path, cfg, device, trainable=False)
+    rows = (student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+    vocab = shared_vocab(tok_s, tok_t, *rows, names=(cfg.student, cfg.teacher), cfg=cfg)
+    return Pair(student, teacher, tok_s, vocab, device)
+
+
+def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states after the final norm, before the lm_head: [B, T] ids -> [B, T, d]. No logits are formed."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def head_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The lm_head matrix [V, d] (tied or not); gradients through it reach the right parameter."""
+    return model.get_output_embeddings().weight

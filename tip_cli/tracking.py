@@ -1,0 +1,91 @@
+"""Metrics: per-phase timers, peak memory, and a logger that writes metrics.jsonl and (optionally) W&B."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tip_cli.config import LoggerConfig
+
+
+@contextmanager
+def timed(name: str, metrics: dict[str, float]) -> Iterator[None]:
+    """Add the seconds spent inside the block to metrics[name]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[name] = metrics.get(name, 0.0) + time.perf_counter() - start
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: max allocated since the last reset; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def wandb_mode(requested: str) -> str:
+    """`auto` is online only when credentials exist, so a machine without them never blocks on a login."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path("~/.netrc").expanduser()
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Appends one JSON line per `log` call to run_dir/metrics.jsonl and mirrors it to W&B when enabled.
+
+    On resume from step k, lines logged after step k by the crashed run are dropped, so the curve has no
+    duplicates; the W&B run is resumed by the id saved in the run dir.
+    """
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict[str, Any], resume_step: int = 0, name: str | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.run = None
+        if cfg.name == "wandb":
+            import wandb
+
+            id_file = run_dir / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.run = wandb.init(
+                project=cfg.project, entity=cfg.entity, mode=wandb_mode(cfg.mode), dir=str(run_dir), id=run_id,
+                resume="allow", config=config, tags=list(cfg.tags), name=name,
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        row = {"step": step, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,210 @@
+"""The OPD training loop: rollout -> teacher scoring -> token selection -> selected-token loss -> step.
+
+One step, for a batch of prompts:
+  1. the student samples responses (the rollout engine);
+  2. the teacher runs on the same tokens; we keep its final hidden states at the N response positions [N, d_T]
+     (its [N, V] log-probs are recomputed chunk by chunk where needed, never stored);
+  3. the student's entropy H and the teacher-student divergence D are computed for all N positions without grad,
+     and the selector keeps K of them;
+  4. the loss (SPEC section 1) is built only for the K kept positions (tip_cli.losses) and back-propagated.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tip_cli import importance, selectors
+from tip_cli.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from tip_cli.config import TipConfig
+from tip_cli.data import load_problems
+from tip_cli.evaluation import evaluate, eval_sampling
+from tip_cli.grading import grade
+from tip_cli.losses import logprobs, selected_token_loss
+from tip_cli.models import Pair, final_hidden, head_weight, load_pair, pick_device, render_prompt
+from tip_cli.rollout import Batch, Sampling, make_engine, pack
+from tip_cli.tracking import MetricsLogger, peak_memory_gb, timed
+
+console = Console()
+
+
+def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Prompts of a step: consecutive slices of a per-epoch shuffle, so a resumed run sees the same prompts."""
+    out = []
+    for pos in range((step - 1) * per_step, step * per_step):
+        epoch, offset = divmod(pos, num_prompts)
+        perm = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def lr_lambda(cfg: TipConfig):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        if t.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if t.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return factor
+
+
+def valid_hidden(model, batch: Batch) -> torch.Tensor:
+    """Final hidden states at the response positions, row-major over [B, T]: [N, d]."""
+    return final_hidden(model, batch.input_ids, batch.attention_mask)[batch.target_mask]
+
+
+def micro_slices(batch: Batch, micro: int) -> list[tuple[Batch, int, int]]:
+    """Split rows into micro-batches; each comes with the range [lo, hi) of its tokens in the flat [N] order."""
+    counts = batch.target_mask.sum(1).tolist()
+    out, lo = [], 0
+    for start in range(0, batch.input_ids.shape[0], micro):
+        hi = lo + sum(counts[start : start + micro])
+        out.append((batch.rows(start, start + micro), lo, hi))
+        lo = hi
+    return out
+
+
+@torch.no_grad()
+def score(h_s: torch.Tensor, h_t: torch.Tensor, pair: Pair, cfg: TipConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student entropy H [N] and divergence D [N] from the hidden states, chunk by chunk over [chunk, V]."""
+    w_s, w_t, chunk = head_weight(pair.student), head_weight(pair.teacher), cfg.importance.chunk_size
+    parts = [
+        importance.token_stats_chunk(
+            logprobs(h_s[i : i + chunk], w_s, pair.vocab), logprobs(h_t[i : i + chunk], w_t, pair.vocab), cfg.importance
+        )
+        for i in range(0, h_s.shape[0], chunk)
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def distill_step(pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict) -> dict:
+    """Teacher scoring, selection, and the loss's backward for one rollout batch; returns the step's statistics.
+
+    With a single micro-batch the student's forward with grad also provides the scores (no second pass); with
+    several, a no-grad scoring pass runs first, because the budget is global over the whole rollout batch.
+    """
+    micro = cfg.train.micro_batch_size or batch.input_ids.shape[0]
+    parts = micro_slices(batch, micro)
+    with timed("time/teacher", metrics), torch.no_grad():
+        h_t = torch.cat([valid_hidden(pair.teacher, mb) for mb, _, _ in parts])  # [N, d_T]
+    seq_id = batch.target_mask.nonzero()[:, 0]  # [N]
+    fused = len(parts) == 1
+    with timed("time/train", metrics):
+        h_fused = valid_hidden(pair.student, batch) if fused else None  # [N, d_S], with grad
+    with timed("time/select", metrics):
+        if fused:
+            h_s_scores = h_fused.detach()
+        else:
+            with torch.no_grad():
+                h_s_scores = torch.cat([valid_hidden(pair.student, mb) for mb, _, _ in parts])
+        ent, div = score(h_s_scores, h_t, pair, cfg)
+        stats = importance.compute_stats(ent, div, seq_id, cfg.importance)
+        kept = selectors.select(stats, cfg.selector, cfg.budget, generator).to(h_t.device)  # [K]
+        del h_s_scores
+    normalizer = max(1, kept.numel() if cfg.loss.norm == "selected" else h_t.shape[0])
+    loss_total = 0.0
+    with timed("time/train", metrics):
+        for mb, lo, hi in parts:
+            local = kept[(kept >= lo) & (kept < hi)]
+            if local.numel() == 0:
+                continue
+            h_s = h_fused if fused else valid_hidden(pair.student, mb)
+            loss = selected_token_loss(
+                h_s[local - lo], head_weight(pair.student), h_t[local], head_weight(pair.teacher), pair.vocab,
+                cfg.loss.kind, cfg.loss.jsd_beta, cfg.loss.chunk_size, normalizer,
+            )
+            loss.backward()
+            loss_total += float(loss)
+    return {"loss": loss_total, **importance.stats_metrics(stats, kept.cpu())}
+
+
+def train(cfg: TipConfig, run_dir: Path) -> dict:
+    """Run (or resume) OPD into run_dir; returns the final evaluation metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    device = pick_device(cfg.train.device)
+    ckpt = latest_checkpoint(run_dir)
+    pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None)
+    student, tok = pair.student, pair.tokenizer
+    if cfg.train.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    engine = make_engine(cfg.rollout.engine, student, tok, cfg.rollout.batch_size)
+    problems = load_problems(cfg.data)
+    prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
+    bench = load_problems(cfg.benchmark, limit=cfg.eval.limit)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    start = 0
+    if ckpt:
+        state = load_trainer_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})")
+    logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)), start, run_dir.name)
+    sampling = Sampling(cfg.rollout.samples_per_prompt, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
+
+    def run_eval(step: int) -> dict:
+        result, _ = evaluate(student, tok, cfg.pair, bench, eval_sampling(cfg.benchmark, cfg.eval), cfg.eval.batch_size)
+        metrics = {f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}
+        logger.log(metrics, step)
+        console.print(f"[bold]eval[/] step {step}: {cfg.benchmark.name} accuracy {result['accuracy']:.3f}")
+        return result
+
+    if start == 0 and cfg.train.eval_before:
+        run_eval(0)
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("train", total=cfg.train.steps, completed=start, info="")
+        for step in range(start + 1, cfg.train.steps + 1):
+            # every random draw of a step derives from (seed, step), so a resumed run replays exactly
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            m: dict[str, float] = {}
+            with timed("time/step", m):
+                idx = prompt_indices(len(prompts), cfg.train.prompts_per_step, step, cfg.seed)
+                with timed("time/rollout", m):
+                    responses = engine.generate([prompts[i] for i in idx], sampling)
+                rows = [i for i in idx for _ in range(sampling.n)]
+                batch = pack([prompts[i] for i in rows], responses, tok.pad_token_id).to(device)
+                m.update(distill_step(pair, batch, cfg, generator, m))
+                with timed("time/train", m):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or math.inf)
+                    if m["tokens/kept"] > 0:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    m["optim/lr"] = scheduler.get_last_lr()[0]
+                    scheduler.step()
+                    engine.sync_weights(student)
+            texts = tok.batch_decode(responses, skip_special_tokens=True)
+            m["rollout/response_len"] = sum(map(len, responses)) / len(responses)
+            m["rollout/accuracy"] = sum(grade(t, problems[i].answer).correct for t, i in zip(texts, rows)) / len(rows)
+            m["optim/grad_norm"] = float(grad_norm)
+            m["perf/tokens_per_s"] = m["tokens/total"] / m["time/step"]
+            m["perf/peak_mem_gb"] = peak_memory_gb(device)
+            logger.log(m, step)
+            info = f"loss {m['loss']:.4f}  kept {m['tokens/kept_frac']:.2f}  Q3 {m['tokens/q3_frac']:.2f}  {m['perf/tokens_per_s']:.0f} tok/s"
+            bar.update(task, completed=step, info=info)
+            if not console.is_terminal:
+                console.print(f"step {step}/{cfg.train.steps}  {info}")
+            if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                save_checkpoint(run_dir, step, student, tok, trainer_state, cfg.train.keep_checkpoints)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+                run_eval(step)
+    final = run_eval(cfg.train.steps)
+    logger.finish()
+    return final
