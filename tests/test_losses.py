@@ -41,7 +41,7 @@ def test_value_and_gradient_match_plain_formula(kind, beta, chunk):
     g_got = torch.autograd.grad(got, [h_s, w_s])
     g_want = torch.autograd.grad(want, [h_s, w_s])
     assert got.item() == pytest.approx(want.item(), rel=1e-10)
-    for a, b in zip(g_got, g_want):
+    for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     # the padding rows beyond the shared vocabulary get no gradient
     assert g_got[1][40:].abs().max() == 0

@@ -19,7 +19,7 @@ def test_left_pad():
 def test_pack_marks_positions_that_predict_response_tokens():
     prompts, responses = [[10, 11, 12], [20]], [[30, 31], [40, 41, 42]]
     batch = pack(prompts, responses, pad_id=0)
-    for row, (p, r) in enumerate(zip(prompts, responses)):
+    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         ids = batch.input_ids[row]
         predicted = [int(ids[t + 1]) for t in torch.nonzero(batch.target_mask[row]).flatten()]
         assert predicted == r  # position t predicts token t+1: exactly the response, nothing of the prompt

@@ -181,6 +181,11 @@ def config(overrides: list[str] = OVERRIDES) -> None:
 
 
 def main() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # tip shows its own progress; per-file bars are noise
+    transformers.utils.logging.disable_progress_bar()
     app()
 
 

@@ -130,7 +130,7 @@ class LossConfig:
 
 @dataclass
 class DatasetConfig:
-    """A prompt source: a local JSONL/JSON/Parquet path, `toy://train|test`, or a HF dataset id."""
+    """A prompt source: a local JSONL/JSON/Parquet path, `toy://train|test`, or a HF dataset id (path wins)."""
 
     name: str = "toy"
     path: str | None = "toy://test"
@@ -148,8 +148,8 @@ class DatasetConfig:
     max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.hf_id is None):
-            raise ConfigError(f"dataset {self.name!r}: set exactly one of path= (local file) or hf_id= (HF dataset)")
+        if self.path is None and self.hf_id is None:
+            raise ConfigError(f"dataset {self.name!r}: set path= (a local file; it wins when both are set) or hf_id=")
         if "{problem}" not in self.prompt_template:
             raise ConfigError(f"dataset {self.name!r}: prompt_template must contain '{{problem}}'")
         if self.n < 1:

@@ -11,8 +11,9 @@ import torch
 
 
 def entropy(logp: torch.Tensor) -> torch.Tensor:
-    """H(p) = -sum_v p(v) log p(v)."""
-    return -(logp.exp() * logp).sum(-1)
+    """H(p) = -sum_v p(v) log p(v); entries with p(v) = 0 (log p = -inf) contribute 0."""
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
 
 
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

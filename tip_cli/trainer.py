@@ -23,7 +23,7 @@ from tip_cli import importance, selectors
 from tip_cli.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tip_cli.config import TipConfig
 from tip_cli.data import load_problems
-from tip_cli.evaluation import evaluate, eval_sampling
+from tip_cli.evaluation import eval_sampling, evaluate
 from tip_cli.grading import grade
 from tip_cli.losses import logprobs, selected_token_loss
 from tip_cli.models import Pair, final_hidden, head_weight, load_pair, pick_device, render_prompt
@@ -125,7 +125,7 @@ def distill_step(pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Gene
                 cfg.loss.kind, cfg.loss.jsd_beta, cfg.loss.chunk_size, normalizer,
             )
             loss.backward()
-            loss_total += float(loss)
+            loss_total += loss.item()
     return {"loss": loss_total, **importance.stats_metrics(stats, kept.cpu())}
 
 
@@ -191,7 +191,7 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
                     engine.sync_weights(student)
             texts = tok.batch_decode(responses, skip_special_tokens=True)
             m["rollout/response_len"] = sum(map(len, responses)) / len(responses)
-            m["rollout/accuracy"] = sum(grade(t, problems[i].answer).correct for t, i in zip(texts, rows)) / len(rows)
+            m["rollout/accuracy"] = sum(grade(t, problems[i].answer).correct for t, i in zip(texts, rows, strict=True)) / len(rows)
             m["optim/grad_norm"] = float(grad_norm)
             m["perf/tokens_per_s"] = m["tokens/total"] / m["time/step"]
             m["perf/peak_mem_gb"] = peak_memory_gb(device)

@@ -1,0 +1,205 @@
+"""data.py: every shared benchmark/training file through its config, field mapping, limits, and error messages."""
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tip_cli.config import CONF_DIR, DatasetConfig, register, validate
+from tip_cli.data import Problem, load_problems
+
+REPO = CONF_DIR.parent
+SHARED = REPO.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "math500.jsonl").is_file(), reason=f"{SHARED} not present")
+INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def composed(overrides: list[str]):
+    register()
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return validate(compose("config", overrides=overrides))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    ("benchmark", "records", "n", "temperature"),
+    [("math500", 500, 1, 0.0), ("aime24", 30, 8, 0.6), ("aime25", 30, 8, 0.6)],
+)
+def test_benchmark_configs_load_the_shared_files(benchmark, records, n, temperature, monkeypatch):
+    monkeypatch.chdir(REPO)  # the configs' offline path is relative to where tip runs
+    path = f"../shared/data/{benchmark}.jsonl"
+    cfg = composed([f"benchmark={benchmark}", "benchmark.hf_id=null", f"benchmark.path={path}"]).benchmark
+    assert (cfg.n, cfg.temperature) == (n, temperature)
+    problems = load_problems(cfg)
+    rows = read_jsonl(SHARED / f"{benchmark}.jsonl")
+    assert len(problems) == len(rows) == records
+    for p, row in zip(problems, rows, strict=True):
+        assert p.id == row["id"]  # math500's unique_id equals its id
+        assert (p.problem, p.answer) == (row["problem"], row["answer"])
+        assert p.prompt == row["problem"] + INSTRUCTION
+        assert "problem" not in p.meta and "answer" not in p.meta
+    if benchmark == "math500":
+        assert {p.meta["subject"] for p in problems} >= {"Algebra", "Geometry", "Precalculus"}
+        assert {p.meta["level"] for p in problems} == {1, 2, 3, 4, 5}
+
+
+@needs_shared
+@pytest.mark.parametrize(("data", "records"), [("math_train", 7470), ("aime_1983_2023", 975)])
+def test_data_configs_load_the_shared_files(data, records, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = composed([f"data={data}"]).data
+    problems = load_problems(cfg)
+    assert len(problems) == records
+    first = read_jsonl(SHARED / f"{data}.jsonl")[0]
+    assert (problems[0].id, problems[0].answer) == (first["id"], first["answer"])
+    assert problems[0].prompt.endswith(INSTRUCTION)
+
+
+def test_hub_configs_name_their_datasets(monkeypatch):
+    """The hub sources reach datasets.load_dataset with their id, config and split (no network: it is faked)."""
+    calls = []
+
+    def fake_load_dataset(hf_id, hf_config, split):
+        calls.append((hf_id, hf_config, split))
+        return datasets.Dataset.from_list(
+            [
+                {
+                    "problem": "1+1?",
+                    "answer": "2",
+                    "unique_id": "u0",
+                    "id": 60,
+                    "prompt": [{"role": "user", "content": "1+1?"}],
+                    "reward_model": {"ground_truth": "2"},
+                    "extra_info": {"index": "abc"},
+                },
+            ]
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ids = {}
+    for group, option in [
+        ("benchmark", "math500"),
+        ("benchmark", "aime24"),
+        ("benchmark", "aime25"),
+        ("data", "dapo_math_17k"),
+    ]:
+        cfg = getattr(composed([f"{group}={option}"]), group)
+        [p] = load_problems(cfg)
+        assert (p.problem, p.answer) == ("1+1?", "2")
+        ids[option] = p.id
+    assert [c[0] for c in calls] == [
+        "HuggingFaceH4/MATH-500",
+        "HuggingFaceH4/aime_2024",
+        "math-ai/aime25",
+        "BytedTsinghua-SIA/DAPO-Math-17k",
+    ]
+    assert ids == {"math500": "u0", "aime24": "60", "aime25": "60", "dapo_math_17k": "abc"}
+
+
+def test_field_mapping_nested_fields_and_meta(tmp_path):
+    rows = [
+        {"q": f"What is {i}+{i}?", "sol": {"final": 2 * i}, "key": f"k{i}", "tags": ["easy"], "level": i}
+        for i in range(5)
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "set.parquet")
+    cfg = DatasetConfig(
+        name="t",
+        path=str(tmp_path / "set.parquet"),
+        problem_field="q",
+        answer_field="sol.final",
+        id_field="key",
+        prompt_template="Q: {problem} A: \\boxed{{}}",
+    )
+    problems = load_problems(cfg)
+    assert problems[3] == Problem(
+        id="k3",
+        problem="What is 3+3?",
+        answer="6",
+        prompt="Q: What is 3+3? A: \\boxed{}",
+        meta={"tags": ["easy"], "level": 3},
+    )
+
+
+def test_json_list_file_and_ids_from_the_index(tmp_path):
+    (tmp_path / "set.json").write_text(
+        json.dumps([{"problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"}])
+    )
+    # id_field defaults to "id", which these rows lack
+    problems = load_problems(DatasetConfig(name="t", path=str(tmp_path / "set.json")))
+    assert [(p.id, p.problem, p.answer) for p in problems] == [("0", "a", "1"), ("1", "b", "2")]
+    problems = load_problems(DatasetConfig(name="t", path=str(tmp_path / "set.json"), id_field=None))
+    assert [p.id for p in problems] == ["0", "1"]
+
+
+def test_limit(tmp_path):
+    path = tmp_path / "set.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"x{i}", "problem": str(i), "answer": str(i)}) + "\n" for i in range(7))
+    )
+    cfg = DatasetConfig(name="t", path=str(path))
+    assert [p.id for p in load_problems(cfg, limit=3)] == ["x0", "x1", "x2"]
+    assert len(load_problems(cfg, limit=100)) == 7
+    assert len(load_problems(cfg)) == 7
+
+
+def test_relative_path_resolves_against_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "set.jsonl").write_text(json.dumps({"id": "a", "problem": "p", "answer": "1"}) + "\n")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert load_problems(DatasetConfig(name="t", path="../sub/set.jsonl"))[0].id == "a"
+
+
+def test_missing_file_names_the_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        load_problems(DatasetConfig(name="math500", path="data/nope.jsonl"))
+    assert str(tmp_path / "data" / "nope.jsonl") in str(err.value)
+    assert "benchmark.path=" in str(err.value)
+
+
+def test_missing_field_lists_the_available_ones(tmp_path):
+    path = tmp_path / "set.jsonl"
+    path.write_text(json.dumps({"id": "a", "question": "p", "answer": "1", "subject": "s"}) + "\n")
+    with pytest.raises(KeyError) as err:
+        load_problems(DatasetConfig(name="t", path=str(path)))  # problem_field defaults to "problem"
+    assert "'problem'" in str(err.value)
+    assert "id, question, answer, subject" in str(err.value)
+    with pytest.raises(KeyError, match="solution.final"):
+        load_problems(
+            DatasetConfig(name="t", path=str(path), problem_field="question", answer_field="solution.final")
+        )
+
+
+def test_unknown_file_type_and_bad_template(tmp_path):
+    (tmp_path / "set.csv").write_text("problem,answer\np,1\n")
+    with pytest.raises(ValueError, match=".jsonl"):
+        load_problems(DatasetConfig(name="t", path=str(tmp_path / "set.csv")))
+    (tmp_path / "set.jsonl").write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match="literal braces"):
+        load_problems(
+            DatasetConfig(name="t", path=str(tmp_path / "set.jsonl"), prompt_template="{problem} \\boxed{}")
+        )
+
+
+def test_toy_source_goes_through_toy_path(tmp_path, monkeypatch):
+    import tip_cli.toy
+
+    (tmp_path / "test.jsonl").write_text(
+        json.dumps({"id": "toy-0", "problem": "Ann has 2.", "answer": "2"}) + "\n"
+    )
+    kinds = []
+    monkeypatch.setattr(
+        tip_cli.toy,
+        "toy_path",
+        lambda kind, seed=0: kinds.append(kind) or tmp_path / f"{kind}.jsonl",
+        raising=False,
+    )
+    [p] = load_problems(DatasetConfig(name="toy", path="toy://test"))
+    assert kinds == ["test"]
+    assert (p.id, p.problem, p.answer, p.prompt) == ("toy-0", "Ann has 2.", "2", "Ann has 2.")

@@ -1,0 +1,161 @@
+"""Token selectors (SPEC 5): which of the N valid response tokens enter the distillation loss.
+
+Every selector reduces to one rule: order the tokens by a tuple of keys (larger first, ties to the lower index),
+optionally restricted to an eligible set, and keep the first K of each group, where the group is the whole batch
+(`scope: batch`) or each sequence (`scope: per_sequence`) and K = budget_count(group size, budget).
+Sampling without replacement is the same rule on Gumbel-perturbed keys (Gumbel top-k), so it is O(N log N).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from tip_cli.config import SelectorConfig
+from tip_cli.importance import TokenStats
+
+
+def budget_count(n: int, budget: float) -> int:
+    """K = max(1, round(budget * n)) for n > 0 (round half up, capped at n); 0 for n = 0."""
+    return min(n, max(1, math.floor(budget * n + 0.5))) if n > 0 else 0
+
+
+def _sort_desc(order: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Reorder `order` by key[order], larger first, keeping the current order among ties (stable)."""
+    return order[torch.sort(key[order], descending=True, stable=True).indices]
+
+
+def _pick(
+    stats: TokenStats,
+    cfg: SelectorConfig,
+    budget: float,
+    keys: tuple[torch.Tensor, ...],
+    eligible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Within each group, the first K_g eligible tokens in the lexicographic order of `keys` (first key most
+    significant; larger first; ties -> lower index); K_g = budget_count(N_g, budget). Returns sorted indices [<= K]."""
+    n, device = len(stats), stats.entropy.device
+    group = stats.seq_id if cfg.scope == "per_sequence" else torch.zeros(n, dtype=torch.long, device=device)
+    eligible = torch.ones(n, dtype=torch.bool, device=device) if eligible is None else eligible
+    order = torch.arange(n, device=device)
+    # stable sorts from the least significant key up: index < keys < eligibility < group
+    for key in (*reversed(keys), eligible.to(torch.int8)):
+        order = _sort_desc(order, key)
+    order = order[torch.sort(group[order], stable=True).indices]
+    _, counts = torch.unique_consecutive(group[order], return_counts=True)  # [G], tokens per group
+    k_g = torch.tensor([budget_count(c, budget) for c in counts.tolist()], device=device)
+    start = counts.cumsum(0) - counts
+    rank_in_group = torch.arange(n, device=device) - start.repeat_interleave(counts)
+    keep = (rank_in_group < k_g.repeat_interleave(counts)) & eligible[order]
+    return order[keep].sort().values
+
+
+def _noise(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """n iid Gumbel(0, 1) draws, -log E with E ~ Exp(1), from `generator` (on its own device, then moved)."""
+    gen_device = generator.device if generator is not None else device
+    e = torch.empty(n, device=gen_device).exponential_(generator=generator)
+    return -e.clamp_min(torch.finfo(e.dtype).tiny).log().to(device)
+
+
+def _sample_keys(
+    score: torch.Tensor, alpha: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, ...]:
+    """Gumbel top-k keys for sampling without replacement with weight w = max(score, 0) ** alpha:
+    (w > 0, log w + G) puts zero-weight tokens after every positive one, and G orders them randomly."""
+    g = _noise(score.numel(), generator, score.device)
+    positive = score > 0
+    log_w = alpha * score.clamp_min(torch.finfo(score.dtype).tiny).log()
+    return positive.to(torch.int8), torch.where(positive, log_w + g, g)
+
+
+def _by_score(stats, cfg, budget, generator, score: torch.Tensor) -> torch.Tensor:
+    """Top-K by score (mode topk) or K sampled without replacement with weight score ** alpha (mode sample)."""
+    keys = _sample_keys(score, cfg.alpha, generator) if cfg.mode == "sample" else (score,)
+    return _pick(stats, cfg, budget, keys)
+
+
+def _cap_score(stats: TokenStats, cap_by: str) -> torch.Tensor:
+    """The ranking that caps a mask selector at K tokens."""
+    if cap_by == "divergence":
+        return stats.divergence
+    if cap_by == "entropy":
+        return stats.entropy
+    if cap_by == "soft_or":
+        return stats.soft_or()
+    raise ValueError(f"selector.cap_by={cap_by!r}; expected divergence, entropy or soft_or")
+
+
+def _capped(stats, cfg, budget, mask: torch.Tensor) -> torch.Tensor:
+    """The tokens in `mask`; when more than K, the top K by cfg.cap_by."""
+    return _pick(stats, cfg, budget, (_cap_score(stats, cfg.cap_by),), eligible=mask)
+
+
+def select_all(stats, cfg, budget, generator):
+    """Every token: full-token OPD, whatever the budget."""
+    return torch.arange(len(stats), device=stats.entropy.device)
+
+
+def select_random(stats, cfg, budget, generator):
+    """K tokens uniformly without replacement (top-K of iid noise)."""
+    return _pick(stats, cfg, budget, (_noise(len(stats), generator, stats.entropy.device),))
+
+
+def select_entropy(stats, cfg, budget, generator):
+    """By raw student entropy H_t: weight H^alpha (sample) or top-K."""
+    return _by_score(stats, cfg, budget, generator, stats.entropy)
+
+
+def select_divergence(stats, cfg, budget, generator):
+    """By raw teacher-student divergence D_t: weight D^alpha (sample) or top-K."""
+    return _by_score(stats, cfg, budget, generator, stats.divergence)
+
+
+def select_soft_or(stats, cfg, budget, generator):
+    """By s = H_hat + D_hat - H_hat * D_hat: top-K (topk) or weight s^alpha (sample)."""
+    return _by_score(stats, cfg, budget, generator, stats.soft_or())
+
+
+def select_hard_or(stats, cfg, budget, generator):
+    """high H or high D, capped at K."""
+    return _capped(stats, cfg, budget, stats.high_h | stats.high_d)
+
+
+def select_and(stats, cfg, budget, generator):
+    """high H and high D (= Q1), capped at K."""
+    return _capped(stats, cfg, budget, stats.high_h & stats.high_d)
+
+
+def select_quadrant(stats, cfg, budget, generator):
+    """Tokens whose quadrant is in cfg.quadrants (e.g. [Q3]), capped at K."""
+    wanted = torch.tensor([int(q[1:]) for q in cfg.quadrants], dtype=torch.long, device=stats.quadrant.device)
+    return _capped(stats, cfg, budget, torch.isin(stats.quadrant, wanted))
+
+
+Selector = Callable[[TokenStats, SelectorConfig, float, torch.Generator | None], torch.Tensor]
+SELECTORS: dict[str, Selector] = {
+    "all": select_all,
+    "random": select_random,
+    "entropy": select_entropy,
+    "divergence": select_divergence,
+    "soft_or": select_soft_or,
+    "hard_or": select_hard_or,
+    "and": select_and,
+    "quadrant": select_quadrant,
+}
+
+
+def select(
+    stats: TokenStats, cfg: SelectorConfig, budget: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Indices [K] (int64, ascending) of the tokens selector cfg.name keeps at this budget; empty when N = 0.
+
+    Mask selectors (hard_or, and, quadrant) may return fewer than K tokens, or none."""
+    if cfg.name not in SELECTORS:
+        raise ValueError(f"unknown selector {cfg.name!r}; expected one of: {', '.join(SELECTORS)}")
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget={budget} must be in (0, 1]; 1.0 keeps every token")
+    if len(stats) == 0:
+        return torch.empty(0, dtype=torch.long, device=stats.entropy.device)
+    return SELECTORS[cfg.name](stats, cfg, budget, generator)
