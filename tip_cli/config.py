@@ -174,7 +174,7 @@ class RolloutConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 40
+    steps: int = 200
     prompts_per_step: int = 16
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole rollout batch at once
     lr: float = 1e-4
@@ -182,9 +182,9 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    save_every: int = 20
+    save_every: int = 50
     keep_checkpoints: int = 0  # 0 = keep all
-    eval_every: int = 0  # 0 = only before and after training
+    eval_every: int = 50  # 0 = only before and after training
     eval_before: bool = True
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda

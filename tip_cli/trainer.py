@@ -28,7 +28,7 @@ from tip_cli.grading import grade
 from tip_cli.losses import logprobs, selected_token_loss
 from tip_cli.models import Pair, final_hidden, head_weight, load_pair, pick_device, render_prompt
 from tip_cli.rollout import Batch, Sampling, make_engine, pack
-from tip_cli.tracking import MetricsLogger, peak_memory_gb, timed
+from tip_cli.tracking import MetricsLogger, peak_memory_gb, read_jsonl, timed
 
 console = Console()
 
@@ -207,4 +207,9 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
                 run_eval(step)
     final = run_eval(cfg.train.steps)
     logger.finish()
+    key = f"eval/{cfg.benchmark.name}/accuracy"
+    before = [r[key] for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] == 0 and key in r]
+    if before:
+        console.print(f"[bold]student {cfg.benchmark.name} accuracy: {before[0]:.3f} before -> {final['accuracy']:.3f} after[/]")
+    console.print(f"run dir: {run_dir}")
     return final

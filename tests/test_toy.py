@@ -1,0 +1,182 @@
+"""The toy task, tokenizer, micro pair and build cache (fast: no full toy build)."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from tip_cli import toy
+from tip_cli.grading import grade
+from tip_cli.toy import build_micro_pair, generate_problems, make_splits, toy_accuracy, train_tokenizer
+
+STEP = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.")
+
+
+def test_generator_is_deterministic_and_seeded():
+    a, b, c = generate_problems(50, seed=7), generate_problems(50, seed=7), generate_problems(50, seed=8)
+    assert a == b
+    assert a != c
+    assert len({p["problem"] for p in a}) == 50
+    assert len({p["id"] for p in a}) == 50
+    assert all(set(p) == {"id", "problem", "answer", "solution"} for p in a)
+
+
+def test_solutions_follow_from_the_problem():
+    for p in generate_problems(300, seed=1):
+        numbers = [int(x) for x in re.findall(r"\d+", p["problem"])]  # start count, then one amount per step
+        sentences = p["problem"].split(". ")[1:-1]  # the action sentences, between "has N" and the question
+        steps = STEP.findall(p["solution"])
+        assert 2 <= len(steps) == len(numbers) - 1 == len(sentences)
+        count = numbers[0]
+        for (a, op, b, c), amount, sentence in zip(steps, numbers[1:], sentences, strict=True):
+            a, b, c = int(a), int(b), int(c)
+            assert a == count and b == amount
+            assert op == ("+" if "more" in sentence else "-"), (sentence, op)
+            assert c == (a + b if op == "+" else a - b) >= 0
+            count = c
+        assert p["answer"] == str(count)
+        assert p["solution"].endswith(f"\\boxed{{{count}}}")
+
+
+def test_gold_solution_grades_correct_and_a_wrong_answer_does_not():
+    for p in generate_problems(20, seed=2):
+        assert grade(p["solution"], p["answer"]).correct
+        assert not grade(p["solution"], str(int(p["answer"]) + 1)).correct
+        wrong = p["solution"].replace(f"\\boxed{{{p['answer']}}}", f"\\boxed{{{int(p['answer']) + 3}}}")
+        assert not grade(wrong, p["answer"]).correct
+
+
+def test_splits_are_disjoint():
+    train, test = make_splits(400, 100, seed=0)
+    assert len(train) == 400 and len(test) == 100
+    assert not {p["problem"] for p in train} & {p["problem"] for p in test}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(generate_problems(300, seed=0))
+
+
+def test_tokenizer_round_trips_and_splits_digits(tokenizer):
+    unseen = generate_problems(50, seed=99)  # other seed: texts the tokenizer was not trained on
+    for text in [p["problem"] for p in unseen] + [p["solution"] for p in unseen] + ["Zoë has 1234 {x}!\n"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    for token in tokenizer.tokenize("Ann has 120 apples. 120 + 35 = 155."):
+        digits = re.sub(r"\D", "", token)
+        assert len(digits) <= 1, token
+    assert len(tokenizer) <= 1024
+
+
+def test_chat_template(tokenizer):
+    messages = [{"role": "user", "content": "Ann has 3 apples."}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == "<|im_start|>user\nAnn has 3 apples.<|im_end|>\n<|im_start|>assistant\n"
+    bare = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    assert bare == "<|im_start|>user\nAnn has 3 apples.<|im_end|>\n"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")  # special tokens are single ids
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.eos_token_id != tokenizer.pad_token_id
+
+
+def test_micro_pair_loads_like_hub_models(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher_dir, student_dir = build_micro_pair(tmp_path, seed=0)
+    loaded = {}
+    for d in (teacher_dir, student_dir):
+        tok = AutoTokenizer.from_pretrained(d)
+        model = AutoModelForCausalLM.from_pretrained(d)
+        assert model.config.model_type == "qwen3"
+        assert model.config.head_dim == 64
+        assert model.config.vocab_size == len(tok)
+        assert model.generation_config.eos_token_id == tok.eos_token_id
+        assert model.generation_config.pad_token_id == tok.pad_token_id
+        # the class name transformers 4 also knows, so the dirs load beside older stacks (e.g. vLLM's)
+        assert (
+            json.loads((d / "tokenizer_config.json").read_text())["tokenizer_class"]
+            == "PreTrainedTokenizerFast"
+        )
+        loaded[d.name] = (tok, model)
+    (t_tok, teacher), (s_tok, student) = loaded["teacher"], loaded["student"]
+    assert t_tok.get_vocab() == s_tok.get_vocab()
+    prompt = toy.chat_prompt(t_tok, "Ann has 3 apples. She buys 5 more. How many apples does Ann have now?")
+    ids = t_tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]  # [1, T]
+    with torch.no_grad():
+        t_logp = teacher(ids).logits.log_softmax(-1)  # [1, T, V]
+        s_logp = student(ids).logits.log_softmax(-1)
+    assert (t_logp - s_logp).abs().max() > 0.1  # the two distributions differ
+
+
+class _ScriptedModel:
+    """Stands in for a model: `generate` appends the next scripted responses to the (left-padded) prompts."""
+
+    def __init__(self, tokenizer, responses):
+        self.tokenizer, self.responses = tokenizer, list(responses)
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        assert (attention_mask[:, -1] == 1).all()  # left padding: every prompt ends at the last column
+        batch, self.responses = self.responses[: len(input_ids)], self.responses[len(input_ids) :]
+        new = [
+            self.tokenizer(r + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"] for r in batch
+        ]
+        width = max(map(len, new))
+        tail = torch.tensor([n + [self.tokenizer.pad_token_id] * (width - len(n)) for n in new])
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_toy_accuracy_grades_each_batched_response(tokenizer):
+    problems = generate_problems(7, seed=3)
+    responses = [
+        p["solution"] if i % 3 else f"{p['answer']} \\boxed{{{int(p['answer']) + 1}}}"
+        for i, p in enumerate(problems)
+    ]
+    expected = sum(grade(r, p["answer"]).correct for r, p in zip(responses, problems, strict=True)) / 7
+    assert 0 < expected < 1
+    assert toy_accuracy(_ScriptedModel(tokenizer, responses), tokenizer, problems, batch_size=3) == expected
+
+
+def _fake_build(out, seed, log):
+    (out / "teacher").mkdir()
+    (out / "student").mkdir()
+    for split in ("train", "test"):
+        (out / f"{split}.jsonl").write_text(json.dumps({"seed": seed}) + "\n")
+    return {"seed": seed, "teacher": {"test_accuracy": 0.9}, "student": {"test_accuracy": 0.3}}
+
+
+def test_build_toy_caches_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIP_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(toy, "_build_into", lambda *a: calls.append(a) or _fake_build(*a))
+    root = toy.build_toy(seed=5, log=lambda _: None)
+    assert root == tmp_path / "toy-v1-seed5"
+    assert json.loads((root / "build.json").read_text())["seed"] == 5
+    assert toy.toy_path("train", seed=5) == root / "train.jsonl"
+    assert toy.toy_path("student", seed=5) == root / "student"
+    assert len(calls) == 1  # the second and third lookups hit the cache
+    toy.build_toy(seed=5, force=True, log=lambda _: None)
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-v1-seed5"]  # no temp dirs left behind
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIP_CACHE", str(tmp_path))
+
+    def crash(out, seed, log):
+        (out / "teacher").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy, "_build_into", crash)
+    with pytest.raises(KeyboardInterrupt):
+        toy.build_toy(seed=0, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_toy_path_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="teacher, student, train, test"):
+        toy.toy_path("tokenizer")

@@ -1,0 +1,132 @@
+"""The training loop end to end on the micro pair: metrics, checkpoints, accumulation, resume, pair checks."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tip_cli import trainer
+from tip_cli.cli import compose_config
+from tip_cli.config import ConfigError
+from tip_cli.models import load_pair
+from tip_cli.rollout import pack
+from tip_cli.tracking import read_jsonl
+
+SPEC_METRICS = [
+    "step", "loss", "tokens/total", "tokens/kept", "tokens/kept_frac",
+    *[f"tokens/q{i}_frac" for i in range(1, 5)], *[f"tokens/kept_q{i}_frac" for i in range(1, 5)],
+    "entropy/mean", "entropy/p50", "entropy/p90", "div/mean", "div/p50", "div/p90", "div/kept_mean", "div/dropped_mean",
+    "rollout/response_len", "rollout/accuracy", "time/rollout", "time/teacher", "time/select", "time/train",
+    "time/step", "perf/tokens_per_s", "perf/peak_mem_gb", "optim/lr", "optim/grad_norm",
+]
+
+
+def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_overrides):
+    cfg = compose_config([*micro_overrides, "selector=soft_or", "budget=0.5"])
+    trainer.train(cfg, tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for row in steps:
+        assert set(SPEC_METRICS) <= set(row), set(SPEC_METRICS) - set(row)
+        assert 0.4 <= row["tokens/kept_frac"] <= 0.6
+    assert any("eval/toy/accuracy" in r for r in rows if r["step"] == 0)
+    ckpt = tmp_path / "checkpoints" / "step_2"
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(ckpt)
+    assert "selector" in (tmp_path / "config.yaml").read_text()
+
+
+def grads_after_step(pair, batch, cfg) -> list[torch.Tensor]:
+    pair.student.zero_grad(set_to_none=True)
+    trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    return [p.grad.clone() for p in pair.student.parameters()]
+
+
+@pytest.mark.parametrize("loss_norm", ["selected", "total"])
+def test_micro_batches_give_the_same_gradient_as_one_pass(micro_overrides, loss_norm):
+    cfg = compose_config([*micro_overrides, "selector=soft_or", "budget=0.5", f"loss.norm={loss_norm}"])
+    pair = load_pair(cfg.pair, torch.device("cpu"))
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    responses = [[20, 21, 22], [23], [24, 25, 26, 27], [28, 29], [30, 31, 32, 33, 34]]
+    batch = pack(prompts, responses, pair.tokenizer.pad_token_id)
+    whole = grads_after_step(pair, batch, cfg)
+    cfg.train.micro_batch_size = 2
+    split = grads_after_step(pair, batch, cfg)
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in whole)
+
+
+def test_killed_run_resumes_and_continues_the_curve(tmp_path, micro_overrides, monkeypatch):
+    overrides = [*micro_overrides, "train.steps=4", "train.save_every=1", "train.eval_before=false"]
+    reference = tmp_path / "reference"
+    trainer.train(compose_config(overrides), reference)
+
+    crashed = tmp_path / "crashed"
+    calls = {"n": 0}
+    real_pack = trainer.pack
+
+    def dies_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_pack(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "pack", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(compose_config(overrides), crashed)
+    monkeypatch.setattr(trainer, "pack", real_pack)
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step_1", "step_2"]
+
+    trainer.train(compose_config(overrides), crashed)
+    got = [r for r in read_jsonl(crashed / "metrics.jsonl") if "loss" in r]
+    want = [r for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+
+
+def test_pair_with_a_different_tokenizer_fails_naming_both(tmp_path, micro, micro_overrides):
+    from tip_cli.toy import generate_problems, save_model, train_tokenizer
+
+    other = tmp_path / "other_teacher"
+    model = AutoModelForCausalLM.from_pretrained(micro["teacher"])
+    save_model(model, train_tokenizer(generate_problems(50, seed=9), vocab_size=300), other)
+    cfg = compose_config([*micro_overrides, f"pair.teacher={other}"])
+    with pytest.raises(ConfigError, match="different tokenizers") as info:
+        load_pair(cfg.pair, torch.device("cpu"))
+    assert str(other) in str(info.value) and str(micro["student"]) in str(info.value)
+
+
+def test_pair_with_a_different_chat_template_fails_naming_both(tmp_path, micro, micro_overrides):
+    other = tmp_path / "templated_teacher"
+    shutil.copytree(micro["teacher"], other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.chat_template = "{% for m in messages %}### {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(other)
+    cfg = compose_config([*micro_overrides, f"pair.teacher={other}"])
+    with pytest.raises(ConfigError, match="chat templates") as info:
+        load_pair(cfg.pair, torch.device("cpu"))
+    assert str(other) in str(info.value)
+
+
+def test_multirun_makes_one_run_dir_per_job_and_eval_reads_them(tmp_path, micro_overrides):
+    overrides = [o for o in micro_overrides if not o.startswith("train.steps")]
+    cmd = [sys.executable, "-m", "tip_cli.cli", "train", "-m", *overrides, "train.steps=1", "budget=0.5,1.0"]
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True)
+    runs = sorted(p for p in (tmp_path / "multirun").glob("*/*/*") if p.is_dir())
+    assert len(runs) == 2, runs
+    assert "budget=0.5" in runs[0].name and "budget=1.0" in runs[1].name
+    kept = sorted(read_jsonl(run / "metrics.jsonl")[-2]["tokens/kept_frac"] for run in runs)
+    assert kept[0] < 0.7 and kept[1] == 1.0
+
+    subprocess.run([sys.executable, "-m", "tip_cli.cli", "eval", str(runs[0]), *overrides],
+                   cwd=tmp_path, check=True, capture_output=True, text=True)
+    curve = json.loads((runs[0] / "eval_curve.toy.json").read_text())
+    assert [row["step"] for row in curve] == [1]
+    result = json.loads((runs[0] / "checkpoints" / "step_1" / "results.toy.json").read_text())
+    assert len(result["records"]) == 4 and "avg@1" in result["metrics"]
