@@ -27,7 +27,7 @@ demo: setup
 	$(TIP) train out_dir=outputs/demo logger=wandb logger.mode=offline
 
 test: setup
-	WANDB_MODE=offline $(PY) -m pytest -q tests
+	WANDB_MODE=offline $(PY) -m pytest tests
 
 lint: setup
 	$(VENV)/bin/ruff check tip_cli tests scripts
