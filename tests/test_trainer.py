@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,7 +27,7 @@ SPEC_METRICS = [
 
 
 def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_overrides):
-    cfg = compose_config([*micro_overrides, "selector=soft_or", "budget=0.5"])
+    cfg = compose_config([*micro_overrides, "selector=soft_or", "budget=0.5", "logger=wandb", "logger.mode=offline"])
     trainer.train(cfg, tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]
@@ -39,11 +40,16 @@ def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_o
     AutoModelForCausalLM.from_pretrained(ckpt)
     AutoTokenizer.from_pretrained(ckpt)
     assert "selector" in (tmp_path / "config.yaml").read_text()
+    sample = np.load(tmp_path / "token_samples" / "step_000001.npz")
+    assert len(sample["entropy"]) == steps[0]["tokens/total"] and sample["kept"].sum() == steps[0]["tokens/kept"]
+    assert np.bincount(sample["quadrant"], minlength=5)[3] / len(sample["quadrant"]) == pytest.approx(steps[0]["tokens/q3_frac"])
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # a real W&B run, offline
 
 
 def grads_after_step(pair, batch, cfg) -> list[torch.Tensor]:
     pair.student.zero_grad(set_to_none=True)
-    trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    assert metrics["tokens/kept"] == kept.numel() == round(0.5 * len(stats))
     return [p.grad.clone() for p in pair.student.parameters()]
 
 
@@ -126,7 +132,7 @@ def test_multirun_makes_one_run_dir_per_job_and_eval_reads_them(tmp_path, micro_
 
     subprocess.run([sys.executable, "-m", "tip_cli.cli", "eval", str(runs[0]), *overrides],
                    cwd=tmp_path, check=True, capture_output=True, text=True)
-    curve = json.loads((runs[0] / "eval_curve.toy.json").read_text())
+    curve = json.loads((runs[0] / "eval" / "toy" / "curve.json").read_text())
     assert [row["step"] for row in curve] == [1]
-    result = json.loads((runs[0] / "checkpoints" / "step_1" / "results.toy.json").read_text())
+    result = json.loads((runs[0] / "checkpoints" / "step_1" / "eval" / "toy" / "results.json").read_text())
     assert len(result["records"]) == 4 and "avg@1" in result["metrics"]

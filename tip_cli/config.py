@@ -186,6 +186,8 @@ class TrainConfig:
     keep_checkpoints: int = 0  # 0 = keep all
     eval_every: int = 50  # 0 = only before and after training
     eval_before: bool = True
+    token_sample_every: int = 10  # save per-token (H, D, quadrant, kept) every N steps for `tip analyze`; 0 = never
+    token_sample_size: int = 20000  # tokens kept per sample (drawn uniformly from the rollout batch)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
 
@@ -196,8 +198,10 @@ class TrainConfig:
             raise ConfigError("train: steps >= 0, prompts_per_step >= 1, micro_batch_size >= 0")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
-        if self.save_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
-            raise ConfigError("train: save_every, eval_every, keep_checkpoints must be >= 0")
+        if min(self.save_every, self.eval_every, self.keep_checkpoints, self.token_sample_every) < 0:
+            raise ConfigError("train: save_every, eval_every, keep_checkpoints, token_sample_every must be >= 0")
+        if self.token_sample_size < 1:
+            raise ConfigError(f"train.token_sample_size={self.token_sample_size} must be >= 1")
 
 
 @dataclass
@@ -210,6 +214,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     limit: int | None = None  # evaluate only the first N problems
     batch_size: int = 64
+    skip_bad_rows: bool = False  # skip malformed dataset rows (each reported with its line) instead of failing
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:

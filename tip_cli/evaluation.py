@@ -66,6 +66,11 @@ def evaluate(
     return metrics, records
 
 
+def results_dir(model_or_run_dir: Path, benchmark: str) -> Path:
+    """Where results of one benchmark live: <checkpoint or run dir>/eval/<benchmark>/."""
+    return model_or_run_dir / "eval" / benchmark
+
+
 def _settings(cfg: TipConfig) -> dict[str, Any]:
     """What makes two evaluations comparable: the benchmark, its sampling, and the problem limit."""
     return {"benchmark": asdict(cfg.benchmark), "sampling": asdict(eval_sampling(cfg.benchmark, cfg.eval)), "limit": cfg.eval.limit}
@@ -93,8 +98,8 @@ def _log_wandb(cfg: TipConfig, out_dir: Path, metrics: dict[str, float], records
 
 
 def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problems: list[Problem]) -> dict[str, float]:
-    """Evaluate one model into out_dir/results.<benchmark>.json, reusing a result with identical settings."""
-    out_file = out_dir / f"results.{cfg.benchmark.name}.json"
+    """Evaluate one model into out_dir/eval/<benchmark>/results.json, reusing a result with identical settings."""
+    out_file = results_dir(out_dir, cfg.benchmark.name) / "results.json"
     settings = _settings(cfg)
     if out_file.exists():
         previous = json.loads(out_file.read_text())
@@ -106,10 +111,10 @@ def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problem
     model = load_model(path, cfg.pair, device, trainable=False)
     tokenizer = load_tokenizer(path, cfg.pair)
     metrics, records = evaluate(model, tokenizer, cfg.pair, problems, eval_sampling(cfg.benchmark, cfg.eval), cfg.eval.batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps({"model": str(ckpt.path), "settings": settings, "metrics": metrics, "records": records}, indent=1))
     if cfg.logger.name == "wandb":
-        _log_wandb(cfg, out_dir, metrics, records, max(ckpt.step, 0))
+        _log_wandb(cfg, out_file.parent, metrics, records, max(ckpt.step, 0))
     del model
     return metrics
 
@@ -132,7 +137,9 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
         metrics = evaluate_checkpoint(cfg, ckpt, ckpt.path, problems)
         curve.append({"step": ckpt.step, **metrics})
         console.print(f"step {ckpt.step}: {name} accuracy {metrics['accuracy']:.3f}")
-    (target / f"eval_curve.{name}.json").write_text(json.dumps(curve, indent=1))
+    curve_file = results_dir(target, name) / "curve.json"
+    curve_file.parent.mkdir(parents=True, exist_ok=True)
+    curve_file.write_text(json.dumps(curve, indent=1))
     table = Table(title=f"{name} over training: {target}")
     for col in ("step", "accuracy", "no_answer", "response_len"):
         table.add_column(col, justify="right")

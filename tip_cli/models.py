@@ -38,8 +38,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _not_a_model(path: str, err: Exception) -> ConfigError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(
+        f"{path} is not a loadable model: expected a Hugging Face model dir (config.json, weights, tokenizer), "
+        f"a run dir with checkpoints/step_N/, or a hub id ({reason})"
+    )
+
+
 def load_tokenizer(path: str, cfg: PairConfig) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _not_a_model(path, err) from err
     if cfg.chat_template is not None:
         tok.chat_template = cfg.chat_template
     if tok.pad_token is None:
@@ -51,7 +62,10 @@ def load_model(path: str, cfg: PairConfig, device: torch.device, trainable: bool
     kwargs = {"dtype": pick_dtype(cfg.dtype, device), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    except (OSError, ValueError) as err:
+        raise _not_a_model(path, err) from err
     model.train(trainable)
     model.requires_grad_(trainable)
     if model.get_output_embeddings().bias is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
@@ -88,8 +89,12 @@ def score(h_s: torch.Tensor, h_t: torch.Tensor, pair: Pair, cfg: TipConfig) -> t
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def distill_step(pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict) -> dict:
-    """Teacher scoring, selection, and the loss's backward for one rollout batch; returns the step's statistics.
+def distill_step(
+    pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict
+) -> tuple[dict, importance.TokenStats, torch.Tensor]:
+    """Teacher scoring, selection, and the loss's backward for one rollout batch.
+
+    Returns the step's statistics, the per-token stats [N] and the kept indices [K].
 
     With a single micro-batch the student's forward with grad also provides the scores (no second pass); with
     several, a no-grad scoring pass runs first, because the budget is global over the whole rollout batch.
@@ -126,7 +131,28 @@ def distill_step(pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Gene
             )
             loss.backward()
             loss_total += loss.item()
-    return {"loss": loss_total, **importance.stats_metrics(stats, kept.cpu())}
+    kept = kept.cpu()
+    return {"loss": loss_total, **importance.stats_metrics(stats, kept)}, stats, kept
+
+
+def save_token_sample(run_dir: Path, step: int, stats: importance.TokenStats, kept: torch.Tensor, limit: int) -> None:
+    """Per-token (H, D, quadrant, kept) of one rollout batch, at most `limit` tokens drawn uniformly, for analysis."""
+    n = len(stats)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(step))[:limit].sort().values if n > limit else torch.arange(n)
+    kept_mask = torch.zeros(n, dtype=torch.bool)
+    kept_mask[kept] = True
+    out = run_dir / "token_samples"
+    out.mkdir(exist_ok=True)
+    np.savez_compressed(
+        out / f"step_{step:06d}.npz",
+        entropy=stats.entropy.cpu()[rows].numpy().astype(np.float32),
+        divergence=stats.divergence.cpu()[rows].numpy().astype(np.float32),
+        quadrant=stats.quadrant.cpu()[rows].numpy().astype(np.int8),
+        kept=kept_mask[rows].numpy(),
+        h_threshold=np.float32(stats.h_thr),
+        d_threshold=np.float32(stats.d_thr),
+        total_tokens=np.int64(n),
+    )
 
 
 def train(cfg: TipConfig, run_dir: Path) -> dict:
@@ -180,7 +206,8 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
                     responses = engine.generate([prompts[i] for i in idx], sampling)
                 rows = [i for i in idx for _ in range(sampling.n)]
                 batch = pack([prompts[i] for i in rows], responses, tok.pad_token_id).to(device)
-                m.update(distill_step(pair, batch, cfg, generator, m))
+                step_metrics, stats, kept = distill_step(pair, batch, cfg, generator, m)
+                m.update(step_metrics)
                 with timed("time/train", m):
                     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or math.inf)
                     if m["tokens/kept"] > 0:
@@ -196,6 +223,8 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
             m["perf/tokens_per_s"] = m["tokens/total"] / m["time/step"]
             m["perf/peak_mem_gb"] = peak_memory_gb(device)
             logger.log(m, step)
+            if cfg.train.token_sample_every and (step == 1 or step % cfg.train.token_sample_every == 0):
+                save_token_sample(run_dir, step, stats, kept, cfg.train.token_sample_size)
             info = f"loss {m['loss']:.4f}  kept {m['tokens/kept_frac']:.2f}  Q3 {m['tokens/q3_frac']:.2f}  {m['perf/tokens_per_s']:.0f} tok/s"
             bar.update(task, completed=step, info=info)
             if not console.is_terminal:
