@@ -161,6 +161,7 @@ def test_missing_file_names_the_absolute_path(tmp_path, monkeypatch):
         load_problems(DatasetConfig(name="math500", path="data/nope.jsonl"))
     assert str(tmp_path / "data" / "nope.jsonl") in str(err.value)
     assert "benchmark.path=" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_missing_field_lists_the_available_ones(tmp_path):
@@ -170,9 +171,11 @@ def test_missing_field_lists_the_available_ones(tmp_path):
         load_problems(DatasetConfig(name="t", path=str(path)))  # problem_field defaults to "problem"
     assert "'problem'" in str(err.value)
     assert "id, question, answer, subject" in str(err.value)
+    # a wrong field name is the config's fault, not a row's: it fails even when bad rows are skipped
     with pytest.raises(KeyError, match="solution.final"):
         load_problems(
-            DatasetConfig(name="t", path=str(path), problem_field="question", answer_field="solution.final")
+            DatasetConfig(name="t", path=str(path), problem_field="question", answer_field="solution.final"),
+            skip_bad_rows=True,
         )
 
 
@@ -203,3 +206,110 @@ def test_toy_source_goes_through_toy_path(tmp_path, monkeypatch):
     [p] = load_problems(DatasetConfig(name="toy", path="toy://test"))
     assert kinds == ["test"]
     assert (p.id, p.problem, p.answer, p.prompt) == ("toy-0", "Ann has 2.", "2", "Ann has 2.")
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def warnings(capsys) -> list[str]:
+    """load_problems's lines on stderr, without the progress bars of `datasets`."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+
+
+GOOD = json.dumps({"problem": "p", "answer": "1"})
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "what"),
+    [
+        ('{"problem": "p", "answer": ', "not valid JSON"),
+        ("[1, 2]", "an array, not an object"),
+        ('"just a string"', "a string, not an object"),
+        (json.dumps({"problem": "p"}), "answer field 'answer' is missing or null"),
+        (json.dumps({"problem": "p", "answer": None}), "answer field 'answer' is missing or null"),
+        (json.dumps({"problem": " ", "answer": "1"}), "problem field 'problem' is empty"),
+    ],
+)
+def test_malformed_jsonl_row_fails_with_its_line(tmp_path, bad_line, what):
+    path = write_lines(tmp_path / "set.jsonl", [GOOD, "", bad_line, GOOD])  # the blank line still counts
+    with pytest.raises(ValueError) as err:
+        load_problems(DatasetConfig(name="t", path=str(path)))
+    message = str(err.value)
+    assert f"{path} line 3: {what}" in message
+    assert "eval.skip_bad_rows=true" in message and "\n" not in message
+
+
+def test_skip_bad_rows_reports_each_line_and_keeps_the_rest(tmp_path, capsys):
+    path = write_lines(
+        tmp_path / "set.jsonl",
+        [
+            json.dumps({"problem": "a", "answer": "1"}),
+            "[1, 2]",
+            json.dumps({"problem": "c", "answer": ""}),
+            "{not json",
+            json.dumps({"problem": "e", "answer": 5}),
+        ],
+    )
+    problems = load_problems(DatasetConfig(name="t", path=str(path)), skip_bad_rows=True)
+    # ids number the rows as they stand in the file, so skipping does not renumber the good ones
+    assert [(p.id, p.problem, p.answer) for p in problems] == [("0", "a", "1"), ("4", "e", "5")]
+    lines = warnings(capsys)
+    assert [line.split(": ", 2)[2].split(":")[0] for line in lines[:3]] == [
+        f"skipped {path} line {n}" for n in (2, 3, 4)
+    ]
+    assert "skipped 3 malformed row(s)" in lines[3] and "kept 2" in lines[3]
+    assert len(lines) == 4
+    # limit counts good problems
+    limited = load_problems(DatasetConfig(name="t", path=str(path)), limit=2, skip_bad_rows=True)
+    assert [p.id for p in limited] == ["0", "4"]
+
+
+def test_valid_file_loads_the_same_with_skip_bad_rows(tmp_path, capsys):
+    rows = [json.dumps({"id": f"x{i}", "problem": "p", "answer": i}) for i in range(3)]
+    path = write_lines(tmp_path / "set.jsonl", rows)
+    cfg = DatasetConfig(name="t", path=str(path))
+    assert load_problems(cfg, skip_bad_rows=True) == load_problems(cfg)
+    assert warnings(capsys) == []
+
+
+def test_bad_parquet_row_is_named_by_its_row_index(tmp_path, capsys):
+    path = tmp_path / "set.parquet"
+    rows = [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": None}]
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    cfg = DatasetConfig(name="t", path=str(path))
+    with pytest.raises(ValueError, match=f"{path} row index 1: answer field 'answer' is missing or null"):
+        load_problems(cfg)
+    assert [p.problem for p in load_problems(cfg, skip_bad_rows=True)] == ["a"]
+    assert f"{path} row index 1" in warnings(capsys)[0]
+
+
+def test_broken_json_array_names_its_line(tmp_path):
+    path = tmp_path / "set.json"
+    path.write_text('[{"problem": "a", "answer": "1"},\n {"problem": "b" "answer": "2"}]\n')
+    with pytest.raises(ValueError, match=f"{path} line 2: not valid JSON"):
+        load_problems(DatasetConfig(name="t", path=str(path)), skip_bad_rows=True)
+
+
+def test_nothing_to_load(tmp_path):
+    empty = write_lines(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match="it has no rows"):
+        load_problems(DatasetConfig(name="t", path=str(empty)))
+    bad = write_lines(tmp_path / "bad.jsonl", ["[]", json.dumps({"problem": "p", "answer": None})])
+    with pytest.raises(ValueError, match="all 2 rows are malformed"):
+        load_problems(DatasetConfig(name="t", path=str(bad)), skip_bad_rows=True)
+
+
+def test_unknown_hub_id_fails_at_once_with_a_local_file_hint(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # both libraries read it at import, so set their flags too
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError) as err:
+        load_problems(DatasetConfig(name="b", path=None, hf_id="nobody/no-such-set"))
+    message = str(err.value)
+    assert "'nobody/no-such-set'" in message and "Hugging Face Hub" in message and "offline" in message
+    assert "benchmark.path=" in message and "\n" not in message
+    assert err.value.__cause__ is not None

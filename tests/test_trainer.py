@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tip_cli import trainer
 from tip_cli.cli import compose_config
 from tip_cli.config import ConfigError
-from tip_cli.models import load_pair
+from tip_cli.models import enable_checkpointing, load_pair
 from tip_cli.rollout import pack
 from tip_cli.tracking import read_jsonl
 
@@ -136,3 +136,15 @@ def test_multirun_makes_one_run_dir_per_job_and_eval_reads_them(tmp_path, micro_
     assert [row["step"] for row in curve] == [1]
     result = json.loads((runs[0] / "checkpoints" / "step_1" / "eval" / "toy" / "results.json").read_text())
     assert len(result["records"]) == 4 and "avg@1" in result["metrics"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(micro_overrides):
+    cfg = compose_config([*micro_overrides, "selector=entropy", "selector.mode=topk", "budget=0.5"])
+    pair = load_pair(cfg.pair, torch.device("cpu"))
+    batch = pack([[1, 2, 3], [4, 5, 6, 7]], [[20, 21, 22, 23], [24, 25]], pair.tokenizer.pad_token_id)
+    plain = grads_after_step(pair, batch, cfg)
+    enable_checkpointing(pair.student)
+    assert pair.student.is_gradient_checkpointing
+    checkpointed = grads_after_step(pair, batch, cfg)
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

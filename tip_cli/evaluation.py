@@ -124,7 +124,7 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
     if not cfg.checkpoint:
         raise ValueError("tip eval needs a checkpoint dir, a run dir, or a model id: tip eval PATH")
     target = Path(cfg.checkpoint).expanduser()
-    problems = load_problems(cfg.benchmark, limit=cfg.eval.limit)
+    problems = load_problems(cfg.benchmark, limit=cfg.eval.limit, skip_bad_rows=cfg.eval.skip_bad_rows)
     name = cfg.benchmark.name
     ckpts = list_checkpoints(target)
     if not ckpts:  # one model: a checkpoint dir, a HF id, or toy://student

@@ -134,6 +134,12 @@ def load_pair(cfg: PairConfig, device: torch.device, student_path: str | None = 
     return Pair(student, teacher, tok_s, vocab, device)
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in backward instead of storing them (newer transformers renamed it)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Hidden states after the final norm, before the lm_head: [B, T] ids -> [B, T, d]. No logits are formed."""
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -27,7 +27,7 @@ from tip_cli.data import load_problems
 from tip_cli.evaluation import eval_sampling, evaluate
 from tip_cli.grading import grade
 from tip_cli.losses import logprobs, selected_token_loss
-from tip_cli.models import Pair, final_hidden, head_weight, load_pair, pick_device, render_prompt
+from tip_cli.models import Pair, enable_checkpointing, final_hidden, head_weight, load_pair, pick_device, render_prompt
 from tip_cli.rollout import Batch, Sampling, make_engine, pack
 from tip_cli.tracking import MetricsLogger, peak_memory_gb, read_jsonl, timed
 
@@ -164,11 +164,11 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None)
     student, tok = pair.student, pair.tokenizer
     if cfg.train.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        enable_checkpointing(student)
     engine = make_engine(cfg.rollout.engine, student, tok, cfg.rollout.batch_size)
-    problems = load_problems(cfg.data)
+    problems = load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
     prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
-    bench = load_problems(cfg.benchmark, limit=cfg.eval.limit)
+    bench = load_problems(cfg.benchmark, limit=cfg.eval.limit, skip_bad_rows=cfg.eval.skip_bad_rows)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = 0
