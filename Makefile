@@ -29,6 +29,12 @@ demo: setup
 test: setup
 	WANDB_MODE=offline $(PY) -m pytest tests
 
+# Peak memory and s/step of one training step per mode (naive, TRL, tip by budget), each in its own process;
+# prints the Markdown table, writes bench_memory.json. Pass options with BENCH_ARGS="--seq 8192".
+bench: setup
+	$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) scripts/bench_memory.py $(BENCH_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check tip_cli tests scripts
 

@@ -1,13 +1,15 @@
 """The `tip` command line: Typer commands whose arguments are Hydra overrides (`tip train selector=soft_or budget=0.5`).
 
 Every command first composes and validates the config for each job it would run (each point of a `-m` sweep
-too), so a typo fails in about a second with the valid options listed; then Hydra runs the job(s), giving each
-its own output dir (`outputs/...`, or `multirun/.../N_overrides` for sweeps).
+too, including those of a `+sweep=PRESET` from conf/sweep/), so a typo fails in about a second with the valid
+options listed; then Hydra runs the job(s), giving each its own output dir (`outputs/...`, or
+`multirun/.../N_overrides` for sweeps). `tip analyze` turns finished runs into plots and a table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from pathlib import Path
@@ -18,13 +20,14 @@ from rich.console import Console
 from tip_cli.config import CONF_DIR, GROUPS, ConfigError, TipConfig, group_options, register, validate
 
 console = Console(stderr=True)
-_command = {"name": "train"}  # the command the Hydra entry point runs
 
 
 def groups_help() -> str:
     lines = ["Config groups (choose with GROUP=OPTION):"]
     lines += [f"  {g}: {', '.join(group_options(g))}" for g in GROUPS]
     lines += [
+        f"Sweep presets (with -m; conf/sweep/): +sweep={'|'.join(group_options('sweep'))}, "
+        "e.g. tip train -m +sweep=budgets train.steps=30; then tip analyze multirun/DATE/TIME.",
         "Values: budget=FLOAT in (0,1], seed=INT, out_dir=PATH, and any field such as train.steps=100, "
         "rollout.max_new_tokens=512, importance.norm=rank, loss.kind=jsd (see `tip config`).",
     ]
@@ -54,6 +57,8 @@ def explain(err: Exception) -> str:
         where = ".".join(key[:-1]) or "the top level"
         if valid is not None:
             return f"unknown key '{found.group(1)}'; valid keys of {where}: {', '.join(valid)}"
+    if "submitit" in msg:
+        msg += "\nThe SLURM launcher is a plugin: pip install hydra-submitit-launcher (see conf/hydra/launcher/slurm.yaml)"
     cause = err.__cause__
     if cause is not None and str(cause).splitlines():
         msg = f"{msg}: {str(cause).splitlines()[0]}"
@@ -61,13 +66,27 @@ def explain(err: Exception) -> str:
 
 
 def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override list of every job: one for a plain run, the cartesian product of the sweep for -m."""
+    """The override list of every job: one for a plain run; for -m, what Hydra's basic sweeper will run: the
+    cartesian product of the composed config's `hydra.sweeper.params` (set by a `+sweep=PRESET`) and the command
+    line's sweeps, a command-line key replacing the preset's."""
     if not multirun:
         return [overrides]
+    from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            # the loader lets glob(*) sweeps list a group's options
+            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+            fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+            params = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
+            parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
+    finally:
+        GlobalHydra.instance().clear()
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
@@ -90,13 +109,13 @@ def compose_config(overrides: list[str]) -> TipConfig:
         GlobalHydra.instance().clear()
 
 
-def _hydra_entry(cfg) -> None:
+def _run_job(command: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     tip_cfg = validate(cfg)
     run_dir = Path(tip_cfg.out_dir) if tip_cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     try:
-        if _command["name"] == "train":
+        if command == "train":
             from tip_cli.trainer import train
 
             train(tip_cfg, run_dir)
@@ -104,15 +123,31 @@ def _hydra_entry(cfg) -> None:
             from tip_cli.evaluation import run_eval_command
 
             run_eval_command(tip_cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/] {err}")
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        # bad input (a config value, a missing file, a malformed row) is reported in one line
+        if os.environ.get("TIP_DEBUG"):
+            raise
+        console.print(f"[red]error:[/] {err.args[0] if isinstance(err, KeyError) else err}  (TIP_DEBUG=1 shows the traceback)")
         raise SystemExit(2) from err
+
+
+# Hydra's task functions, one per command and module-level, so that launchers which pickle the task function
+# to run it elsewhere (SLURM via hydra-submitit-launcher) run the right command.
+def _train_job(cfg) -> None:
+    _run_job("train", cfg)
+
+
+def _eval_job(cfg) -> None:
+    _run_job("eval", cfg)
 
 
 def launch(command: str, overrides: list[str], multirun: bool) -> None:
     """Validate every job's config, then hand the overrides to Hydra, which runs the job(s)."""
     import hydra
 
+    if not multirun and any(re.match(r"\+*sweep[=/]", o) for o in overrides):
+        console.print("[red]error:[/] +sweep=PRESET is a sweep over several jobs: add -m, e.g. tip train -m +sweep=budgets")
+        raise typer.Exit(2)
     try:
         for job in _job_overrides(overrides, multirun):
             compose_config(job)
@@ -121,9 +156,9 @@ def launch(command: str, overrides: list[str], multirun: bool) -> None:
         raise typer.Exit(2) from err
     register()
     extra = ["hydra.output_subdir=null", "hydra.run.dir=."] if command == "eval" and not multirun else []
-    _command["name"] = command
     sys.argv = ["tip", *overrides, *extra, *(["--multirun"] if multirun else [])]
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_hydra_entry)()
+    task = _train_job if command == "train" else _eval_job
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task)()
 
 
 app = typer.Typer(
@@ -165,6 +200,27 @@ def toy(
 
     path = build_toy(seed=seed, force=force)
     console.print(f"toy pair: {path}")
+
+
+@app.command()
+def analyze(
+    paths: list[Path] = typer.Argument(..., help="Run dirs, or sweep dirs (multirun/DATE/TIME) standing for every run below"),
+    out: Path = typer.Option(Path("analysis"), "--out", "-o", help="Where the PNGs and summary.md go"),
+    step: int = typer.Option(None, help="Token-sample step for the entropy/divergence histograms (default: each run's last)"),
+    benchmark: str = typer.Option(None, help="Benchmark whose accuracy is compared (default: each run's benchmark)"),
+    wandb: bool = typer.Option(None, "--wandb/--no-wandb", help="Also log figures and table to W&B (default: if the runs did)"),
+) -> None:
+    """Compare finished runs: accuracy and cost vs token budget, entropy/divergence histograms with the quadrant
+    shares, training curves, and a summary table (printed, and saved as summary.md)."""
+    from tip_cli.analyze import analyze as run_analysis
+
+    try:
+        table, files = run_analysis(paths, out, step=step, benchmark=benchmark, use_wandb=wandb)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from err
+    print(table, end="", flush=True)
+    console.print(f"wrote {len(files)} files into {out}/: summary.md, the comparison PNGs, curves/ and token_hist/")
 
 
 @app.command(epilog=groups_help())

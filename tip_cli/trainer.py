@@ -27,7 +27,15 @@ from tip_cli.data import load_problems
 from tip_cli.evaluation import eval_sampling, evaluate
 from tip_cli.grading import grade
 from tip_cli.losses import logprobs, selected_token_loss
-from tip_cli.models import Pair, enable_checkpointing, final_hidden, head_weight, load_pair, pick_device, render_prompt
+from tip_cli.models import (
+    Pair,
+    enable_checkpointing,
+    final_hidden,
+    head_weight,
+    load_pair,
+    pick_device,
+    render_prompt,
+)
 from tip_cli.rollout import Batch, Sampling, make_engine, pack
 from tip_cli.tracking import MetricsLogger, peak_memory_gb, read_jsonl, timed
 

@@ -1,0 +1,513 @@
+"""Peak memory and step time of one OPD training step: naive full-logit KD vs tip (by budget) vs TRL.
+
+Every mode runs one full step (forward, scoring + selection where it has one, loss, backward, AdamW step) on the
+same random-init models and tokens, each in its own subprocess so that its peak is its own. Memory, per step:
+
+    peak      = peak over the whole step      - the model-only baseline (RSS or CUDA allocated once models exist)
+    loss+bwd  = peak over loss and backward   - the memory held when the step starts (models + AdamW state)
+
+tip's loss+bwd phase starts when `distill_step` calls the selected-token loss (after scoring and selection); the
+naive and TRL steps have no scoring, so theirs is the whole forward + loss + backward. On CPU the peaks are the
+kernel's VmHWM (reset per phase via /proc/self/clear_refs) with MALLOC_MMAP_THRESHOLD_ set, so that glibc returns
+freed tensors to the OS and RSS tracks live tensors; on CUDA they are max_memory_allocated.
+
+    python scripts/bench_memory.py                      # default: random Qwen3-shaped pair, 2048 response tokens
+    python scripts/bench_memory.py --seq 8192 --out bench_8k.json
+    python scripts/bench_memory.py --model Qwen/Qwen3-0.6B --teacher Qwen/Qwen3-1.7B
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tip_cli import trainer
+from tip_cli.cli import compose_config
+from tip_cli.models import Pair, head_weight, pick_device, pick_dtype
+from tip_cli.rollout import Batch, pack
+
+FULL = "full"  # loss chunk >= N: the loss holds all K kept rows at once (its O(K x V) regime)
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: big buffers via mmap, returned to the OS on free
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Qwen3-architecture model; head_dim 64 as in the Qwen3 family."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class Bench:
+    vocab: int = 151_936
+    student: Shape = Shape(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=384)
+    teacher: Shape = Shape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768)
+    model: str | None = None  # HF id or path of the student (the random pair when None)
+    teacher_model: str | None = None  # defaults to `model`
+    seq: int = 2048  # response tokens per row
+    prompt: int = 32  # prompt tokens per row
+    batch: int = 1
+    warmup: int = 1
+    steps: int = 3
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # CPU threads per mode (0: torch's default, one per core)
+    score_chunk: int | None = None  # tip's importance.chunk_size (rows scored at once) when not the default
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.batch
+
+
+@dataclass(frozen=True)
+class Mode:
+    kind: str  # naive | tip | trl | liger
+    selector: str = "all"
+    budget: float = 1.0
+    chunk: int | str | None = None  # tip's loss.chunk_size: None = the product default, FULL = N
+
+    @property
+    def name(self) -> str:
+        return f"tip {self.selector}" if self.kind == "tip" else self.kind
+
+    def overrides(self, bench: Bench) -> list[str]:
+        """tip's config overrides for this mode."""
+        chunk = bench.tokens if self.chunk == FULL else self.chunk
+        return [f"selector={self.selector}", f"budget={self.budget}",
+                *([f"loss.chunk_size={chunk}"] if chunk else []),
+                *([f"importance.chunk_size={bench.score_chunk}"] if bench.score_chunk else [])]
+
+
+def default_modes(chunks: list[int | str | None], budgets=(0.5, 0.3, 0.1), selectors=("soft_or", "entropy")) -> list[Mode]:
+    """naive, TRL, Liger, then per loss chunk: tip full-token and tip at the budgets. At the default chunk every
+    selector at every budget; at other chunks, to save time, the first selector at the highest and lowest budget
+    (memory depends on how many tokens are kept, not on which)."""
+    modes = [Mode("naive"), Mode("trl"), Mode("liger")]
+    for chunk in chunks:
+        modes.append(Mode("tip", "all", 1.0, chunk))
+        if chunk is None:
+            modes += [Mode("tip", sel, b, chunk) for sel in selectors for b in budgets]
+        else:
+            modes += [Mode("tip", selectors[0], b, chunk) for b in dict.fromkeys((max(budgets), min(budgets)))]
+    return modes
+
+
+# ---------------------------------------------------------------- memory meters
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+class Meter:
+    """Current and peak memory in MB: CUDA allocated on GPU, resident set size on CPU; `reset` restarts the peak."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated() / 2**20
+        return _proc_status_kb("VmRSS") / 1024
+
+    def peak(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return _proc_status_kb("VmHWM") / 1024
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+
+
+# ---------------------------------------------------------------- models and tokens
+
+
+def qwen3(shape: Shape, vocab: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads,
+        intermediate_size=shape.intermediate, max_position_embeddings=32_768, tie_word_embeddings=True,
+    )
+    return Qwen3ForCausalLM(config)
+
+
+def build_pair(bench: Bench) -> Pair:
+    """The student (trainable) and teacher (frozen) at the benchmark's device and dtype; same seed, same weights."""
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(bench.device)
+    torch.manual_seed(bench.seed)
+    if bench.model:
+        dtype = pick_dtype("auto", device)
+        student = AutoModelForCausalLM.from_pretrained(bench.model, dtype=dtype)
+        teacher = AutoModelForCausalLM.from_pretrained(bench.teacher_model or bench.model, dtype=dtype)
+    else:
+        student, teacher = qwen3(bench.student, bench.vocab), qwen3(bench.teacher, bench.vocab)
+    student.to(device).train().requires_grad_(True)
+    teacher.to(device).eval().requires_grad_(False)
+    vocab = min(head_weight(student).shape[0], head_weight(teacher).shape[0])
+    return Pair(student, teacher, None, vocab, device)
+
+
+def make_batch(bench: Bench, vocab: int, device: torch.device) -> Batch:
+    """`batch` rows of random prompt + response tokens, all of the same length (no padding)."""
+    gen = torch.Generator().manual_seed(bench.seed + 1)
+    rows = [torch.randint(0, vocab, (bench.prompt + bench.seq,), generator=gen).tolist() for _ in range(bench.batch)]
+    return pack([r[: bench.prompt] for r in rows], [r[bench.prompt :] for r in rows], pad_id=0).to(device)
+
+
+# ---------------------------------------------------------------- one step per mode: forward, loss, backward
+
+
+def naive_loss(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
+    """What a generic KD trainer does: full [B, T, V] logits of both models, log-softmax and reverse KL over all of
+    them, then the mean over response positions."""
+    v = pair.vocab
+    ids, attn = batch.input_ids, batch.attention_mask
+    logits_s = pair.student(input_ids=ids, attention_mask=attn, use_cache=False).logits[..., :v]  # [B, T, V]
+    with torch.no_grad():
+        logits_t = pair.teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits[..., :v]  # [B, T, V]
+    logp_s, logp_t = logits_s.float().log_softmax(-1), logits_t.float().log_softmax(-1)
+    kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1)  # [B, T]
+    loss = kl[batch.target_mask].mean()
+    loss.backward()
+    return loss.item()
+
+
+def tip_runner(cfg):
+    """tip's `distill_step` as the trainer calls it; the loss phase starts when it calls the selected-token loss."""
+    step = 0
+
+    def run(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
+        nonlocal step
+        step += 1
+        generator = torch.Generator().manual_seed(step)
+        loss_fn = trainer.selected_token_loss
+
+        def marked(*args, **kwargs):
+            if "pre_loss_peak" not in times:
+                times["pre_loss_peak"] = meter.peak()
+                meter.reset()
+            return loss_fn(*args, **kwargs)
+
+        trainer.selected_token_loss = marked  # a probe only: the call goes through unchanged
+        try:
+            stats, _, kept = trainer.distill_step(pair, batch, cfg, generator, times)
+        finally:
+            trainer.selected_token_loss = loss_fn
+        times["kept"] = int(kept.numel())
+        return stats["loss"]
+
+    return run
+
+
+def trl_runner(pair: Pair):
+    """TRL's DistillationTrainer loss (`_compute_loss`: both backbones, then the chunked generalised JSD over the
+    completion positions; beta=1 is reverse KL, as tip and naive use), on a trainer instance that holds just the
+    attributes that method reads (`__init__` needs a tokenizer, a dataset and a generation setup, none of which the
+    loss touches)."""
+    from accelerate import Accelerator
+    from trl.models.utils import _ForwardRedirection
+    from trl.trainer.distillation_trainer import DistillationTrainer
+
+    t = object.__new__(DistillationTrainer)
+    t.model, t.teacher_model = pair.student, pair.teacher
+    t.accelerator = Accelerator(cpu=pair.device.type == "cpu")
+    t.model_kwarg_keys = inspect.signature(pair.student.forward).parameters.keys()
+    t._is_vlm = False
+    t._forward_redirection = _ForwardRedirection()
+    t.beta, t.temperature = 1.0, 1.0
+
+    def run(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
+        p = batch.input_ids.shape[1] - int(batch.target_mask[0].sum())  # every row: same prompt length, no padding
+        inputs = {
+            "prompt_ids": batch.input_ids[:, :p], "prompt_mask": batch.attention_mask[:, :p].long(),
+            "completion_ids": batch.input_ids[:, p:], "completion_mask": batch.attention_mask[:, p:].long(),
+        }
+        loss, _, _ = t._compute_loss(pair.student, inputs, None)
+        loss.backward()
+        return loss.item()
+
+    return run
+
+
+def liger_loss(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
+    """Liger-Kernel's fused linear JSD (Triton, GPU only) with beta=1 (reverse KL) on the response positions."""
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    h_s = trainer.valid_hidden(pair.student, batch)  # [N, d_S]
+    with torch.no_grad():
+        h_t = trainer.valid_hidden(pair.teacher, batch)  # [N, d_T]
+    v = pair.vocab
+    loss = LigerFusedLinearJSD(jsd_beta=1.0)(h_s, head_weight(pair.student)[:v], h_t, head_weight(pair.teacher)[:v])
+    loss.backward()
+    return loss.item()
+
+
+def skip_reason(mode: Mode, device: torch.device) -> str | None:
+    if mode.kind == "trl" and not _importable("trl"):
+        return "trl not installed: pip install -e '.[bench]'"
+    if mode.kind == "liger":
+        if device.type != "cuda":
+            return "liger-kernel's fused linear JSD needs Triton on a GPU"
+        if not _importable("liger_kernel"):
+            return "liger-kernel not installed"
+    return None
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# ---------------------------------------------------------------- the child: measure one mode
+
+
+def measure(mode: Mode, bench: Bench) -> dict:
+    """Build the pair, run warm-up + measured steps of `mode`, return its memory and time per step."""
+    device = pick_device(bench.device)
+    if reason := skip_reason(mode, device):
+        return {"skipped": reason}
+    pair = build_pair(bench)
+    batch = make_batch(bench, pair.vocab, device)
+    meter = Meter(device)
+    loss_chunk = None
+    if mode.kind == "tip":
+        cfg = compose_config(mode.overrides(bench))
+        step_fn, loss_chunk = tip_runner(cfg), cfg.loss.chunk_size
+    else:
+        step_fn = trl_runner(pair) if mode.kind == "trl" else {"naive": naive_loss, "liger": liger_loss}[mode.kind]
+    optimizer = torch.optim.AdamW(pair.student.parameters(), lr=1e-6)
+    gc.collect()
+    baseline = meter.now()
+    rows = []
+    for _ in range(bench.warmup + bench.steps):
+        gc.collect()
+        start = meter.now()
+        times: dict = {}
+        meter.reset()
+        t0 = time.perf_counter()
+        loss = step_fn(pair, batch, meter, times)
+        loss_peak = meter.peak()
+        meter.reset()
+        torch.nn.utils.clip_grad_norm_(pair.student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - t0
+        step_peak = max(times.get("pre_loss_peak", 0.0), loss_peak, meter.peak())
+        rows.append({
+            "loss": loss, "step_s": step_s, "peak_mb": step_peak - baseline, "loss_peak_mb": loss_peak - start,
+            "select_s": times.get("time/select"), "teacher_s": times.get("time/teacher"), "kept": times.get("kept"),
+        })
+    first_loss = rows[0]["loss"]  # same weights and tokens in every mode: full-token modes agree here
+    warmup, rows = rows[: bench.warmup], rows[bench.warmup :]
+    select = [r["select_s"] for r in rows if r["select_s"] is not None]
+    return {
+        "n_tokens": int(batch.target_mask.sum()),
+        "kept": rows[-1]["kept"] if rows[-1]["kept"] is not None else int(batch.target_mask.sum()),
+        "loss_chunk": loss_chunk,
+        "first_loss": first_loss,
+        "baseline_mb": baseline,
+        "peak_mb": max(r["peak_mb"] for r in rows),
+        "loss_peak_mb": max(r["loss_peak_mb"] for r in rows),
+        "step_s": statistics.median(r["step_s"] for r in rows),
+        "select_share": statistics.median(s / r["step_s"] for s, r in zip(select, rows, strict=True)) if select else None,
+        "steps": rows,
+        "warmup_steps": warmup,
+    }
+
+
+def child_main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    bench = Bench(**{**spec["bench"], "student": Shape(**spec["bench"]["student"]), "teacher": Shape(**spec["bench"]["teacher"])})
+    result = measure(Mode(**spec["mode"]), bench)
+    Path(out_path).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the parent: one subprocess per mode
+
+
+def run_mode(mode: Mode, bench: Bench, timeout: float | None = None) -> dict:
+    """Measure `mode` in a fresh Python process (clean peak); a crash (e.g. out of memory) becomes an `error`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps({"mode": asdict(mode), "bench": asdict(bench)}))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec), str(out)]
+        env = {**os.environ, **MMAP_ENV, **({"OMP_NUM_THREADS": str(bench.threads)} if bench.threads else {})}
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+            killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+            return {"error": f"exit {proc.returncode}{killed}: {tail[0]}"}
+        return json.loads(out.read_text())
+
+
+def _ratio(x: float | None, ref: float | None) -> float | None:
+    return x / ref if x is not None and ref else None
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Ratios of peak, loss+bwd peak and s/step to `naive` and to tip full-token (budget 1.0) of the same loss chunk;
+    naive, TRL and Liger rows compare to the first tip full-token row (the default chunk unless --chunks says)."""
+    ok = [r for r in rows if "peak_mb" in r]
+    naive = next((r for r in ok if r["mode"] == "naive"), None)
+    full = {r["chunk"]: r for r in ok if r["mode"] == "tip all"}
+    for r in ok:
+        ref = full.get(r["chunk"]) if r["mode"].startswith("tip") else next(iter(full.values()), None)
+        for key in ("peak_mb", "loss_peak_mb", "step_s"):
+            r[f"{key}_x_naive"] = _ratio(r[key], naive and naive[key])
+            r[f"{key}_x_tip_full"] = _ratio(r[key], ref and ref[key])
+    return rows
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, checked on this run's numbers (`value` None when a row is missing)."""
+    def get(mode, budget, key, chunk=None):
+        return next((r.get(key) for r in rows if r["mode"] == mode and r["budget"] == budget and r["chunk"] == chunk), None)
+
+    def check(name, value, limit):
+        return {"target": name, "value": value, "limit": limit, "met": None if value is None else value <= limit}
+
+    out = []
+    for chunk in dict.fromkeys(r["chunk"] for r in rows if r["mode"] == "tip all"):
+        tag = "default chunk" if chunk is None else f"loss chunk {chunk}"
+        for budget, limit in ((0.5, 0.45), (0.1, 0.2)):
+            out.append(check(f"loss+bwd peak, soft_or {budget} / tip full ({tag})",
+                             get("tip soft_or", budget, "loss_peak_mb_x_tip_full", chunk), limit))
+    out += [
+        check("step peak, tip full / naive", get("tip all", 1.0, "peak_mb_x_naive"), 0.6),
+        check("loss+bwd peak, tip full / naive", get("tip all", 1.0, "loss_peak_mb_x_naive"), 0.6),
+        check("step peak, tip full / trl", _ratio(get("tip all", 1.0, "peak_mb"), get("trl", 1.0, "peak_mb")), 1.0),
+        check("step peak, tip soft_or 0.5 / trl", _ratio(get("tip soft_or", 0.5, "peak_mb"), get("trl", 1.0, "peak_mb")), 1.0),
+        check("scoring+selection share of the tip full-token step", get("tip all", 1.0, "select_share"), 0.10),
+    ]
+    return out
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| mode | budget | loss chunk | kept | peak MB | x naive | x tip full | loss+bwd MB | x naive | x tip full "
+            "| s/step | x naive | x tip full | scoring+selection |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        chunk = "-" if r["mode"] in ("naive", "trl", "liger") else _fmt(r.get("loss_chunk"), "d")
+        if "peak_mb" not in r:
+            why = r.get("skipped") or r.get("error")
+            lines.append(f"| {r['mode']} | {r['budget']:g} | {chunk} | {why} |" + " |" * 10)
+            continue
+        lines.append(
+            f"| {r['mode']} | {r['budget']:g} | {chunk} | {r['kept']} "
+            f"| {r['peak_mb']:.0f} | {_fmt(r['peak_mb_x_naive'], '.2f')} | {_fmt(r['peak_mb_x_tip_full'], '.2f')} "
+            f"| {r['loss_peak_mb']:.0f} | {_fmt(r['loss_peak_mb_x_naive'], '.2f')} "
+            f"| {_fmt(r['loss_peak_mb_x_tip_full'], '.2f')} "
+            f"| {r['step_s']:.2f} | {_fmt(r['step_s_x_naive'], '.2f')} | {_fmt(r['step_s_x_tip_full'], '.2f')} "
+            f"| {_fmt(r['select_share'] and 100 * r['select_share'], '.0f')}{'%' if r['select_share'] else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def run(modes: list[Mode], bench: Bench, log=print) -> dict:
+    """Measure every mode (one subprocess each) and return the report: settings, rows with ratios, targets."""
+    rows = []
+    device = pick_device(bench.device)
+    for mode in modes:
+        t0 = time.perf_counter()
+        reason = skip_reason(mode, device)
+        result = {"skipped": reason} if reason else run_mode(mode, bench)
+        row = {"mode": mode.name, "selector": mode.selector, "budget": mode.budget, "chunk": mode.chunk, **result}
+        rows.append(row)
+        status = result.get("skipped") or result.get("error") or f"peak {result['peak_mb']:.0f} MB, {result['step_s']:.2f} s/step"
+        log(f"[{time.perf_counter() - t0:5.1f} s] {mode.name} budget={mode.budget:g} chunk={mode.chunk or 'default'}: {status}")
+    add_ratios(rows)
+    return {
+        "bench": asdict(bench),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "memory": "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM), MALLOC_MMAP_THRESHOLD_=65536",
+        "torch_cpu_allocator_peak": None,  # torch has no CPU allocator statistics (no torch.cpu.memory_stats)
+        "rows": rows,
+        "targets": targets(rows),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="HF id or path of the student (default: a random Qwen3-shaped pair)")
+    p.add_argument("--teacher", help="HF id or path of the teacher (default: --model)")
+    p.add_argument("--seq", type=int, default=Bench.seq, help="response tokens per row")
+    p.add_argument("--prompt", type=int, default=Bench.prompt, help="prompt tokens per row")
+    p.add_argument("--batch", type=int, default=Bench.batch)
+    p.add_argument("--vocab", type=int, default=Bench.vocab, help="vocabulary of the random pair")
+    p.add_argument("--steps", type=int, default=Bench.steps, help="measured steps (median time, max memory)")
+    p.add_argument("--warmup", type=int, default=Bench.warmup)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per mode (0: one per core)")
+    p.add_argument("--budgets", default="0.5,0.3,0.1")
+    p.add_argument("--selectors", default="soft_or,entropy")
+    p.add_argument("--chunks", default="default,full",
+                   help="tip loss.chunk_size values to run: 'default' (the config's), 'full' (>= N), or numbers")
+    p.add_argument("--score-chunk", type=int, help="tip's importance.chunk_size (default: the config's)")
+    p.add_argument("--modes", default="naive,trl,liger,tip", help="subset of naive,trl,liger,tip")
+    p.add_argument("--out", default="bench_memory.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    bench = Bench(model=args.model, teacher_model=args.teacher, seq=args.seq, prompt=args.prompt, batch=args.batch,
+                  vocab=args.vocab, steps=args.steps, warmup=args.warmup, device=args.device,
+                  threads=args.threads, score_chunk=args.score_chunk)
+    chunks = [None if c == "default" else c if c == FULL else int(c) for c in args.chunks.split(",")]
+    kinds = set(args.modes.split(","))
+    modes = [m for m in default_modes(chunks, tuple(map(float, args.budgets.split(","))), tuple(args.selectors.split(",")))
+             if m.kind in kinds]
+    report = run(modes, bench, log=lambda s: print(s, file=sys.stderr, flush=True))
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(markdown(report["rows"]))
+    print()
+    for t in report["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        print(f"- {t['target']}: {_fmt(t['value'], '.2f')} (target <= {t['limit']:g}) {verdict}")
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], sys.argv[3])
+    else:
+        main()

@@ -1,0 +1,213 @@
+"""`tip analyze` on synthetic run dirs: the files it writes, the table rows, and the quadrant shares it prints."""
+
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from typer.testing import CliRunner
+
+from tip_cli.analyze import (
+    COLUMNS,
+    analyze,
+    load_runs,
+    load_token_sample,
+    quadrant_shares,
+    token_histogram,
+)
+from tip_cli.cli import app, compose_config
+
+
+def make_run(run_dir, overrides, steps=4, accuracy=None, sample=True, kept_frac=None, seed=0):
+    """A run dir as the trainer leaves it: config.yaml, metrics.jsonl (train steps, eval rows) and token samples.
+
+    accuracy: {eval step: accuracy}, or None for a run that was never evaluated.
+    """
+    cfg = compose_config([*overrides, f"seed={seed}", "logger=none"])
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    kept = kept_frac if kept_frac is not None else (1.0 if cfg.selector.name == "all" else cfg.budget)
+    rows = [{"step": s, "eval/toy/accuracy": acc, "eval/toy/num_problems": 50} for s, acc in (accuracy or {}).items()]
+    for step in range(1, steps + 1):
+        rows.append({
+            "step": step, "loss": 1.0 / step, "tokens/kept_frac": kept,
+            "tokens/q1_frac": 0.4, "tokens/q2_frac": 0.1, "tokens/q3_frac": 0.1, "tokens/q4_frac": 0.4,
+            "tokens/kept_q1_frac": 0.7, "tokens/kept_q2_frac": 0.1, "tokens/kept_q3_frac": 0.2, "tokens/kept_q4_frac": 0.0,
+            "div/mean": 0.5, "div/kept_mean": 0.8, "div/dropped_mean": 0.1, "rollout/accuracy": 0.25,
+            "perf/peak_mem_gb": 1.0 + kept + step / 100, "time/step": 0.5 + kept,
+        })
+    rows.sort(key=lambda r: (r["step"], "loss" in r))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if sample:
+        for step in (1, steps):
+            save_sample(run_dir / "token_samples" / f"step_{step:06d}.npz", np.random.default_rng(step), kept)
+    return run_dir
+
+
+def save_sample(path, rng, kept_frac, n=400):
+    """A token sample like trainer.save_token_sample. The thresholds are off-median quantiles, so the four
+    quadrant shares differ and a mix-up between quadrants shows."""
+    entropy = rng.lognormal(-3, 2, n).astype(np.float32)
+    divergence = rng.lognormal(-5, 2, n).astype(np.float32)
+    h_thr, d_thr = np.quantile(entropy, 0.3), np.quantile(divergence, 0.6)
+    quadrant = (1 + 2 * (entropy <= h_thr) + (divergence <= d_thr)).astype(np.int8)
+    kept = rng.random(n) < kept_frac
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, entropy=entropy, divergence=divergence, quadrant=quadrant, kept=kept,
+                        h_threshold=np.float32(h_thr), d_threshold=np.float32(d_thr), total_tokens=np.int64(2 * n))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A budgets-style sweep: full-token, entropy and soft_or at two budgets, one entropy run never evaluated."""
+    root = tmp_path_factory.mktemp("sweep") / "multirun" / "2026-01-01" / "00-00-00"
+    make_run(root / "0_all", ["selector=all", "budget=1.0"], accuracy={0: 0.2, 2: 0.5, 4: 0.4})
+    make_run(root / "1_entropy_0.2", ["selector=entropy", "budget=0.2"], accuracy={0: 0.2, 2: 0.3, 4: 0.36})
+    make_run(root / "2_entropy_0.5", ["selector=entropy", "budget=0.5"], accuracy=None)
+    make_run(root / "3_soft_or_0.2", ["selector=soft_or", "budget=0.2"], accuracy={0: 0.2, 2: 0.44, 4: 0.42})
+    make_run(root / "4_soft_or_0.5", ["selector=soft_or", "budget=0.5"], accuracy={0: 0.2, 4: 0.46})
+    return root
+
+
+@pytest.fixture(scope="module")
+def analysis(sweep, tmp_path_factory):
+    """`analyze` run once on the sweep (figures take a while): (out dir, printed table, files written)."""
+    out = tmp_path_factory.mktemp("analysis")
+    table, files = analyze([sweep], out, use_wandb=False)
+    return out, table, files
+
+
+def table_rows(summary_md: str) -> dict[str, dict[str, str]]:
+    """The summary table of summary.md, by run name."""
+    lines = [line for line in summary_md.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, [c.strip() for c in line.strip("|").split("|")], strict=True)) for line in lines[1:]]
+    return {row["run"]: row for row in rows}
+
+
+def test_analyze_writes_every_file(analysis):
+    out, _, files = analysis
+    names = ["0_all", "1_entropy_0.2", "2_entropy_0.5", "3_soft_or_0.2", "4_soft_or_0.5"]
+    expected = {"summary.md", "accuracy_vs_budget.png", "cost_vs_budget.png", "curves.png"}
+    expected |= {f"token_hist/{n}.png" for n in names} | {f"curves/{n}.png" for n in names}
+    assert {str(f.relative_to(out)) for f in files} == expected
+    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == expected
+    for png in out.rglob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, png
+
+
+def test_summary_has_one_right_row_per_run(analysis):
+    out, table, _ = analysis
+    rows = table_rows((out / "summary.md").read_text())
+    assert table_rows(table) == rows
+    assert list(rows) == ["0_all", "1_entropy_0.2", "2_entropy_0.5", "3_soft_or_0.2", "4_soft_or_0.5"]
+    assert list(rows["0_all"]) == COLUMNS
+    assert rows["0_all"] == {
+        "run": "0_all", "selector": "all", "budget": "", "seed": "0", "steps": "4", "kept frac": "1.000",
+        "Q3 share": "0.100", "Q3 share of kept": "0.200", "acc before": "0.200", "acc final": "0.400",
+        "acc best": "0.500", "peak mem GB": "2.04", "s/step": "1.50", "time min": "0.1",
+    }
+    entropy = rows["1_entropy_0.2"]
+    assert (entropy["selector"], entropy["budget"], entropy["kept frac"]) == ("entropy", "0.2", "0.200")
+    assert (entropy["acc before"], entropy["acc final"], entropy["acc best"]) == ("0.200", "0.360", "0.360")
+    assert rows["4_soft_or_0.5"]["acc final"] == "0.460" and rows["3_soft_or_0.2"]["acc best"] == "0.440"
+
+
+def test_runs_missing_eval_results_have_blank_accuracy(analysis):
+    rows = table_rows(analysis[1])
+    never_evaluated = rows["2_entropy_0.5"]
+    assert (never_evaluated["acc before"], never_evaluated["acc final"], never_evaluated["acc best"]) == ("", "", "")
+    assert never_evaluated["kept frac"] == "0.500" and never_evaluated["steps"] == "4"
+
+
+def test_a_run_with_nothing_but_a_config_and_no_samples_still_gets_a_row(tmp_path):
+    run = tmp_path / "bare"
+    make_run(run, ["selector=random", "budget=0.3"], steps=0, accuracy=None, sample=False)
+    table, files = analyze([run], tmp_path / "analysis", use_wandb=False)
+    row = table_rows(table)["bare"]
+    assert (row["selector"], row["steps"], row["kept frac"], row["acc final"], row["s/step"]) == ("random", "0", "", "", "")
+    assert not any("token_hist" in str(f) for f in files)
+
+
+def test_quadrant_shares_are_the_direct_counts():
+    quadrant = np.array([1] * 7 + [2] * 3 + [3] * 5 + [4] * 10, dtype=np.int8)
+    np.testing.assert_allclose(quadrant_shares(quadrant), [7 / 25, 3 / 25, 5 / 25, 10 / 25])
+    np.testing.assert_allclose(quadrant_shares(np.array([3, 3], dtype=np.int8)), [0, 0, 1, 0])
+    np.testing.assert_array_equal(quadrant_shares(np.array([], dtype=np.int8)), [0, 0, 0, 0])
+
+
+def test_histogram_prints_the_shares_counted_from_the_sample(sweep):
+    _, sample = load_token_sample(sweep / "3_soft_or_0.2")
+    fig = token_histogram(sample, "title")
+    q, kept = sample["quadrant"], sample["kept"]
+    all_panel, kept_panel = ([t.get_text() for t in ax.texts] for ax in fig.axes[:2])
+    for i in range(1, 5):
+        share_all = np.sum(q == i) / len(q)
+        share_kept = np.sum(q[kept] == i) / kept.sum()
+        kept_of_q = np.sum(kept & (q == i)) / np.sum(q == i)
+        assert sum(f"Q{i} (" in t and f"{share_all:.1%} of tokens" in t and f"{kept_of_q:.0%} of them kept" in t
+                   for t in all_panel) == 1
+        assert sum(f"Q{i} (" in t and f"{share_kept:.1%} of tokens" in t for t in kept_panel) == 1
+    assert len({int(np.sum(q == i)) for i in range(1, 5)}) == 4  # distinct shares: swapped quadrants would fail
+
+
+def test_token_sample_step_choice(sweep):
+    run = sweep / "1_entropy_0.2"
+    assert load_token_sample(run)[0] == 4  # the last one by default
+    assert load_token_sample(run, 1)[0] == 1
+    assert load_token_sample(run, 3)[0] == 4  # the nearest saved step
+    assert load_token_sample(sweep.parent) is None
+
+
+def test_labels_group_seeds_and_name_other_differences(tmp_path):
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        make_run(root / f"q3_s{seed}", ["selector=quadrant", "selector.quadrants=[Q1,Q3]", "budget=1.0"], seed=seed, accuracy={4: 0.1 + seed})
+    make_run(root / "lr_a", ["selector=entropy", "train.lr=0.001"], accuracy=None)
+    make_run(root / "lr_b", ["selector=entropy", "train.lr=0.0001"], accuracy=None)
+    labels = {r.name: r.label for r in load_runs([root])}
+    assert labels["q3_s0"] == labels["q3_s1"] == "quadrant [Q1,Q3]"
+    assert labels["lr_a"] == "entropy (train.lr=0.001)" and labels["lr_b"] == "entropy (train.lr=0.0001)"
+
+
+def test_tip_eval_curve_is_read_and_wins_over_in_training_evals(tmp_path):
+    run = make_run(tmp_path / "run", ["selector=entropy"], accuracy={0: 0.9, 4: 0.3})
+    curve = run / "eval" / "toy" / "curve.json"
+    curve.parent.mkdir(parents=True)
+    curve.write_text(json.dumps([{"step": 2, "accuracy": 0.6}, {"step": 4, "accuracy": 0.35}]))
+    [loaded] = load_runs([run])
+    assert loaded.accuracy == {0: 0.9, 2: 0.6, 4: 0.35}
+    assert (loaded.acc_before, loaded.acc_final, loaded.acc_best) == (0.9, 0.35, 0.6)  # best is after step 0
+
+
+def test_bad_paths_fail_with_a_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_runs([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no run dirs"):
+        load_runs([tmp_path / "empty"])
+
+
+def test_cli_prints_the_table_and_writes_into_out(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "runs" / "one", ["selector=entropy", "budget=0.2"], accuracy={0: 0.1, 4: 0.2}, sample=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["analyze", str(run), "--no-wandb"])
+    assert result.exit_code == 0, result.output
+    assert "| one | entropy | 0.2 | 0 | 4 | 0.200 |" in result.output
+    assert (tmp_path / "analysis" / "summary.md").exists()  # the default --out
+    missing = CliRunner().invoke(app, ["analyze", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no such directory" in " ".join(missing.output.split())
+
+
+def test_wandb_gets_the_figures_and_table_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "analysis"
+    analyze([make_run(tmp_path / "run", ["selector=all"], accuracy={4: 0.3})], out, use_wandb=True)
+    [run_dir] = (out / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    images = {str(p.relative_to(media / "images" / "analysis")).rsplit("_0_", 1)[0] for p in media.rglob("*.png")}
+    assert images == {"accuracy_vs_budget", "cost_vs_budget", "curves", "curves/run", "token_hist/run"}
+    [table] = media.rglob("summary_*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"] == COLUMNS and [row[0] for row in logged["data"]] == ["run"]
