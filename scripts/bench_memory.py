@@ -22,6 +22,7 @@ import argparse
 import gc
 import inspect
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -94,7 +95,9 @@ class Mode:
                 *([f"importance.chunk_size={bench.score_chunk}"] if bench.score_chunk else [])]
 
 
-def default_modes(chunks: list[int | str | None], budgets=(0.5, 0.3, 0.1), selectors=("soft_or", "entropy")) -> list[Mode]:
+def default_modes(
+    chunks: list[int | str | None], budgets=(0.5, 0.3, 0.1), selectors=("soft_or", "entropy")
+) -> list[Mode]:
     """naive, TRL, Liger, then per loss chunk: tip full-token and tip at the budgets. At the default chunk every
     selector at every budget; at other chunks, to save time, the first selector at the highest and lowest budget
     (memory depends on how many tokens are kept, not on which)."""
@@ -111,11 +114,11 @@ def default_modes(chunks: list[int | str | None], budgets=(0.5, 0.3, 0.1), selec
 # ---------------------------------------------------------------- memory meters
 
 
-def _proc_status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _proc_kb(path: str, key: str) -> int:
+    for line in Path(path).read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    raise RuntimeError(f"{key} not in {path}")
 
 
 class Meter:
@@ -128,13 +131,13 @@ class Meter:
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.memory_allocated() / 2**20
-        return _proc_status_kb("VmRSS") / 1024
+        return _proc_kb("/proc/self/status", "VmRSS") / 1024
 
     def peak(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() / 2**20
-        return _proc_status_kb("VmHWM") / 1024
+        return _proc_kb("/proc/self/status", "VmHWM") / 1024
 
     def reset(self) -> None:
         if self.cuda:
@@ -271,7 +274,36 @@ def liger_loss(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
     return loss.item()
 
 
-def skip_reason(mode: Mode, device: torch.device) -> str | None:
+def rough_peak_gb(mode: Mode, bench: Bench) -> float:
+    """fp32 [rows, V] tensors the mode holds at its peak, by the counts measured at 2k tokens (README, Performance):
+    naive ~8 of [T, V]; tip ~7.25 of [min(K, loss chunk), V] in the loss, ~6.25 of [score chunk, V] while scoring;
+    TRL ~11.5 tiles of [min(N, 4096), 32768]."""
+    from tip_cli.config import ImportanceConfig, LossConfig
+
+    vocab = bench.vocab
+    if bench.model:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(bench.model).get_text_config().vocab_size
+    n = bench.tokens
+    if mode.kind == "naive":
+        elements = 8.5 * bench.batch * (bench.seq + bench.prompt) * vocab
+    elif mode.kind == "trl":
+        elements = 12 * min(n, 4096) * min(vocab, 32768)
+    elif mode.kind == "tip":
+        kept = n if mode.selector == "all" else math.ceil(mode.budget * n)
+        chunk = n if mode.chunk == FULL else mode.chunk or LossConfig().chunk_size
+        score = min(n, bench.score_chunk or ImportanceConfig().chunk_size)
+        elements = max(7.5 * min(kept, chunk), 6.5 * score) * vocab
+    else:
+        return 0.0
+    return elements * 4 / 2**30
+
+
+def skip_reason(mode: Mode, bench: Bench) -> str | None:
+    """Why `mode` cannot run here: a missing package, no GPU for Liger, or (on CPU) too little free memory, which
+    would bring the kernel's OOM killer onto whatever process is largest, not necessarily ours."""
+    device = pick_device(bench.device)
     if mode.kind == "trl" and not _importable("trl"):
         return "trl not installed: pip install -e '.[bench]'"
     if mode.kind == "liger":
@@ -279,6 +311,10 @@ def skip_reason(mode: Mode, device: torch.device) -> str | None:
             return "liger-kernel's fused linear JSD needs Triton on a GPU"
         if not _importable("liger_kernel"):
             return "liger-kernel not installed"
+    if device.type == "cpu":
+        need, free = rough_peak_gb(mode, bench), _proc_kb("/proc/meminfo", "MemAvailable") / 2**20
+        if need > 0.9 * free:
+            return f"needs ~{need:.0f} GiB, {free:.0f} GiB available"
     return None
 
 
@@ -293,9 +329,9 @@ def _importable(name: str) -> bool:
 
 def measure(mode: Mode, bench: Bench) -> dict:
     """Build the pair, run warm-up + measured steps of `mode`, return its memory and time per step."""
-    device = pick_device(bench.device)
-    if reason := skip_reason(mode, device):
+    if reason := skip_reason(mode, bench):
         return {"skipped": reason}
+    device = pick_device(bench.device)
     pair = build_pair(bench)
     batch = make_batch(bench, pair.vocab, device)
     meter = Meter(device)
@@ -331,7 +367,7 @@ def measure(mode: Mode, bench: Bench) -> dict:
         })
     first_loss = rows[0]["loss"]  # same weights and tokens in every mode: full-token modes agree here
     warmup, rows = rows[: bench.warmup], rows[bench.warmup :]
-    select = [r["select_s"] for r in rows if r["select_s"] is not None]
+    shares = [r["select_s"] / r["step_s"] for r in rows if r["select_s"] is not None]
     return {
         "n_tokens": int(batch.target_mask.sum()),
         "kept": rows[-1]["kept"] if rows[-1]["kept"] is not None else int(batch.target_mask.sum()),
@@ -341,7 +377,7 @@ def measure(mode: Mode, bench: Bench) -> dict:
         "peak_mb": max(r["peak_mb"] for r in rows),
         "loss_peak_mb": max(r["loss_peak_mb"] for r in rows),
         "step_s": statistics.median(r["step_s"] for r in rows),
-        "select_share": statistics.median(s / r["step_s"] for s, r in zip(select, rows, strict=True)) if select else None,
+        "select_share": statistics.median(shares) if shares else None,
         "steps": rows,
         "warmup_steps": warmup,
     }
@@ -349,7 +385,8 @@ def measure(mode: Mode, bench: Bench) -> dict:
 
 def child_main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    bench = Bench(**{**spec["bench"], "student": Shape(**spec["bench"]["student"]), "teacher": Shape(**spec["bench"]["teacher"])})
+    shapes = {key: Shape(**spec["bench"][key]) for key in ("student", "teacher")}
+    bench = Bench(**{**spec["bench"], **shapes})
     result = measure(Mode(**spec["mode"]), bench)
     Path(out_path).write_text(json.dumps(result))
 
@@ -396,12 +433,13 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, checked on this run's numbers (`value` None when a row is missing)."""
     def get(mode, budget, key, chunk=None):
-        return next((r.get(key) for r in rows if r["mode"] == mode and r["budget"] == budget and r["chunk"] == chunk), None)
+        match = (r for r in rows if (r["mode"], r["budget"], r["chunk"]) == (mode, budget, chunk))
+        return next((r.get(key) for r in match), None)
 
     def check(name, value, limit):
         return {"target": name, "value": value, "limit": limit, "met": None if value is None else value <= limit}
 
-    out = []
+    out, trl_peak = [], get("trl", 1.0, "peak_mb")
     for chunk in dict.fromkeys(r["chunk"] for r in rows if r["mode"] == "tip all"):
         tag = "default chunk" if chunk is None else f"loss chunk {chunk}"
         for budget, limit in ((0.5, 0.45), (0.1, 0.2)):
@@ -410,8 +448,8 @@ def targets(rows: list[dict]) -> list[dict]:
     out += [
         check("step peak, tip full / naive", get("tip all", 1.0, "peak_mb_x_naive"), 0.6),
         check("loss+bwd peak, tip full / naive", get("tip all", 1.0, "loss_peak_mb_x_naive"), 0.6),
-        check("step peak, tip full / trl", _ratio(get("tip all", 1.0, "peak_mb"), get("trl", 1.0, "peak_mb")), 1.0),
-        check("step peak, tip soft_or 0.5 / trl", _ratio(get("tip soft_or", 0.5, "peak_mb"), get("trl", 1.0, "peak_mb")), 1.0),
+        check("step peak, tip full / trl", _ratio(get("tip all", 1.0, "peak_mb"), trl_peak), 1.0),
+        check("step peak, tip soft_or 0.5 / trl", _ratio(get("tip soft_or", 0.5, "peak_mb"), trl_peak), 1.0),
         check("scoring+selection share of the tip full-token step", get("tip all", 1.0, "select_share"), 0.10),
     ]
     return out
@@ -448,17 +486,19 @@ def run(modes: list[Mode], bench: Bench, log=print) -> dict:
     device = pick_device(bench.device)
     for mode in modes:
         t0 = time.perf_counter()
-        reason = skip_reason(mode, device)
+        reason = skip_reason(mode, bench)
         result = {"skipped": reason} if reason else run_mode(mode, bench)
         row = {"mode": mode.name, "selector": mode.selector, "budget": mode.budget, "chunk": mode.chunk, **result}
         rows.append(row)
-        status = result.get("skipped") or result.get("error") or f"peak {result['peak_mb']:.0f} MB, {result['step_s']:.2f} s/step"
-        log(f"[{time.perf_counter() - t0:5.1f} s] {mode.name} budget={mode.budget:g} chunk={mode.chunk or 'default'}: {status}")
+        status = result.get("skipped") or result.get("error")
+        status = status or f"peak {result['peak_mb']:.0f} MB, {result['step_s']:.2f} s/step"
+        chunk = mode.chunk or "default"
+        log(f"[{time.perf_counter() - t0:5.1f} s] {mode.name} budget={mode.budget:g} chunk={chunk}: {status}")
     add_ratios(rows)
     return {
         "bench": asdict(bench),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "memory": "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM), MALLOC_MMAP_THRESHOLD_=65536",
+        "memory": "CUDA max_memory_allocated" if device.type == "cuda" else f"peak RSS (VmHWM), {MMAP_ENV}",
         "torch_cpu_allocator_peak": None,  # torch has no CPU allocator statistics (no torch.cpu.memory_stats)
         "rows": rows,
         "targets": targets(rows),
@@ -494,8 +534,8 @@ def main(argv: list[str] | None = None) -> dict:
                   threads=args.threads, score_chunk=args.score_chunk)
     chunks = [None if c == "default" else c if c == FULL else int(c) for c in args.chunks.split(",")]
     kinds = set(args.modes.split(","))
-    modes = [m for m in default_modes(chunks, tuple(map(float, args.budgets.split(","))), tuple(args.selectors.split(",")))
-             if m.kind in kinds]
+    budgets, selectors = tuple(map(float, args.budgets.split(","))), tuple(args.selectors.split(","))
+    modes = [m for m in default_modes(chunks, budgets, selectors) if m.kind in kinds]
     report = run(modes, bench, log=lambda s: print(s, file=sys.stderr, flush=True))
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown(report["rows"]))

@@ -93,7 +93,7 @@ class ImportanceConfig:
     threshold: str = "quantile"  # quantile (per batch) | absolute (nats)
     h_threshold: float = 0.5  # the median by default
     d_threshold: float = 0.5
-    chunk_size: int = 1024  # rows of [chunk, V] logits scored at once
+    chunk_size: int = 256  # rows of [chunk, V] logits scored at once (256 x 152k fp32 = 155 MB a block)
 
     def __post_init__(self) -> None:
         _one_of("importance.divergence", self.divergence, DIVERGENCES)
@@ -118,7 +118,7 @@ class LossConfig:
     kind: str = "reverse_kl"
     jsd_beta: float = 0.5
     norm: str = "selected"  # selected: mean over kept tokens | total: divide by all response tokens
-    chunk_size: int = 1024
+    chunk_size: int = 256  # rows of [chunk, V] in the loss at once; memory does not grow with the kept count beyond it
 
     def __post_init__(self) -> None:
         _one_of("loss.kind", self.kind, DIVERGENCES)

@@ -10,16 +10,22 @@ import math
 import torch
 
 
+def _finite(logp: torch.Tensor) -> torch.Tensor:
+    """log p with -inf raised to the lowest finite value, so that p * log p is 0, not NaN, where p = 0.
+
+    Cheaper than masking: one [C, V] temporary instead of a mask, a zeros tensor and a `where` output.
+    """
+    return logp.clamp_min(torch.finfo(logp.dtype).min)
+
+
 def entropy(logp: torch.Tensor) -> torch.Tensor:
     """H(p) = -sum_v p(v) log p(v); entries with p(v) = 0 (log p = -inf) contribute 0."""
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    return -(logp.exp() * _finite(logp)).sum(-1)
 
 
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p(v) [log p(v) - log q(v)]; terms with p(v) = 0 contribute 0."""
-    p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    """KL(p || q) = sum_v p(v) [log p(v) - log q(v)]; terms with p(v) = 0 contribute 0 (q(v) = 0 < p(v): huge, finite)."""
+    return (logp.exp() * (_finite(logp) - _finite(logq))).sum(-1)
 
 
 def jsd(logp_s: torch.Tensor, logp_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:

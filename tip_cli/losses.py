@@ -63,7 +63,7 @@ def selected_token_loss(
     vocab: int,
     kind: str = "reverse_kl",
     beta: float = 0.5,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     normalizer: float = 1.0,
 ) -> torch.Tensor:
     """sum over the K rows of div(p_S, p_T), divided by `normalizer` (the global kept or total token count).
