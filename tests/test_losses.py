@@ -106,6 +106,6 @@ def test_loss_memory_shrinks_with_budget_and_is_bounded_by_the_chunk():
     quarter = loss_step_memory_mb(n, n // 4, chunk=n)
     # chunked, even full-token OPD never holds more than [chunk, V] at once
     chunked_full = loss_step_memory_mb(n, n, chunk=256)
-    assert full > 4 * n * 32000 * 4 / 2**20 * 0.9  # sanity: several [N, V] float32 buffers were really live
+    assert full > 2 * n * 32000 * 4 / 2**20  # sanity: more than two [N, V] float32 buffers were really live
     assert quarter < 0.4 * full, (quarter, full)
     assert chunked_full < 0.25 * full, (chunked_full, full)
