@@ -2,6 +2,7 @@
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,8 +116,13 @@ class _ScriptedModel:
 
     def __init__(self, tokenizer, responses):
         self.tokenizer, self.responses = tokenizer, list(responses)
+        self.generation_config = SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
+        self.device, self.training = torch.device("cpu"), False
 
     def eval(self):
+        return self
+
+    def train(self, mode=True):
         return self
 
     def generate(self, input_ids, attention_mask, **kwargs):

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from tip_cli.grading import grade
+from tip_cli.rollout import HFEngine, Sampling
 
 TOY_VERSION = "toy-v1"
 KINDS = ("teacher", "student", "train", "test")
@@ -285,27 +286,11 @@ def toy_accuracy(
     batch_size: int = 100,
 ) -> float:
     """Fraction of `problems` whose greedy completion `grade`s correct against `answer`."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        enc = tokenizer(
-            [chat_prompt(tokenizer, p["problem"]) for p in chunk],
-            add_special_tokens=False,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        )
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(grade(t, p["answer"]).correct for t, p in zip(texts, chunk, strict=True))
-    return correct / max(1, len(problems))
+    engine = HFEngine(model, tokenizer, batch_size)
+    prompts = [tokenizer(chat_prompt(tokenizer, p["problem"]), add_special_tokens=False)["input_ids"] for p in problems]
+    responses = engine.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return sum(grade(t, p["answer"]).correct for t, p in zip(texts, problems, strict=True)) / max(1, len(problems))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
