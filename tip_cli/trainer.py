@@ -44,11 +44,14 @@ console = Console()
 
 def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
     """Prompts of a step: consecutive slices of a per-epoch shuffle, so a resumed run sees the same prompts."""
+    perms: dict[int, list[int]] = {}  # one shuffle per epoch the step touches (usually one)
     out = []
     for pos in range((step - 1) * per_step, step * per_step):
         epoch, offset = divmod(pos, num_prompts)
-        perm = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[offset]))
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            perms[epoch] = torch.randperm(num_prompts, generator=gen).tolist()
+        out.append(perms[epoch][offset])
     return out
 
 
