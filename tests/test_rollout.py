@@ -25,3 +25,30 @@ def test_pack_marks_positions_that_predict_response_tokens():
         assert predicted == r  # position t predicts token t+1: exactly the response, nothing of the prompt
         assert int(batch.attention_mask[row].sum()) == len(p) + len(r)
     assert batch.num_tokens == 5
+
+
+def test_hf_engine_logprobs_and_stop_tokens(tmp_path):
+    from tip_cli.config import PairConfig
+    from tip_cli.models import load_model, load_tokenizer
+    from tip_cli.rollout import HFEngine, Sampling
+    from tip_cli.toy import build_micro_pair
+
+    _, path = build_micro_pair(tmp_path)
+    model = load_model(str(path), PairConfig(), torch.device("cpu"), trainable=False)
+    engine = HFEngine(model, load_tokenizer(str(path), PairConfig()))
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    torch.manual_seed(0)
+    out = engine.generate(prompts, Sampling(n=2, temperature=1.0, max_new_tokens=12, logprobs=True))
+    assert len(out.tokens) == 4 and [len(lp) for lp in out.logprobs] == [len(t) for t in out.tokens]
+    for i, (resp, lps) in enumerate(zip(out.tokens, out.logprobs, strict=True)):
+        seq = torch.tensor([prompts[i // 2] + resp])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(seq).logits[0].double(), -1)
+        want = [ref[len(prompts[i // 2]) - 1 + t, tok].item() for t, tok in enumerate(resp)]
+        assert torch.allclose(torch.tensor(lps, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), atol=1e-4)
+    # a stop token ends the response and is kept, like EOS
+    first = out.tokens[0][0]
+    stopped = engine.generate(prompts[:1], Sampling(temperature=0.0, max_new_tokens=12, stop_token_ids=(first,)))
+    greedy = engine.generate(prompts[:1], Sampling(temperature=0.0, max_new_tokens=12)).tokens[0]
+    cut = greedy.index(first) + 1 if first in greedy else len(greedy)
+    assert stopped.tokens[0] == greedy[:cut]

@@ -9,6 +9,7 @@ options listed; then Hydra runs the job(s), giving each its own output dir (`out
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import sys
@@ -100,13 +101,24 @@ def compose_config(overrides: list[str]) -> TipConfig:
     own = [o for o in overrides if not o.lstrip("~+").startswith("hydra")]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
-            return validate(compose("config", overrides=own))
+            cfg = validate(compose("config", overrides=own))
+        _check_installed(cfg)
+        return cfg
     except ConfigError:
         raise
     except Exception as err:  # Hydra and OmegaConf errors carry their own message
         raise ConfigError(explain(err)) from err
     finally:
         GlobalHydra.instance().clear()
+
+
+def _check_installed(cfg: TipConfig) -> None:
+    """Options that need an optional dependency fail before any model is loaded when it is missing."""
+    wants = [o for o, on in (("rollout.engine=vllm", cfg.rollout.engine == "vllm"),
+                             ("teacher.backend=vllm_topk", cfg.teacher.backend == "vllm_topk")) if on]
+    if wants and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{' and '.join(wants)} need vLLM, which is not installed: "
+                          "`pip install -e .[vllm]` (GPU) or `make setup-vllm` (CPU)")
 
 
 def _run_job(command: str, cfg) -> None:

@@ -157,19 +157,63 @@ class DatasetConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """An offline vLLM engine inside the trainer process (rollout.engine=vllm, teacher.backend=vllm_topk)."""
+
+    gpu_memory_utilization: float = 0.3  # share of GPU memory for weights + KV cache (colocated with training)
+    kv_cache_gb: float | None = None  # an explicit KV-cache size; null = from gpu_memory_utilization (CPU: 1 GiB)
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None  # null = the model's own context length
+    enable_sleep_mode: bool | None = None  # null = on with CUDA: KV cache freed and weights offloaded while training
+    enforce_eager: bool = False  # no CUDA graphs (always eager on CPU)
+    enable_prefix_caching: bool = True  # safe: the cache is reset after every weight sync
+
+    def __post_init__(self) -> None:
+        _in_range("vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, lo_open=True)
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"vllm.tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ConfigError(f"vllm.kv_cache_gb={self.kv_cache_gb} must be > 0 (or null)")
+
+
+@dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | vllm
+    engine: str = "hf"  # hf (transformers generate on the training module) | vllm (needs the vllm extra)
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
     samples_per_prompt: int = 1
-    batch_size: int = 64  # sequences generated at once
+    batch_size: int = 64  # sequences generated at once (hf)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ("hf", "vllm"))
         _in_range("rollout.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         if self.temperature < 0 or self.max_new_tokens < 1 or self.samples_per_prompt < 1 or self.batch_size < 1:
             raise ConfigError("rollout: temperature >= 0, max_new_tokens >= 1, samples_per_prompt >= 1, batch_size >= 1")
+        if self.top_k < 0:
+            raise ConfigError(f"rollout.top_k={self.top_k} must be >= 0 (0 = off)")
+
+
+@dataclass
+class TeacherConfig:
+    """How the teacher scores the student's rollouts.
+
+    hf: the teacher model in the trainer process, full-vocab log-probs (exact; what the selectors are defined on).
+    vllm_topk: a vLLM engine returns the teacher's top-K prompt log-probs at every position; D and the loss are
+    computed over those K tokens plus one tail bucket holding the remaining mass (an approximation that lets the
+    teacher run in its own engine, e.g. on another GPU).
+    """
+
+    backend: str = "hf"  # hf | vllm_topk
+    topk: int = 20
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("teacher.backend", self.backend, ("hf", "vllm_topk"))
+        if self.topk < 1:
+            raise ConfigError(f"teacher.topk={self.topk} must be >= 1")
 
 
 @dataclass
@@ -243,6 +287,7 @@ class TipConfig:
     benchmark: DatasetConfig = field(default_factory=DatasetConfig)
     data: DatasetConfig = field(default_factory=lambda: DatasetConfig(name="toy", path="toy://train", split="train"))
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)

@@ -48,3 +48,21 @@ def token_divergence(logp_s: torch.Tensor, logp_t: torch.Tensor, kind: str = "re
     if kind == "jsd":
         return jsd(logp_s, logp_t, beta)
     raise ValueError(f"unknown divergence {kind!r}; expected reverse_kl, forward_kl or jsd")
+
+
+def topk_buckets(
+    logp_s: torch.Tensor, ids: torch.Tensor, logp_t: torch.Tensor, min_tail: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions on K + 1 buckets: the teacher's top-K tokens and one tail bucket for everything else.
+
+    logp_s [C, V] full student log-probs; ids [C, K] the teacher's top-K token ids; logp_t [C, K] their teacher
+    log-probs. The student's tail is exact (logsumexp over the other V - K tokens); the teacher's is
+    log(1 - sum_k p_T(k)), floored at log(min_tail) because a top-K list that holds (numerically) all the mass
+    would otherwise leave an empty bucket that the student's tail mass diverges against. Returns two [C, K + 1]
+    log-prob tensors whose last column is the tail.
+    """
+    top_s = logp_s.gather(-1, ids)  # [C, K]
+    tail_s = logp_s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # [C, 1]
+    mass_t = logp_t.to(torch.promote_types(logp_t.dtype, torch.float32)).logsumexp(-1, keepdim=True).clamp(max=math.log1p(-min_tail))  # [C, 1], log sum_k p_T
+    tail_t = torch.log(-torch.expm1(mass_t))  # log(1 - sum_k p_T)
+    return torch.cat([top_s, tail_s], -1), torch.cat([logp_t.to(top_s.dtype), tail_t.to(top_s.dtype)], -1)

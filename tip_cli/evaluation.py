@@ -21,7 +21,7 @@ from tip_cli.data import Problem, load_problems
 from tip_cli.grading import grade
 from tip_cli.metrics import summarize
 from tip_cli.models import load_model, load_tokenizer, pick_device, render_prompt, resolve_model
-from tip_cli.rollout import HFEngine, Sampling
+from tip_cli.rollout import HFEngine, Sampling, make_engine
 from tip_cli.tracking import wandb_mode
 
 console = Console()
@@ -42,14 +42,17 @@ def eval_sampling(bench: DatasetConfig, ev: EvalConfig) -> Sampling:
 
 
 def evaluate(
-    model, tokenizer, pair_cfg: PairConfig, problems: list[Problem], sampling: Sampling, batch_size: int
+    model, tokenizer, pair_cfg: PairConfig, problems: list[Problem], sampling: Sampling, batch_size: int, engine=None
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Generate `sampling.n` responses per problem and grade them; returns (metrics, per-problem records)."""
-    engine = HFEngine(model, tokenizer, batch_size)
+    """Generate `sampling.n` responses per problem and grade them; returns (metrics, per-problem records).
+
+    `engine` (e.g. the trainer's vLLM engine, synced with `model`) generates instead of `HFEngine(model)`.
+    """
+    engine = engine or HFEngine(model, tokenizer, batch_size)
     prompts = [render_prompt(tokenizer, p.prompt, pair_cfg) for p in problems]
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("eval", total=len(prompts) * sampling.n)
-        responses = engine.generate(prompts, sampling, on_batch=lambda done: bar.update(task, completed=done))
+        responses = engine.generate(prompts, sampling, on_batch=lambda done: bar.update(task, completed=done)).tokens
     records = []
     for i, problem in enumerate(problems):
         ids = responses[i * sampling.n : (i + 1) * sampling.n]
@@ -110,7 +113,9 @@ def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problem
     path = resolve_model(str(ckpt.path) if ckpt.step >= 0 else cfg.checkpoint)
     model = load_model(path, cfg.pair, device, trainable=False)
     tokenizer = load_tokenizer(path, cfg.pair)
-    metrics, records = evaluate(model, tokenizer, cfg.pair, problems, eval_sampling(cfg.benchmark, cfg.eval), cfg.eval.batch_size)
+    engine = make_engine(cfg.rollout, model, tokenizer, path, cfg.seed) if cfg.rollout.engine != "hf" else None
+    metrics, records = evaluate(model, tokenizer, cfg.pair, problems, eval_sampling(cfg.benchmark, cfg.eval),
+                                cfg.eval.batch_size, engine=engine)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps({"model": str(ckpt.path), "settings": settings, "metrics": metrics, "records": records}, indent=1))
     if cfg.logger.name == "wandb":

@@ -6,7 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from tip_cli.config import ConfigError, PairConfig
 
@@ -116,22 +122,33 @@ def shared_vocab(
 @dataclass
 class Pair:
     student: PreTrainedModel
-    teacher: PreTrainedModel
+    teacher: PreTrainedModel | None  # None when the teacher is served elsewhere (teacher.backend=vllm_topk)
     tokenizer: PreTrainedTokenizerBase
     vocab: int  # logits of both models are cut to [:vocab]
     device: torch.device
+    student_path: str = ""
+    teacher_path: str = ""
 
 
-def load_pair(cfg: PairConfig, device: torch.device, student_path: str | None = None) -> Pair:
-    """Load both models and check they can be distilled; `student_path` (a checkpoint) replaces the student."""
+def load_pair(
+    cfg: PairConfig, device: torch.device, student_path: str | None = None, load_teacher: bool = True
+) -> Pair:
+    """Load both models and check they can be distilled; `student_path` (a checkpoint) replaces the student.
+
+    With load_teacher=False only the teacher's tokenizer and config are read (its weights stay on disk).
+    """
     s_path = student_path or resolve_model(cfg.student)
     t_path = resolve_model(cfg.teacher)
     tok_s, tok_t = load_tokenizer(s_path, cfg), load_tokenizer(t_path, cfg)
     student = load_model(s_path, cfg, device, trainable=True)
-    teacher = load_model(t_path, cfg, device, trainable=False)
-    rows = (student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+    if load_teacher:
+        teacher = load_model(t_path, cfg, device, trainable=False)
+        rows_t = teacher.get_output_embeddings().weight.shape[0]
+    else:
+        teacher, rows_t = None, AutoConfig.from_pretrained(t_path, trust_remote_code=cfg.trust_remote_code).vocab_size
+    rows = (student.get_output_embeddings().weight.shape[0], rows_t)
     vocab = shared_vocab(tok_s, tok_t, *rows, names=(cfg.student, cfg.teacher), cfg=cfg)
-    return Pair(student, teacher, tok_s, vocab, device)
+    return Pair(student, teacher, tok_s, vocab, device, s_path, t_path)
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:

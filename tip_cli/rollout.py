@@ -1,4 +1,10 @@
-"""Rollout engines (the student sampling its own responses) and packing rollouts into a training batch."""
+"""Rollout engines (the student sampling its own responses) and packing rollouts into a training batch.
+
+An engine has `generate(prompts, sampling) -> Generation` (response token ids and, on request, the log-prob of each
+sampled token), `sync_weights(model)` (push the trainer's student into the engine after an optimizer step), and
+`sleep()` / `wake()` (free the engine's memory during the training phase). `hf` generates with the training module
+itself; `vllm` (tip_cli.vllm_engine) runs an offline vLLM engine in the trainer process.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tip_cli.config import ConfigError
+from tip_cli.config import ConfigError, RolloutConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +23,18 @@ class Sampling:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     max_new_tokens: int = 128
+    top_k: int = 0  # 0 = off
+    stop_token_ids: tuple[int, ...] = ()  # extra tokens that end a response (EOS always does); kept in the output
+    seed: int | None = None  # vLLM: request i samples with seed + i; HF: the torch RNG, seeded by the trainer
+    logprobs: bool = False  # also return the raw log-prob of each sampled token
+
+
+@dataclass
+class Generation:
+    """`sampling.n` responses per prompt, grouped by prompt: [p0s0, p0s1, ..., p1s0, ...]."""
+
+    tokens: list[list[int]]  # response token ids, ending with the stop token when one was produced
+    logprobs: list[list[float]] | None = None  # log p(token) under the unmodified model distribution, per token
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,26 +56,33 @@ def trim_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
     return row
 
 
+def eos_ids(model_eos: int | list[int] | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokenizer's EOS plus the generation config's (Qwen-style chat models end turns with <|im_end|>)."""
+    extra = model_eos if isinstance(model_eos, list) else [] if model_eos is None else [model_eos]
+    return {i for i in (tokenizer.eos_token_id, *extra) if i is not None}
+
+
 class HFEngine:
     """Batched `generate` (KV cache, left padding) on the live student module, so weight sync is a no-op."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+        self.eos_ids = eos_ids(model.generation_config.eos_token_id, tokenizer)
 
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], sampling: Sampling, on_batch: Callable[[int], None] | None = None
-    ) -> list[list[int]]:
-        """Responses for every prompt, `sampling.n` each, grouped by prompt: [p0s0, p0s1, ..., p1s0, ...]."""
+    ) -> Generation:
         was_training = self.model.training
         self.model.eval()
         kwargs = {"do_sample": False}
         if sampling.temperature > 0:
-            kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+            kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                      "top_k": sampling.top_k}
+        stops = self.eos_ids | set(sampling.stop_token_ids)
         per_call = max(1, self.batch_size // sampling.n)
-        out: list[list[int]] = []
+        tokens: list[list[int]] = []
+        logprobs: list[list[float]] = []
         for start in range(0, len(prompts), per_call):
             ids, mask = left_pad(prompts[start : start + per_call], self.tokenizer.pad_token_id)
             gen = self.model.generate(
@@ -66,14 +91,22 @@ class HFEngine:
                 max_new_tokens=sampling.max_new_tokens,
                 num_return_sequences=sampling.n,
                 pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=sorted(self.eos_ids),
+                eos_token_id=sorted(stops),
+                return_dict_in_generate=True,
+                output_logits=sampling.logprobs,
                 **kwargs,
-            )  # [b * n, T + new]
-            out.extend(trim_at_eos(row, self.eos_ids) for row in gen[:, ids.shape[1]:].tolist())
+            )
+            new = gen.sequences[:, ids.shape[1]:]  # [b * n, new]
+            rows = [trim_at_eos(row, stops) for row in new.tolist()]
+            tokens.extend(rows)
+            if sampling.logprobs:
+                raw = torch.stack(gen.logits, 1).float().log_softmax(-1)  # [b * n, new, V]
+                picked = raw.gather(-1, new[:, : raw.shape[1], None]).squeeze(-1)  # [b * n, new]
+                logprobs.extend(picked[i, : len(r)].tolist() for i, r in enumerate(rows))
             if on_batch:
-                on_batch(len(out))
+                on_batch(len(tokens))
         self.model.train(was_training)
-        return out
+        return Generation(tokens, logprobs if sampling.logprobs else None)
 
     def sync_weights(self, model: PreTrainedModel) -> None:
         """The engine generates with the training module itself: nothing to copy."""
@@ -85,10 +118,15 @@ class HFEngine:
         """Nothing to restore."""
 
 
-def make_engine(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> HFEngine:
-    if name == "hf":
-        return HFEngine(model, tokenizer, batch_size)
-    raise ConfigError(f"rollout.engine={name!r} is not available in this version; use rollout.engine=hf")
+def make_engine(cfg: RolloutConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str, seed: int = 0):
+    """The rollout engine `cfg.engine` names, generating from `model` (whose weights live at `model_path`)."""
+    if cfg.engine == "hf":
+        return HFEngine(model, tokenizer, cfg.batch_size)
+    if cfg.engine == "vllm":
+        from tip_cli.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, tokenizer, cfg.vllm, model.dtype, seed, eos=model.generation_config.eos_token_id)
+    raise ConfigError(f"rollout.engine={cfg.engine!r} is not valid; expected one of: hf, vllm")
 
 
 @dataclass

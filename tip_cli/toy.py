@@ -288,7 +288,7 @@ def toy_accuracy(
     """Fraction of `problems` whose greedy completion `grade`s correct against `answer`."""
     engine = HFEngine(model, tokenizer, batch_size)
     prompts = [tokenizer(chat_prompt(tokenizer, p["problem"]), add_special_tokens=False)["input_ids"] for p in problems]
-    responses = engine.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
+    responses = engine.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens)).tokens
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return sum(grade(t, p["answer"]).correct for t, p in zip(texts, problems, strict=True)) / max(1, len(problems))
 

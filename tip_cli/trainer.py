@@ -3,7 +3,8 @@
 One step, for a batch of prompts:
   1. the student samples responses (the rollout engine);
   2. the teacher runs on the same tokens; we keep its final hidden states at the N response positions [N, d_T]
-     (its [N, V] log-probs are recomputed chunk by chunk where needed, never stored);
+     (its [N, V] log-probs are recomputed chunk by chunk where needed, never stored), or, with
+     teacher.backend=vllm_topk, its top-K log-probs [N, K] from a vLLM engine;
   3. the student's entropy H and the teacher-student divergence D are computed for all N positions without grad,
      and the selector keeps K of them;
   4. the loss (SPEC section 1) is built only for the K kept positions (tip_cli.losses) and back-propagated.
@@ -26,7 +27,7 @@ from tip_cli.config import TipConfig
 from tip_cli.data import load_problems
 from tip_cli.evaluation import eval_sampling, evaluate
 from tip_cli.grading import grade
-from tip_cli.losses import logprobs, selected_token_loss
+from tip_cli.losses import DenseTeacher, Teacher, TopKTeacher, logprobs, selected_token_loss
 from tip_cli.models import (
     Pair,
     enable_checkpointing,
@@ -88,32 +89,44 @@ def micro_slices(batch: Batch, micro: int) -> list[tuple[Batch, int, int]]:
 
 
 @torch.no_grad()
-def score(h_s: torch.Tensor, h_t: torch.Tensor, pair: Pair, cfg: TipConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def score(h_s: torch.Tensor, teacher: Teacher, pair: Pair, cfg: TipConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Student entropy H [N] and divergence D [N] from the hidden states, chunk by chunk over [chunk, V]."""
-    w_s, w_t, chunk = head_weight(pair.student), head_weight(pair.teacher), cfg.importance.chunk_size
+    w_s, chunk = head_weight(pair.student), cfg.importance.chunk_size
     parts = [
-        importance.token_stats_chunk(
-            logprobs(h_s[i : i + chunk], w_s, pair.vocab), logprobs(h_t[i : i + chunk], w_t, pair.vocab), cfg.importance
-        )
+        teacher.stats(logprobs(h_s[i : i + chunk], w_s, pair.vocab), slice(i, i + chunk), cfg.importance)
         for i in range(0, h_s.shape[0], chunk)
     ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+@torch.no_grad()
+def teacher_targets(pair: Pair, batch: Batch, parts: list[tuple[Batch, int, int]], scorer=None) -> Teacher:
+    """The teacher's view of the N response positions: its hidden states, or top-K log-probs from `scorer`."""
+    if scorer is not None:  # a VLLMTeacher
+        lengths = batch.attention_mask.sum(1).tolist()
+        seqs = [row[:n] for row, n in zip(batch.input_ids.tolist(), lengths, strict=True)]
+        positions = [m.nonzero()[:, 0].tolist() for m in batch.target_mask.cpu()]
+        ids, logp = scorer.topk_logprobs(seqs, positions)
+        return TopKTeacher(ids.to(pair.device), logp.to(pair.device))
+    hidden = torch.cat([valid_hidden(pair.teacher, mb) for mb, _, _ in parts])  # [N, d_T]
+    return DenseTeacher(hidden, head_weight(pair.teacher), pair.vocab)
+
+
 def distill_step(
-    pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict
+    pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict, scorer=None
 ) -> tuple[dict, importance.TokenStats, torch.Tensor]:
     """Teacher scoring, selection, and the loss's backward for one rollout batch.
 
-    Returns the step's statistics, the per-token stats [N] and the kept indices [K].
+    Returns the step's statistics, the per-token stats [N] and the kept indices [K]. `scorer` (a VLLMTeacher)
+    replaces the in-process teacher when teacher.backend=vllm_topk.
 
     With a single micro-batch the student's forward with grad also provides the scores (no second pass); with
     several, a no-grad scoring pass runs first, because the budget is global over the whole rollout batch.
     """
     micro = cfg.train.micro_batch_size or batch.input_ids.shape[0]
     parts = micro_slices(batch, micro)
-    with timed("time/teacher", metrics), torch.no_grad():
-        h_t = torch.cat([valid_hidden(pair.teacher, mb) for mb, _, _ in parts])  # [N, d_T]
+    with timed("time/teacher", metrics):
+        teacher = teacher_targets(pair, batch, parts, scorer)
     seq_id = batch.target_mask.nonzero()[:, 0]  # [N]
     fused = len(parts) == 1
     with timed("time/train", metrics):
@@ -124,11 +137,11 @@ def distill_step(
         else:
             with torch.no_grad():
                 h_s_scores = torch.cat([valid_hidden(pair.student, mb) for mb, _, _ in parts])
-        ent, div = score(h_s_scores, h_t, pair, cfg)
+        ent, div = score(h_s_scores, teacher, pair, cfg)
         stats = importance.compute_stats(ent, div, seq_id, cfg.importance)
-        kept = selectors.select(stats, cfg.selector, cfg.budget, generator).to(h_t.device)  # [K]
+        kept = selectors.select(stats, cfg.selector, cfg.budget, generator).to(pair.device)  # [K]
         del h_s_scores
-    normalizer = max(1, kept.numel() if cfg.loss.norm == "selected" else h_t.shape[0])
+    normalizer = max(1, kept.numel() if cfg.loss.norm == "selected" else len(teacher))
     loss_total = 0.0
     with timed("time/train", metrics):
         for mb, lo, hi in parts:
@@ -137,7 +150,7 @@ def distill_step(
                 continue
             h_s = h_fused if fused else valid_hidden(pair.student, mb)
             loss = selected_token_loss(
-                h_s[local - lo], head_weight(pair.student), h_t[local], head_weight(pair.teacher), pair.vocab,
+                h_s[local - lo], head_weight(pair.student), teacher.rows(local), None, pair.vocab,
                 cfg.loss.kind, cfg.loss.jsd_beta, cfg.loss.chunk_size, normalizer,
             )
             loss.backward()
@@ -172,11 +185,17 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     device = pick_device(cfg.train.device)
     ckpt = latest_checkpoint(run_dir)
-    pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None)
+    pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None,
+                     load_teacher=cfg.teacher.backend == "hf")
     student, tok = pair.student, pair.tokenizer
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
-    engine = make_engine(cfg.rollout.engine, student, tok, cfg.rollout.batch_size)
+    scorer = None
+    if cfg.teacher.backend == "vllm_topk":
+        from tip_cli.vllm_engine import VLLMTeacher
+
+        scorer = VLLMTeacher(pair.teacher_path, cfg.teacher.vllm, student.dtype, cfg.teacher.topk, cfg.seed)
+    engine = make_engine(cfg.rollout, student, tok, pair.student_path, cfg.seed)
     problems = load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
     prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
     bench = load_problems(cfg.benchmark, limit=cfg.eval.limit, skip_bad_rows=cfg.eval.skip_bad_rows)
@@ -190,10 +209,11 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
         start = state["step"]
         console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})")
     logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)), start, run_dir.name)
-    sampling = Sampling(cfg.rollout.samples_per_prompt, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
+    r = cfg.rollout
 
     def run_eval(step: int) -> dict:
-        result, _ = evaluate(student, tok, cfg.pair, bench, eval_sampling(cfg.benchmark, cfg.eval), cfg.eval.batch_size)
+        result, _ = evaluate(student, tok, cfg.pair, bench, eval_sampling(cfg.benchmark, cfg.eval), cfg.eval.batch_size,
+                             engine=engine)
         metrics = {f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}
         logger.log(metrics, step)
         console.print(f"[bold]eval[/] step {step}: {cfg.benchmark.name} accuracy {result['accuracy']:.3f}")
@@ -213,11 +233,15 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
             m: dict[str, float] = {}
             with timed("time/step", m):
                 idx = prompt_indices(len(prompts), cfg.train.prompts_per_step, step, cfg.seed)
+                sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
+                                    seed=cfg.seed * 1_000_003 + step)
                 with timed("time/rollout", m):
-                    responses = engine.generate([prompts[i] for i in idx], sampling)
+                    engine.wake()
+                    responses = engine.generate([prompts[i] for i in idx], sampling).tokens
+                    engine.sleep()
                 rows = [i for i in idx for _ in range(sampling.n)]
                 batch = pack([prompts[i] for i in rows], responses, tok.pad_token_id).to(device)
-                step_metrics, stats, kept = distill_step(pair, batch, cfg, generator, m)
+                step_metrics, stats, kept = distill_step(pair, batch, cfg, generator, m, scorer)
                 m.update(step_metrics)
                 with timed("time/train", m):
                     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or math.inf)
@@ -226,12 +250,14 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     m["optim/lr"] = scheduler.get_last_lr()[0]
                     scheduler.step()
+                with timed("time/sync", m):
                     engine.sync_weights(student)
             texts = tok.batch_decode(responses, skip_special_tokens=True)
             m["rollout/response_len"] = sum(map(len, responses)) / len(responses)
             m["rollout/accuracy"] = sum(grade(t, problems[i].answer).correct for t, i in zip(texts, rows, strict=True)) / len(rows)
             m["optim/grad_norm"] = float(grad_norm)
             m["perf/tokens_per_s"] = m["tokens/total"] / m["time/step"]
+            m["perf/rollout_tokens_per_s"] = sum(map(len, responses)) / max(m["time/rollout"], 1e-9)
             m["perf/peak_mem_gb"] = peak_memory_gb(device)
             logger.log(m, step)
             if cfg.train.token_sample_every and (step == 1 or step % cfg.train.token_sample_every == 0):

@@ -1,0 +1,181 @@
+"""vLLM in the trainer process: the student's rollout engine (weights synced in place) and a top-K teacher scorer.
+
+The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), colocated with training. After each optimizer step
+`sync_weights` hands the student's tensors to the workers' `reload_weights` (vLLM's in-place reload: checkpoint-format
+names, the same stacking of q/k/v and gate/up as a load from disk), then resets the prefix cache so no KV computed
+with the old weights is reused. With sleep mode (default on CUDA) the engine drops its KV cache and offloads its
+weights while the trainer runs the training step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tip_cli.config import ConfigError, VLLMConfig
+from tip_cli.rollout import Generation, Sampling, eos_ids, trim_at_eos
+
+INSTALL_HINT = "install it with `pip install -e .[vllm]` (GPU) or `make setup-vllm` (CPU)"
+
+
+def _import_vllm():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
+    try:
+        import vllm
+    except ImportError as err:
+        raise ConfigError(f"vLLM is not installed ({err}); {INSTALL_HINT}") from err
+    return vllm
+
+
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def engine_kwargs(path: str, cfg: VLLMConfig, dtype: torch.dtype, seed: int, max_logprobs: int = 20) -> dict:
+    """Arguments of `vllm.LLM` for one model under `cfg`."""
+    kwargs = {
+        "model": path,
+        "tokenizer": path,
+        "dtype": str(dtype).removeprefix("torch."),
+        "seed": seed,
+        "enforce_eager": cfg.enforce_eager or _on_cpu(),
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "enable_prefix_caching": cfg.enable_prefix_caching,
+        "max_logprobs": max_logprobs,
+    }
+    if cfg.max_model_len is not None:
+        kwargs["max_model_len"] = cfg.max_model_len
+    kv_gb = cfg.kv_cache_gb if cfg.kv_cache_gb is not None else (1.0 if _on_cpu() else None)
+    if kv_gb is not None:  # on CPU, gpu_memory_utilization would reserve that share of host RAM
+        kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
+    if cfg.enable_sleep_mode if cfg.enable_sleep_mode is not None else not _on_cpu():
+        kwargs["enable_sleep_mode"] = True
+    return kwargs
+
+
+def _refresh_packed_lm_head(model: torch.nn.Module) -> None:
+    """CPU backend: the lm_head keeps a packed copy of its (possibly tied) weight; repack it from the new weight."""
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
+def _params_for_sync(model: PreTrainedModel) -> list[tuple[str, torch.Tensor]]:
+    """The student's parameters under their checkpoint names, full tensors (sharded ones gathered)."""
+    out = []
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2)
+            tensor = tensor.full_tensor()
+        out.append((name, tensor))
+    return out
+
+
+class VLLMEngine:
+    """Rollouts from an offline `vllm.LLM`; same interface as `HFEngine`."""
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: VLLMConfig,
+        dtype: torch.dtype,
+        seed: int = 0,
+        eos: int | list[int] | None = None,
+    ):
+        vllm = _import_vllm()
+        self._vllm = vllm
+        kwargs = engine_kwargs(model_path, cfg, dtype, seed)
+        self.llm = vllm.LLM(**kwargs)
+        self.eos_ids = eos_ids(eos, tokenizer)
+        self.sleep_mode = kwargs.get("enable_sleep_mode", False)
+        self.asleep = False
+        self._weights_awake = False
+
+    def _params(self, sampling: Sampling, seed: int | None):
+        return self._vllm.SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=sorted(self.eos_ids | set(sampling.stop_token_ids)),
+            seed=seed,
+            logprobs=0 if sampling.logprobs else None,
+            detokenize=False,
+        )
+
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, on_batch: Callable[[int], None] | None = None
+    ) -> Generation:
+        self.wake()
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
+        params = [self._params(sampling, s) for s in seeds]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        stops = self.eos_ids | set(sampling.stop_token_ids)
+        tokens, logprobs = [], []
+        for out in outputs:  # vLLM returns requests in submission order, each with its n completions
+            for completion in sorted(out.outputs, key=lambda c: c.index):
+                row = trim_at_eos(list(completion.token_ids), stops)
+                tokens.append(row)
+                if sampling.logprobs:
+                    logprobs.append([step[tok].logprob for step, tok in zip(completion.logprobs, row, strict=False)])
+        if on_batch:
+            on_batch(len(tokens))
+        return Generation(tokens, logprobs if sampling.logprobs else None)
+
+    def sync_weights(self, model: PreTrainedModel) -> None:
+        """Load the student's current weights into the engine in place (no disk round trip)."""
+        if self.asleep and not self._weights_awake:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
+        named = _params_for_sync(model)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True})
+        if _on_cpu():
+            self.llm.apply_model(_refresh_packed_lm_head)
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Drop the KV cache and offload the weights (level 1) so the training step has the memory; CUDA only."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep, self._weights_awake = True, False
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
+            self.asleep = self._weights_awake = False
+
+
+class VLLMTeacher:
+    """The teacher served by vLLM: top-K prompt log-probs at every position of the scored sequences."""
+
+    def __init__(self, model_path: str, cfg: VLLMConfig, dtype: torch.dtype, topk: int, seed: int = 0):
+        vllm = _import_vllm()
+        self._vllm, self.topk = vllm, topk
+        self.llm = vllm.LLM(**engine_kwargs(model_path, cfg, dtype, seed, max_logprobs=topk))
+
+    @torch.no_grad()
+    def topk_logprobs(self, sequences: list[list[int]], positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each sequence s and each position t in positions[s] (t predicts token t + 1), the teacher's top-K
+        token ids and log-probs of the next token: ([N, K] int64, [N, K] float32), rows in the given order."""
+        from vllm.inputs import TokensPrompt
+
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=self.topk, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        ids, lps = [], []
+        for out, pos in zip(outputs, positions, strict=True):
+            for t in pos:
+                entries = out.prompt_logprobs[t + 1]  # the distribution of token t + 1 (plus that token itself)
+                best = sorted(entries.items(), key=lambda kv: kv[1].logprob, reverse=True)[: self.topk]
+                ids.append([tok for tok, _ in best])
+                lps.append([lp.logprob for _, lp in best])
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(lps, dtype=torch.float32)
