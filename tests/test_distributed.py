@@ -15,7 +15,7 @@ from tip_cli.checkpoint import Checkpoint, list_checkpoints
 from tip_cli.cli import compose_config
 from tip_cli.config import ConfigError, ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
 from tip_cli.losses import selected_token_loss
-from tip_cli.models import load_pair
+from tip_cli.models import enable_checkpointing, load_pair
 from tip_cli.rollout import pack
 from tip_cli.tracking import read_jsonl
 
@@ -144,6 +144,8 @@ RESPONSES = [[20, 21, 22], [23], [24, 25, 26, 27], [28, 29], [30, 31, 32, 33, 34
 def one_step(cfg: TipConfig) -> dict:
     """distill_step, grad clipping and one AdamW step, on this process's share of the batch (all of it alone)."""
     pair = load_pair(cfg.pair, torch.device("cpu"))
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(pair.student)
     distributed.shard(pair, cfg.train)
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.train.lr)
     batch = pack(distributed.my_slice(PROMPTS), distributed.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
@@ -172,9 +174,9 @@ def steps_on_ranks(cfgs: list[TipConfig]) -> list[dict]:
 def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
     base = [*micro_overrides, "train.lr=1e-2", "train.grad_clip=1.0"]
     cfgs = [
-        compose_config([*base, "selector=soft_or", "budget=0.5"]),
+        compose_config([*base, "selector=soft_or", "budget=0.5", "train.gradient_checkpointing=true"]),
         compose_config([*base, "selector=entropy", "selector.mode=sample", "budget=0.3", "train.micro_batch_size=1",
-                        "loss.norm=total"]),
+                        "loss.norm=total", "train.shard_teacher=true"]),
     ]
     ranks = spawn(steps_on_ranks, tmp_path, cfgs)
     before = load_pair(cfgs[0].pair, torch.device("cpu")).student.state_dict()

@@ -225,7 +225,7 @@ def select_tokens(
     """
     norm_by_kept = cfg.loss.norm == "selected"
     if not active() or cfg.train.selection_scope == "local":
-        if active():  # independent noise per rank, as independent replicas would draw
+        if active() and generator is not None:  # independent noise per rank, as independent replicas would draw
             generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + rank())
         stats = importance.compute_stats(entropy, divergence, seq_id, cfg.importance)
         kept = selectors.select(stats, cfg.selector, cfg.budget, generator)
@@ -318,9 +318,9 @@ def resume(ckpt: Checkpoint, student, optimizer, scheduler) -> int:
     written_by = state.get("world_size", 0)  # 0: without torchrun (tip_cli.checkpoint's format, no world size)
     if written_by != (world_size() if active() else 0):
         wrote = f"{written_by} torchrun ranks" if written_by else "a run without torchrun"
-        now = f"{world_size()} torchrun ranks" if active() else "without torchrun"
-        raise ConfigError(f"{ckpt.path} was written by {wrote}; this run has {now}. Resume it the way it was launched, "
-                          "or start a new out_dir")
+        now = f"runs on {world_size()} torchrun ranks" if active() else "runs without torchrun"
+        raise ConfigError(f"{ckpt.path} was written by {wrote}, but this run {now}; resume it as it was launched "
+                          "(torchrun --nproc_per_node N), or start a new out_dir")
     if active():
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
