@@ -234,10 +234,15 @@ class TrainConfig:
     token_sample_size: int = 20000  # tokens kept per sample (drawn uniformly from the rollout batch)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    # under torchrun (tip_cli.distributed): where normalisation, quadrant thresholds and the budget are computed
+    selection_scope: str = "global"  # global: over every rank's tokens, as one process would | local: per rank
+    cpu_offload: bool = False  # FSDP2 keeps the student's shards, grads and optimizer state in CPU memory (CUDA only)
+    shard_teacher: bool = False  # shard the teacher with FSDP2 too, instead of a full replica per rank
 
     def __post_init__(self) -> None:
         _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("train.selection_scope", self.selection_scope, ("global", "local"))
         if self.steps < 0 or self.prompts_per_step < 1 or self.micro_batch_size < 0:
             raise ConfigError("train: steps >= 0, prompts_per_step >= 1, micro_batch_size >= 0")
         if self.lr <= 0:

@@ -21,10 +21,11 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tip_cli import importance, selectors
-from tip_cli.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from tip_cli import distributed, importance
+from tip_cli.checkpoint import latest_checkpoint
 from tip_cli.config import TipConfig
 from tip_cli.data import load_problems
+from tip_cli.evaluation import console as eval_console
 from tip_cli.evaluation import eval_sampling, evaluate
 from tip_cli.grading import grade
 from tip_cli.losses import DenseTeacher, Teacher, TopKTeacher, logprobs, selected_token_loss
@@ -34,7 +35,6 @@ from tip_cli.models import (
     final_hidden,
     head_weight,
     load_pair,
-    pick_device,
     render_prompt,
 )
 from tip_cli.rollout import Batch, Sampling, make_engine, pack
@@ -117,8 +117,9 @@ def distill_step(
 ) -> tuple[dict, importance.TokenStats, torch.Tensor]:
     """Teacher scoring, selection, and the loss's backward for one rollout batch.
 
-    Returns the step's statistics, the per-token stats [N] and the kept indices [K]. `scorer` (a VLLMTeacher)
-    replaces the in-process teacher when teacher.backend=vllm_topk.
+    Returns the step's statistics, the per-token stats [N] and the kept indices [K]; under torchrun, those of the
+    global batch (tip_cli.distributed), while the loss is built on this rank's share of the kept tokens. `scorer`
+    (a VLLMTeacher) replaces the in-process teacher when teacher.backend=vllm_topk.
 
     With a single micro-batch the student's forward with grad also provides the scores (no second pass); with
     several, a no-grad scoring pass runs first, because the budget is global over the whole rollout batch.
@@ -138,15 +139,16 @@ def distill_step(
             with torch.no_grad():
                 h_s_scores = torch.cat([valid_hidden(pair.student, mb) for mb, _, _ in parts])
         ent, div = score(h_s_scores, teacher, pair, cfg)
-        stats = importance.compute_stats(ent, div, seq_id, cfg.importance)
-        kept = selectors.select(stats, cfg.selector, cfg.budget, generator).to(pair.device)  # [K]
+        # stats, selection and the loss normaliser over every rank's tokens under torchrun; this batch's otherwise
+        sel = distributed.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator)
+        kept = sel.local.to(pair.device)  # [K_r], indices into this batch's N tokens
         del h_s_scores
-    normalizer = max(1, kept.numel() if cfg.loss.norm == "selected" else len(teacher))
+    normalizer = sel.normalizer
     loss_total = 0.0
     with timed("time/train", metrics):
         for mb, lo, hi in parts:
             local = kept[(kept >= lo) & (kept < hi)]
-            if local.numel() == 0:
+            if local.numel() == 0 and not distributed.active():  # sharded ranks run every forward and backward alike
                 continue
             h_s = h_fused if fused else valid_hidden(pair.student, mb)
             loss = selected_token_loss(
@@ -155,8 +157,7 @@ def distill_step(
             )
             loss.backward()
             loss_total += loss.item()
-    kept = kept.cpu()
-    return {"loss": loss_total, **importance.stats_metrics(stats, kept)}, stats, kept
+    return {"loss": loss_total, **sel.metrics}, sel.stats, sel.kept.cpu()
 
 
 def save_token_sample(run_dir: Path, step: int, stats: importance.TokenStats, kept: torch.Tensor, limit: int) -> None:
@@ -180,16 +181,24 @@ def save_token_sample(run_dir: Path, step: int, stats: importance.TokenStats, ke
 
 
 def train(cfg: TipConfig, run_dir: Path) -> dict:
-    """Run (or resume) OPD into run_dir; returns the final evaluation metrics."""
+    """Run (or resume) OPD into run_dir; returns the final evaluation metrics.
+
+    Under torchrun every rank runs this (tip_cli.distributed): each on its slice of the prompts, rank 0 alone logging.
+    """
+    device = distributed.setup(cfg.train.device)  # joins the torchrun job when launched by one
+    distributed.check(cfg)
+    run_dir = distributed.broadcast(run_dir)  # rank 0's: each rank's Hydra may have stamped its own
+    console.quiet = eval_console.quiet = not distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    device = pick_device(cfg.train.device)
+    if distributed.is_main():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     ckpt = latest_checkpoint(run_dir)
     pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None,
                      load_teacher=cfg.teacher.backend == "hf")
     student, tok = pair.student, pair.tokenizer
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
+    distributed.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
     scorer = None
     if cfg.teacher.backend == "vllm_topk":
         from tip_cli.vllm_engine import VLLMTeacher
@@ -203,17 +212,17 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = 0
     if ckpt:
-        state = load_trainer_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
+        start = distributed.resume(ckpt, student, optimizer, scheduler)
         console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})")
-    logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)), start, run_dir.name)
+    logger = distributed.NullLogger()
+    if distributed.is_main():
+        logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)), start, run_dir.name)
     r = cfg.rollout
 
     def run_eval(step: int) -> dict:
-        result, _ = evaluate(student, tok, cfg.pair, bench, eval_sampling(cfg.benchmark, cfg.eval), cfg.eval.batch_size,
-                             engine=engine)
+        with distributed.gathered(student):  # every rank evaluates (generation is collective); rank 0 logs
+            result, _ = evaluate(student, tok, cfg.pair, bench, eval_sampling(cfg.benchmark, cfg.eval),
+                                 cfg.eval.batch_size, engine=engine)
         metrics = {f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}
         logger.log(metrics, step)
         console.print(f"[bold]eval[/] step {step}: {cfg.benchmark.name} accuracy {result['accuracy']:.3f}")
@@ -225,17 +234,17 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("train", total=cfg.train.steps, completed=start, info="")
         for step in range(start + 1, cfg.train.steps + 1):
-            # every random draw of a step derives from (seed, step), so a resumed run replays exactly
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            # every random draw of a step derives from (seed, step) (and the rank), so a resumed run replays exactly
+            torch.manual_seed(distributed.rank_seed(cfg.seed * 1_000_003 + step))
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             m: dict[str, float] = {}
             with timed("time/step", m):
-                idx = prompt_indices(len(prompts), cfg.train.prompts_per_step, step, cfg.seed)
+                idx = distributed.my_slice(prompt_indices(len(prompts), cfg.train.prompts_per_step, step, cfg.seed))
                 sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
-                                    seed=cfg.seed * 1_000_003 + step)
-                with timed("time/rollout", m):
+                                    seed=distributed.rank_seed(cfg.seed * 1_000_003 + step))
+                with timed("time/rollout", m), distributed.gathered(student):
                     engine.wake()
                     responses = engine.generate([prompts[i] for i in idx], sampling).tokens
                     engine.sleep()
@@ -259,16 +268,16 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
             m["perf/tokens_per_s"] = m["tokens/total"] / m["time/step"]
             m["perf/rollout_tokens_per_s"] = sum(map(len, responses)) / max(m["time/rollout"], 1e-9)
             m["perf/peak_mem_gb"] = peak_memory_gb(device)
+            m = distributed.merge_metrics(m)
             logger.log(m, step)
-            if cfg.train.token_sample_every and (step == 1 or step % cfg.train.token_sample_every == 0):
+            if distributed.is_main() and cfg.train.token_sample_every and (step == 1 or step % cfg.train.token_sample_every == 0):
                 save_token_sample(run_dir, step, stats, kept, cfg.train.token_sample_size)
             info = f"loss {m['loss']:.4f}  kept {m['tokens/kept_frac']:.2f}  Q3 {m['tokens/q3_frac']:.2f}  {m['perf/tokens_per_s']:.0f} tok/s"
             bar.update(task, completed=step, info=info)
             if not console.is_terminal:
                 console.print(f"step {step}/{cfg.train.steps}  {info}")
             if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-                save_checkpoint(run_dir, step, student, tok, trainer_state, cfg.train.keep_checkpoints)
+                distributed.save(run_dir, step, student, tok, optimizer, scheduler, cfg.train.keep_checkpoints)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                 run_eval(step)
     final = run_eval(cfg.train.steps)
@@ -278,4 +287,5 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     if before:
         console.print(f"[bold]student {cfg.benchmark.name} accuracy: {before[0]:.3f} before -> {final['accuracy']:.3f} after[/]")
     console.print(f"run dir: {run_dir}")
+    distributed.teardown()
     return final

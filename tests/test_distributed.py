@@ -1,0 +1,248 @@
+"""Scale-out (tip_cli.distributed) on CPU with gloo: 2 ranks spawned with torch.multiprocessing, each compared with one
+process holding the whole batch: the kept token set and the loss, one FSDP2 training step, and a sharded checkpoint's
+save -> kill -> resume."""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tip_cli import distributed, importance, selectors, trainer
+from tip_cli.checkpoint import Checkpoint, list_checkpoints
+from tip_cli.cli import compose_config
+from tip_cli.config import ConfigError, ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
+from tip_cli.losses import selected_token_loss
+from tip_cli.models import enable_checkpointing, load_pair
+from tip_cli.rollout import pack
+from tip_cli.tracking import read_jsonl
+
+WORLD = 2
+
+
+def _rank_main(rank: int, port: int, out_dir: Path, fn, args: tuple) -> None:
+    """One rank: the environment torchrun would set, then fn(*args), whose result goes to out_dir/rank{r}.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two ranks share the test machine's cores
+    torch.save(fn(*args), out_dir / f"rank{rank}.pt")
+
+
+def spawn(fn, out_dir: Path, *args) -> list:
+    """Run fn(*args) on WORLD gloo ranks; returns each rank's result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_rank_main, args=(port, out_dir, fn, args), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Selection and loss over the global batch, on fixed synthetic scores
+
+SEQ_LENS = [5, 9, 3, 12, 7, 8]  # ranks hold sequences 0-2 (17 tokens) and 3-5 (27): unequal token counts
+V, D_S, D_T = 31, 8, 12
+CASES = [
+    dict(selector=SelectorConfig(name="soft_or"), budget=0.3),
+    dict(selector=SelectorConfig(name="entropy", mode="sample"), budget=0.5, loss=LossConfig(norm="total")),
+    dict(selector=SelectorConfig(name="divergence", scope="per_sequence"), budget=0.4),
+    dict(selector=SelectorConfig(name="quadrant", quadrants=["Q3"]), budget=0.2, importance=ImportanceConfig(norm="rank")),
+    dict(selector=SelectorConfig(name="hard_or"), budget=0.5, importance=ImportanceConfig(norm="quantile_clip", h_threshold=0.7)),
+    dict(selector=SelectorConfig(name="random"), budget=0.6),
+]
+
+
+def synthetic_batch() -> dict[str, torch.Tensor]:
+    """Scores of one global rollout batch (ties included) and the hidden states / heads the loss is built on."""
+    g = torch.Generator().manual_seed(0)
+    n = sum(SEQ_LENS)
+    ent = (torch.rand(n, generator=g) * 3).round(decimals=1)  # rounded: ties across ranks must break as in one process
+    return {
+        "entropy": ent, "divergence": torch.rand(n, generator=g) * 2,
+        "seq_id": torch.repeat_interleave(torch.arange(len(SEQ_LENS)), torch.tensor(SEQ_LENS)),
+        "h_s": torch.randn(n, D_S, generator=g), "w_s": torch.randn(V, D_S, generator=g),
+        "h_t": torch.randn(n, D_T, generator=g), "w_t": torch.randn(V, D_T, generator=g),
+    }
+
+
+def loss_and_grad(data, rows: torch.Tensor, normalizer: int) -> tuple[float, torch.Tensor]:
+    w_s = data["w_s"].clone().requires_grad_()
+    loss = selected_token_loss(data["h_s"][rows], w_s, data["h_t"][rows], data["w_t"], V, normalizer=normalizer)
+    loss.backward()
+    return loss.item(), w_s.grad
+
+
+def select_on_ranks(scope: str) -> list[dict]:
+    distributed.setup("cpu")
+    data, r = synthetic_batch(), distributed.rank()
+    lo = sum(SEQ_LENS[: 3 * r])
+    mine = slice(lo, lo + sum(SEQ_LENS[3 * r : 3 * r + 3]))
+    out = []
+    for case in CASES:
+        cfg = TipConfig(train=TrainConfig(selection_scope=scope), **case)
+        sel = distributed.select_tokens(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - 3 * r, 3,
+                                        cfg, torch.Generator().manual_seed(7))
+        local = {k: v[mine] if k in ("h_s", "h_t") else v for k, v in data.items()}
+        loss, grad = loss_and_grad(local, sel.local, sel.normalizer)
+        totals = torch.cat([torch.tensor([loss]), grad.flatten()])
+        torch.distributed.all_reduce(totals)  # what FSDP's summed reduce-scatter does with the gradients
+        out.append({"kept": sel.kept, "mine": sel.local + lo, "normalizer": sel.normalizer, "metrics": sel.metrics,
+                    "loss": totals[0].item(), "grad": totals[1:].view_as(grad)})
+    distributed.teardown()
+    return out
+
+
+def test_two_ranks_select_the_same_tokens_and_loss_as_one_process(tmp_path):
+    ranks = spawn(select_on_ranks, tmp_path, "global")
+    data = synthetic_batch()
+    for i, case in enumerate(CASES):
+        cfg = TipConfig(**case)
+        stats = importance.compute_stats(data["entropy"], data["divergence"], data["seq_id"], cfg.importance)
+        kept = selectors.select(stats, cfg.selector, cfg.budget, torch.Generator().manual_seed(7))
+        normalizer = max(1, kept.numel() if cfg.loss.norm == "selected" else len(stats))
+        loss, grad = loss_and_grad(data, kept, normalizer)
+        got = [r[i] for r in ranks]
+        assert kept.numel() > 0
+        for g in got:
+            assert torch.equal(g["kept"], kept), case
+            assert g["normalizer"] == normalizer
+            assert g["metrics"] == pytest.approx(importance.stats_metrics(stats, kept))
+            assert g["loss"] == pytest.approx(loss, rel=1e-6)
+            torch.testing.assert_close(g["grad"], grad, rtol=1e-5, atol=1e-7)
+        assert torch.equal(torch.cat([g["mine"] for g in got]), kept)  # each kept token is one rank's, in order
+
+
+def test_local_scope_selects_per_rank_with_a_global_normaliser(tmp_path):
+    ranks = spawn(select_on_ranks, tmp_path, "local")
+    data = synthetic_batch()
+    for i, case in enumerate(CASES):
+        cfg = TipConfig(**case)
+        kept_all = []
+        for r in range(WORLD):
+            lo = sum(SEQ_LENS[: 3 * r])
+            mine = slice(lo, lo + sum(SEQ_LENS[3 * r : 3 * r + 3]))
+            stats = importance.compute_stats(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine], cfg.importance)
+            kept = selectors.select(stats, cfg.selector, cfg.budget, torch.Generator().manual_seed(7 + r))
+            assert torch.equal(ranks[r][i]["kept"], kept), case
+            kept_all.append(kept + lo)
+        k = sum(x.numel() for x in kept_all)
+        for r in range(WORLD):
+            assert ranks[r][i]["normalizer"] == max(1, k if cfg.loss.norm == "selected" else sum(SEQ_LENS))
+            assert ranks[r][i]["metrics"]["tokens/kept"] == k and ranks[r][i]["metrics"]["tokens/total"] == sum(SEQ_LENS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One FSDP2 training step on the micro pair
+
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11], [12, 13, 14], [15, 16, 17]]
+RESPONSES = [[20, 21, 22], [23], [24, 25, 26, 27], [28, 29], [30, 31, 32, 33, 34], [35, 36]]
+
+
+def one_step(cfg: TipConfig) -> dict:
+    """distill_step, grad clipping and one AdamW step, on this process's share of the batch (all of it alone)."""
+    pair = load_pair(cfg.pair, torch.device("cpu"))
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(pair.student)
+    distributed.shard(pair, cfg.train)
+    optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.train.lr)
+    batch = pack(distributed.my_slice(PROMPTS), distributed.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
+    metrics, _, kept = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    grads = {n: p.grad for n, p in pair.student.named_parameters()}
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(), cfg.train.grad_clip))
+    optimizer.step()
+    if distributed.active():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        grads = {n: g.full_tensor() for n, g in grads.items()}
+        weights = get_model_state_dict(pair.student, options=StateDictOptions(full_state_dict=True))
+    else:
+        weights = pair.student.state_dict()
+    metrics = distributed.merge_metrics(metrics)
+    return {"metrics": metrics, "kept": kept, "grads": grads, "grad_norm": grad_norm, "weights": weights}
+
+
+def steps_on_ranks(cfgs: list[TipConfig]) -> list[dict]:
+    distributed.setup("cpu")
+    out = [one_step(cfg) for cfg in cfgs]
+    distributed.teardown()
+    return out
+
+
+def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
+    base = [*micro_overrides, "train.lr=1e-2", "train.grad_clip=1.0"]
+    cfgs = [
+        compose_config([*base, "selector=soft_or", "budget=0.5", "train.gradient_checkpointing=true"]),
+        compose_config([*base, "selector=entropy", "selector.mode=sample", "budget=0.3", "train.micro_batch_size=1",
+                        "loss.norm=total", "train.shard_teacher=true"]),
+    ]
+    ranks = spawn(steps_on_ranks, tmp_path, cfgs)
+    before = load_pair(cfgs[0].pair, torch.device("cpu")).student.state_dict()
+    for i, cfg in enumerate(cfgs):
+        want = one_step(cfg)
+        got = ranks[0][i]
+        assert torch.equal(got["kept"], want["kept"]) and torch.equal(ranks[1][i]["kept"], want["kept"])
+        assert got["metrics"]["loss"] == pytest.approx(want["metrics"]["loss"], rel=1e-5)
+        for key in ("tokens/total", "tokens/kept", "tokens/q3_frac", "div/kept_mean"):
+            assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        for name, grad in want["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-7)
+        for name, weight in want["weights"].items():
+            # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, float noise in g moves it by a share of lr
+            torch.testing.assert_close(got["weights"][name], weight, rtol=1e-5, atol=1e-2 * cfg.train.lr)
+        assert max((want["weights"][n] - w).abs().max().item() for n, w in before.items()) > 1e-3  # the step moved them
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints
+
+
+def train_on_ranks(cfg: TipConfig, run_dir: Path, die_in_step: int | None) -> None:
+    if die_in_step:
+        real_pack, calls = trainer.pack, {"n": 0}
+
+        def dies(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == die_in_step:
+                raise RuntimeError("killed")
+            return real_pack(*args, **kwargs)
+
+        trainer.pack = dies
+    trainer.train(cfg, run_dir)
+
+
+def test_sharded_checkpoint_save_kill_resume_continues_the_run(tmp_path, micro_overrides):
+    cfg = compose_config([*micro_overrides, "train.steps=3", "train.save_every=1", "train.eval_before=false",
+                          "train.token_sample_every=0"])
+    crashed, reference = tmp_path / "crashed", tmp_path / "reference"
+    with pytest.raises(Exception, match="killed"):
+        spawn(train_on_ranks, tmp_path / "a", cfg, crashed, 3)
+    ckpts = list_checkpoints(crashed)
+    assert [c.step for c in ckpts] == [1, 2]
+    assert (ckpts[-1].path / "dcp" / ".metadata").exists() and (ckpts[-1].path / "model.safetensors").exists()
+
+    spawn(train_on_ranks, tmp_path / "b", cfg, crashed, None)
+    spawn(train_on_ranks, tmp_path / "c", cfg, reference, None)
+    got = [r for r in read_jsonl(crashed / "metrics.jsonl") if "loss" in r]
+    want = [r for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    resumed, straight = (AutoModelForCausalLM.from_pretrained(d / "checkpoints" / "step_3") for d in (crashed, reference))
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+    with pytest.raises(ConfigError, match="2 torchrun ranks"):  # a sharded checkpoint resumes under torchrun only
+        distributed.resume(Checkpoint(3, crashed / "checkpoints" / "step_3"), None, None, None)
+
+
+def test_launch_checks():
+    with pytest.raises(ConfigError, match="selection_scope"):
+        TrainConfig(selection_scope="everywhere")
+    with pytest.raises(ConfigError, match="torchrun"):
+        distributed.check(TipConfig(train=TrainConfig(cpu_offload=True)))
+    assert distributed.my_slice([3, 1, 2]) == [3, 1, 2] and distributed.rank_seed(5) == 5
