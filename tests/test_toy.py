@@ -133,7 +133,7 @@ class _ScriptedModel:
         ]
         width = max(map(len, new))
         tail = torch.tensor([n + [self.tokenizer.pad_token_id] * (width - len(n)) for n in new])
-        return torch.cat([input_ids, tail], dim=1)
+        return SimpleNamespace(sequences=torch.cat([input_ids, tail], dim=1))  # return_dict_in_generate=True
 
 
 def test_toy_accuracy_grades_each_batched_response(tokenizer):
