@@ -41,9 +41,13 @@ from tip_cli.models import Pair, pick_device
 DCP_DIR = "dcp"  # inside checkpoints/step_N/: the sharded model + optimizer state (torch.distributed.checkpoint)
 
 
+_JOB = {"joined": False, "owned": False}  # set by setup(): a torchrun job joined, and whether we made its group
+
+
 def active() -> bool:
-    """Whether this process is one rank of a torchrun job (a process group exists)."""
-    return dist.is_available() and dist.is_initialized()
+    """Whether this process is one rank of a torchrun job. A process group alone does not say so: vLLM's in-process
+    engine creates a one-rank group of its own."""
+    return _JOB["joined"] and dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
@@ -68,14 +72,17 @@ def setup(device_name: str) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not active():
+    if not dist.is_initialized():
         dist.init_process_group("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
+        _JOB["owned"] = True
+    _JOB["joined"] = True
     return device
 
 
 def teardown() -> None:
-    if active():
+    if active() and _JOB["owned"]:
         dist.destroy_process_group()
+    _JOB["joined"] = _JOB["owned"] = False
 
 
 def broadcast(obj):
