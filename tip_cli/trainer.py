@@ -245,7 +245,6 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
                 sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
                                     seed=distributed.rank_seed(cfg.seed * 1_000_003 + step))
                 with timed("time/rollout", m), distributed.gathered(student):
-                    engine.wake()
                     responses = engine.generate([prompts[i] for i in idx], sampling).tokens
                     engine.sleep()
                 rows = [i for i in idx for _ in range(sampling.n)]
