@@ -39,6 +39,7 @@ from tip_cli.config import ConfigError, TipConfig, TrainConfig
 from tip_cli.models import Pair, pick_device
 
 DCP_DIR = "dcp"  # inside checkpoints/step_N/: the sharded model + optimizer state (torch.distributed.checkpoint)
+_joined = False  # whether `setup` created the process group (and `teardown` should destroy it)
 
 
 def active() -> bool:
@@ -61,7 +62,9 @@ def is_main() -> bool:
 
 def setup(device_name: str) -> torch.device:
     """Join the torchrun job that RANK / WORLD_SIZE / LOCAL_RANK describe (NCCL for CUDA tensors, gloo for CPU ones)
-    and return this rank's device; without those variables, no process group and the device of `train.device`."""
+    and return this rank's device; without those variables, no process group and the device of `train.device`.
+    A process group that exists already (made by the caller) is used as it is."""
+    global _joined
     device = pick_device(device_name)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return device
@@ -70,12 +73,16 @@ def setup(device_name: str) -> torch.device:
         torch.cuda.set_device(device)
     if not active():
         dist.init_process_group("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
+        _joined = True
     return device
 
 
 def teardown() -> None:
-    if active():
+    """Leave the process group that `setup` created (one a caller made is the caller's to destroy)."""
+    global _joined
+    if _joined and active():
         dist.destroy_process_group()
+    _joined = False
 
 
 def broadcast(obj):
