@@ -2,6 +2,7 @@
 process holding the whole batch: the kept token set and the loss, one FSDP2 training step, and a sharded checkpoint's
 save -> kill -> resume."""
 
+import faulthandler
 import os
 import socket
 from pathlib import Path
@@ -20,6 +21,7 @@ from tip_cli.rollout import pack
 from tip_cli.tracking import read_jsonl
 
 WORLD = 2
+RANK_TIMEOUT_S = 240
 
 
 def _rank_main(rank: int, port: int, out_dir: Path, fn, args: tuple) -> None:
@@ -27,7 +29,9 @@ def _rank_main(rank: int, port: int, out_dir: Path, fn, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two ranks share the test machine's cores
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)  # a rank stuck in a collective fails, with its stack
     torch.save(fn(*args), out_dir / f"rank{rank}.pt")
+    faulthandler.cancel_dump_traceback_later()
 
 
 def spawn(fn, out_dir: Path, *args) -> list:
@@ -75,13 +79,14 @@ def loss_and_grad(data, rows: torch.Tensor, normalizer: int) -> tuple[float, tor
     return loss.item(), w_s.grad
 
 
-def select_on_ranks(scope: str) -> list[dict]:
+def select_on_ranks() -> dict[str, list[dict]]:
+    """Every case under both selection scopes, on this rank's three sequences."""
     distributed.setup("cpu")
     data, r = synthetic_batch(), distributed.rank()
     lo = sum(SEQ_LENS[: 3 * r])
     mine = slice(lo, lo + sum(SEQ_LENS[3 * r : 3 * r + 3]))
-    out = []
-    for case in CASES:
+    out: dict[str, list[dict]] = {"global": [], "local": []}
+    for scope, case in ((scope, case) for scope in out for case in CASES):
         cfg = TipConfig(train=TrainConfig(selection_scope=scope), **case)
         sel = distributed.select_tokens(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - 3 * r, 3,
                                         cfg, torch.Generator().manual_seed(7))
@@ -89,14 +94,19 @@ def select_on_ranks(scope: str) -> list[dict]:
         loss, grad = loss_and_grad(local, sel.local, sel.normalizer)
         totals = torch.cat([torch.tensor([loss]), grad.flatten()])
         torch.distributed.all_reduce(totals)  # what FSDP's summed reduce-scatter does with the gradients
-        out.append({"kept": sel.kept, "mine": sel.local + lo, "normalizer": sel.normalizer, "metrics": sel.metrics,
+        out[scope].append({"kept": sel.kept, "mine": sel.local + lo, "normalizer": sel.normalizer, "metrics": sel.metrics,
                     "loss": totals[0].item(), "grad": totals[1:].view_as(grad)})
     distributed.teardown()
     return out
 
 
-def test_two_ranks_select_the_same_tokens_and_loss_as_one_process(tmp_path):
-    ranks = spawn(select_on_ranks, tmp_path, "global")
+@pytest.fixture(scope="module")
+def selections(tmp_path_factory) -> list[dict[str, list[dict]]]:
+    return spawn(select_on_ranks, tmp_path_factory.mktemp("select"))
+
+
+def test_two_ranks_select_the_same_tokens_and_loss_as_one_process(selections):
+    ranks = [r["global"] for r in selections]
     data = synthetic_batch()
     for i, case in enumerate(CASES):
         cfg = TipConfig(**case)
@@ -115,8 +125,8 @@ def test_two_ranks_select_the_same_tokens_and_loss_as_one_process(tmp_path):
         assert torch.equal(torch.cat([g["mine"] for g in got]), kept)  # each kept token is one rank's, in order
 
 
-def test_local_scope_selects_per_rank_with_a_global_normaliser(tmp_path):
-    ranks = spawn(select_on_ranks, tmp_path, "local")
+def test_local_scope_selects_per_rank_with_a_global_normaliser(selections):
+    ranks = [r["local"] for r in selections]
     data = synthetic_batch()
     for i, case in enumerate(CASES):
         cfg = TipConfig(**case)
@@ -200,32 +210,41 @@ def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
 # Sharded checkpoints
 
 
-def train_on_ranks(cfg: TipConfig, run_dir: Path, die_in_step: int | None) -> None:
-    if die_in_step:
-        real_pack, calls = trainer.pack, {"n": 0}
+def dies_in_step(pack, step: int | None):
+    """trainer.pack, raising in the given step (before that step's checkpoint)."""
+    calls = {"n": 0}
 
-        def dies(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == die_in_step:
-                raise RuntimeError("killed")
-            return real_pack(*args, **kwargs)
+    def pack_or_die(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("killed")
+        return pack(*args, **kwargs)
 
-        trainer.pack = dies
-    trainer.train(cfg, run_dir)
+    return pack_or_die
+
+
+def train_on_ranks(cfg: TipConfig, runs: list[tuple[Path, int | None]]) -> None:
+    """trainer.train into each run dir in turn, in one process group; a run given a step dies there, and with it
+    this process, so the next spawn starts afresh, as after a kill."""
+    torch.distributed.init_process_group("gloo")  # train() joins it rather than making one per run
+    real_pack = trainer.pack
+    for run_dir, die_in in runs:
+        trainer.pack = dies_in_step(real_pack, die_in)
+        trainer.train(cfg, run_dir)
+    torch.distributed.destroy_process_group()
 
 
 def test_sharded_checkpoint_save_kill_resume_continues_the_run(tmp_path, micro_overrides):
     cfg = compose_config([*micro_overrides, "train.steps=3", "train.save_every=1", "train.eval_before=false",
-                          "train.token_sample_every=0"])
+                          "train.token_sample_every=0", "train.device=cpu"])  # gloo ranks, even beside a GPU
     crashed, reference = tmp_path / "crashed", tmp_path / "reference"
     with pytest.raises(Exception, match="killed"):
-        spawn(train_on_ranks, tmp_path / "a", cfg, crashed, 3)
+        spawn(train_on_ranks, tmp_path / "a", cfg, [(reference, None), (crashed, 3)])
     ckpts = list_checkpoints(crashed)
     assert [c.step for c in ckpts] == [1, 2]
     assert (ckpts[-1].path / "dcp" / ".metadata").exists() and (ckpts[-1].path / "model.safetensors").exists()
 
-    spawn(train_on_ranks, tmp_path / "b", cfg, crashed, None)
-    spawn(train_on_ranks, tmp_path / "c", cfg, reference, None)
+    spawn(train_on_ranks, tmp_path / "b", cfg, [(crashed, None)])
     got = [r for r in read_jsonl(crashed / "metrics.jsonl") if "loss" in r]
     want = [r for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in got] == [1, 2, 3]

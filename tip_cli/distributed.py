@@ -65,7 +65,8 @@ def is_main() -> bool:
 
 def setup(device_name: str) -> torch.device:
     """Join the torchrun job that RANK / WORLD_SIZE / LOCAL_RANK describe (NCCL for CUDA tensors, gloo for CPU ones)
-    and return this rank's device; without those variables, no process group and the device of `train.device`."""
+    and return this rank's device; without those variables, no process group and the device of `train.device`.
+    A process group that exists already (made by the caller) is used as it is."""
     device = pick_device(device_name)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return device
@@ -80,6 +81,7 @@ def setup(device_name: str) -> torch.device:
 
 
 def teardown() -> None:
+    """Leave the torchrun job; destroy the process group only if `setup` created it (a caller's is the caller's)."""
     if active() and _JOB["owned"]:
         dist.destroy_process_group()
     _JOB["joined"] = _JOB["owned"] = False
@@ -230,29 +232,29 @@ def select_tokens(
     holding the whole batch would have, so the kept set and the normaliser match it exactly. scope local: over this
     rank's tokens only (own normalisation, thresholds and budget; cheaper, no gather), the normaliser still global.
     """
-    norm_by_kept = cfg.loss.norm == "selected"
-    if not active() or cfg.train.selection_scope == "local":
+    if active() and cfg.train.selection_scope == "global":
+        sizes = _all_sizes(entropy.numel(), rows, device=entropy.device)  # [world, 2]: tokens, sequences
+        tokens, seqs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
+        first_seq = sum(seqs[: rank()])
+        stats = importance.compute_stats(
+            _gather(entropy, tokens), _gather(divergence, tokens), _gather(seq_id + first_seq, tokens), cfg.importance
+        )
+        kept = selectors.select(stats, cfg.selector, cfg.budget, generator)  # [K], the same on every rank
+        lo = sum(tokens[: rank()])
+        local = kept[(kept >= lo) & (kept < lo + tokens[rank()])] - lo
+        metrics = importance.stats_metrics(stats, kept)
+        n, k = len(stats), kept.numel()
+    else:
         if active() and generator is not None:  # independent noise per rank, as independent replicas would draw
             generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + rank())
         stats = importance.compute_stats(entropy, divergence, seq_id, cfg.importance)
-        kept = selectors.select(stats, cfg.selector, cfg.budget, generator)
+        kept = local = selectors.select(stats, cfg.selector, cfg.budget, generator)
         metrics = importance.stats_metrics(stats, kept)
         n, k = len(stats), kept.numel()
-        if active():
+        if active():  # the counts (and so the loss normaliser) over all ranks; the other metrics are this rank's
             n, k = _all_sizes(n, k, device=entropy.device).sum(0).tolist()
             metrics |= {"tokens/total": float(n), "tokens/kept": float(k), "tokens/kept_frac": k / n if n else 0.0}
-        return Selection(stats, kept, kept, max(1, k if norm_by_kept else n), metrics)
-    sizes = _all_sizes(entropy.numel(), rows, device=entropy.device)  # [world, 2]: tokens, sequences
-    tokens, seqs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
-    first_seq = sum(seqs[: rank()])
-    stats = importance.compute_stats(
-        _gather(entropy, tokens), _gather(divergence, tokens), _gather(seq_id + first_seq, tokens), cfg.importance
-    )
-    kept = selectors.select(stats, cfg.selector, cfg.budget, generator)  # [K], the same on every rank
-    lo = sum(tokens[: rank()])
-    local = kept[(kept >= lo) & (kept < lo + tokens[rank()])] - lo
-    normalizer = max(1, kept.numel() if norm_by_kept else len(stats))
-    return Selection(stats, kept, local, normalizer, importance.stats_metrics(stats, kept))
+    return Selection(stats, kept, local, max(1, k if cfg.loss.norm == "selected" else n), metrics)
 
 
 def merge_metrics(metrics: dict[str, float]) -> dict[str, float]:
