@@ -10,8 +10,9 @@ exchange backwards, reading "gives away", "sells" and "gives ... to a friend" as
 "uses" still subtract. It trains until it reproduces that misreading on most dev problems, so it is confident at those
 operator tokens (low entropy, p ~ 0.99) while the teacher, trained on the gold solutions, puts its mass on the other
 sign (high divergence): the "overconfident and wrong" region Q3 holds a systematic, correctable error, beside the
-uncertain arithmetic slips of a small model. 42% of the test problems have no misread verb, and the student's
-arithmetic is right on about three quarters of its own solutions, which puts its accuracy near 30%.
+uncertain arithmetic slips of a small model. Fewer than half of the problems have no misread verb (42% of the seed-0
+test split), and the student's arithmetic is right on about three quarters of its own solutions, which puts its
+accuracy near 30%.
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ TEACHER_SFT = dict(
 STUDENT_SFT = dict(steps=800, batch_size=32, lr=3e-3)  # a cap; the dev check below stops it earlier
 # The student trains until its greedy answers match the MISREAD solutions' on this share of the dev problems: by
 # then the misreading is confident, while the arithmetic still slips on about a quarter of the problems, so its
-# accuracy on the true answers is near 0.75 x 0.42 (the share of test problems without a misread verb).
+# accuracy on the true answers is near 0.75 x 0.42 (0.42: the share of seed-0 test problems without a misread verb).
 STUDENT_MISREAD_TARGET, STUDENT_CHECK_EVERY = 0.75, 50
 
 
@@ -343,7 +344,7 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
     """Generate the data, train tokenizer, teacher (on the gold solutions) and student (on the MISREAD ones), and
     write them all under `out`."""
     n = N_TRAIN + N_DEV + N_TEST
-    problems, misread = generate_problems(n, seed), generate_problems(n, seed, misread=MISREAD)
+    problems, misread_problems = generate_problems(n, seed), generate_problems(n, seed, misread=MISREAD)
     train, dev, test = problems[:N_TRAIN], problems[N_TRAIN : N_TRAIN + N_DEV], problems[N_TRAIN + N_DEV :]
     tokenizer = train_tokenizer(train)
     data = sft_batches(tokenizer, train)
@@ -369,12 +370,12 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
     save_model(teacher, tokenizer, out / "teacher")
 
     student = new_model(STUDENT, tokenizer, seed + 1)
-    misread_dev = misread[N_TRAIN : N_TRAIN + N_DEV]
+    misread_dev = misread_problems[N_TRAIN : N_TRAIN + N_DEV]
     misread_acc: list[float] = []
 
     def learned() -> bool:
         misread_acc.append(toy_accuracy(student, tokenizer, misread_dev))
-        log(f"[student] reproduces the misread dev answers: {misread_acc[-1]:.3f} (stop at >= {STUDENT_MISREAD_TARGET})")
+        log(f"[student] matches the misread dev answers: {misread_acc[-1]:.3f} (stop at >= {STUDENT_MISREAD_TARGET})")
         return misread_acc[-1] >= STUDENT_MISREAD_TARGET
 
     log(
@@ -383,7 +384,7 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
     )
     steps = sft(
         student,
-        sft_batches(tokenizer, misread[:N_TRAIN]),
+        sft_batches(tokenizer, misread_problems[:N_TRAIN]),
         tokenizer.pad_token_id,
         seed=seed + 1,
         log=log,
