@@ -23,21 +23,51 @@ def test_generator_is_deterministic_and_seeded():
     assert all(set(p) == {"id", "problem", "answer", "solution"} for p in a)
 
 
+def phrasing(template: str) -> re.Pattern:
+    """A GAIN/LOSS template ("sells {k}") as a pattern for the end of an action sentence."""
+    return re.compile(re.escape(template).replace(re.escape("{k}"), r"\d+") + "$")
+
+
+def check_solution(p: dict, misread: tuple[str, ...] = ()) -> None:
+    """p's solution follows from its problem text step by step, reading the `misread` phrasings as gains."""
+    numbers = [int(x) for x in re.findall(r"\d+", p["problem"])]  # start count, then one amount per step
+    sentences = p["problem"].split(". ")[1:-1]  # the action sentences, between "has N" and the question
+    misread_re = [phrasing(t) for t in misread]
+    steps = STEP.findall(p["solution"])
+    assert 2 <= len(steps) == len(numbers) - 1 == len(sentences)
+    count = numbers[0]
+    for (a, op, b, c), amount, sentence in zip(steps, numbers[1:], sentences, strict=True):
+        a, b, c = int(a), int(b), int(c)
+        assert a == count and b == amount
+        gain = "more" in sentence or any(r.search(sentence) for r in misread_re)
+        assert op == ("+" if gain else "-"), (sentence, op)
+        assert c == (a + b if op == "+" else a - b) >= 0
+        count = c
+    assert p["answer"] == str(count)
+    assert p["solution"].endswith(f"\\boxed{{{count}}}")
+
+
 def test_solutions_follow_from_the_problem():
     for p in generate_problems(300, seed=1):
-        numbers = [int(x) for x in re.findall(r"\d+", p["problem"])]  # start count, then one amount per step
-        sentences = p["problem"].split(". ")[1:-1]  # the action sentences, between "has N" and the question
-        steps = STEP.findall(p["solution"])
-        assert 2 <= len(steps) == len(numbers) - 1 == len(sentences)
-        count = numbers[0]
-        for (a, op, b, c), amount, sentence in zip(steps, numbers[1:], sentences, strict=True):
-            a, b, c = int(a), int(b), int(c)
-            assert a == count and b == amount
-            assert op == ("+" if "more" in sentence else "-"), (sentence, op)
-            assert c == (a + b if op == "+" else a - b) >= 0
-            count = c
-        assert p["answer"] == str(count)
-        assert p["solution"].endswith(f"\\boxed{{{count}}}")
+        check_solution(p)
+
+
+def test_misread_solutions_read_the_misread_losses_as_gains():
+    gold, misread = generate_problems(300, seed=1), generate_problems(300, seed=1, misread=toy.MISREAD)
+    assert [(p["id"], p["problem"]) for p in gold] == [(p["id"], p["problem"]) for p in misread]
+    n_wrong = 0
+    for g, m in zip(gold, misread, strict=True):
+        check_solution(m, toy.MISREAD)
+        sentences = g["problem"].split(". ")[1:-1]
+        has_misread_verb = any(phrasing(t).search(x) for t in toy.MISREAD for x in sentences)
+        assert (m["solution"] != g["solution"]) == has_misread_verb
+        # a misread step adds what should have been taken away, so the misread answer is always wrong
+        assert grade(m["solution"], g["answer"]).correct != has_misread_verb
+        n_wrong += has_misread_verb
+    assert 0.4 < n_wrong / len(gold) < 0.8  # the student's starting accuracy depends on this share
+    assert set(toy.LOSS) - set(toy.MISREAD)  # some losses are still read right, so the student learns to subtract
+    with pytest.raises(ValueError, match="not LOSS phrasings"):
+        generate_problems(5, seed=1, misread=("buys {k} more",))
 
 
 def test_gold_solution_grades_correct_and_a_wrong_answer_does_not():
@@ -160,14 +190,14 @@ def test_build_toy_caches_atomically(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(toy, "_build_into", lambda *a: calls.append(a) or _fake_build(*a))
     root = toy.build_toy(seed=5, log=lambda _: None)
-    assert root == tmp_path / "toy-v1-seed5"
+    assert root == tmp_path / f"{toy.TOY_VERSION}-seed5"
     assert json.loads((root / "build.json").read_text())["seed"] == 5
     assert toy.toy_path("train", seed=5) == root / "train.jsonl"
     assert toy.toy_path("student", seed=5) == root / "student"
     assert len(calls) == 1  # the second and third lookups hit the cache
     toy.build_toy(seed=5, force=True, log=lambda _: None)
     assert len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-v1-seed5"]  # no temp dirs left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{toy.TOY_VERSION}-seed5"]  # no temp dirs left behind
 
 
 def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):

@@ -1,9 +1,18 @@
 """The embedded toy teacher-student pair: a synthetic arithmetic task, a local tokenizer and two tiny Qwen3 models.
 
 No model hub is needed: `build_toy` generates word problems ("Ann has 3 apples. She buys 5 more. ..."), trains a BPE
-tokenizer on them, SFT-trains a teacher that solves most of them and a smaller student stopped early so it has the
-answer format but makes arithmetic mistakes, and caches both as ordinary HF model dirs. On-policy distillation from
-the teacher should then raise the student's accuracy within minutes of CPU training.
+tokenizer on them, SFT-trains a teacher that solves most of them and a smaller student, and caches both as ordinary
+HF model dirs. On-policy distillation from the teacher should then raise the student's accuracy within minutes of CPU
+training.
+
+The student is SFT-trained on a systematic misreading rather than on the gold solutions: it gets the direction of an
+exchange backwards, reading "gives away", "sells" and "gives ... to a friend" as gains (MISREAD), while "loses" and
+"uses" still subtract. It trains until it reproduces that misreading on most dev problems, so it is confident at those
+operator tokens (low entropy, p ~ 0.99) while the teacher, trained on the gold solutions, puts its mass on the other
+sign (high divergence): the "overconfident and wrong" region Q3 holds a systematic, correctable error, beside the
+uncertain arithmetic slips of a small model. Fewer than half of the problems have no misread verb (42% of the seed-0
+test split), and the student's arithmetic is right on about three quarters of its own solutions, which puts its
+accuracy near 30%.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config,
 from tip_cli.grading import grade
 from tip_cli.rollout import HFEngine, Sampling
 
-TOY_VERSION = "toy-v1"
+TOY_VERSION = "toy-v2"
 KINDS = ("teacher", "student", "train", "test")
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -52,30 +61,41 @@ THEN = ["Then", "After that,", "Later,"]
 MAX_START, MAX_STEP = 12, 6  # operands stay small so a few-million-parameter model can learn the arithmetic
 
 
-def generate_problems(n: int, seed: int) -> list[dict]:
+# The toy student's systematic error: the exchanges in LOSS read as gains ("loses" and "uses" still subtract).
+MISREAD = ("gives away {k}", "sells {k}", "gives {k} to a friend")
+
+
+def generate_problems(n: int, seed: int, misread: tuple[str, ...] = ()) -> list[dict]:
     """`n` distinct word problems of 2-3 add/subtract steps, deterministic in `seed`.
 
     Each dict has `id`, `problem`, `answer` (a str) and `solution` ("3 + 5 = 8. 8 - 2 = 6. \\boxed{6}"); every
     intermediate count is a non-negative integer. Problem texts are unique, so slicing one call gives disjoint splits.
+    With `misread` (templates from LOSS), `solution` and `answer` are what a solver who reads those phrasings as gains
+    writes; the problems, ids and their order are the same as without it.
     """
+    unknown = set(misread) - set(LOSS)
+    if unknown:
+        raise ValueError(f"misread={sorted(unknown)} are not LOSS phrasings; expected some of: {', '.join(LOSS)}")
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[dict] = []
     while len(out) < n:
         name, pron = rng.choice(NAMES)
         obj = rng.choice(OBJECTS)
-        count = rng.randint(2, MAX_START)  # from 2: "has 1 apples" reads badly
+        count = read = rng.randint(2, MAX_START)  # from 2: "has 1 apples" reads badly
         sentences = [f"{name} has {count} {obj}."]
         steps = []
         for i in range(rng.choice((2, 3))):
             k = rng.randint(1, MAX_STEP)
             add = k > count or rng.random() < 0.5  # never take away more than there is
-            verb = rng.choice(GAIN if add else LOSS).format(k=k)
+            template = rng.choice(GAIN if add else LOSS)
             lead = pron.capitalize() if i == 0 else f"{rng.choice(THEN)} {pron}"
-            sentences.append(f"{lead} {verb}.")
-            new = count + k if add else count - k
-            steps.append(f"{count} {'+' if add else '-'} {k} = {new}.")
-            count = new
+            sentences.append(f"{lead} {template.format(k=k)}.")
+            count = count + k if add else count - k
+            # the solver's own running count: a misread step adds, so it never drops below the true count
+            sign = 1 if add or template in misread else -1
+            steps.append(f"{read} {'+' if sign > 0 else '-'} {k} = {read + sign * k}.")
+            read += sign * k
         sentences.append(f"How many {obj} does {name} have now?")
         problem = " ".join(sentences)
         if problem in seen:
@@ -85,8 +105,8 @@ def generate_problems(n: int, seed: int) -> list[dict]:
             {
                 "id": f"toy-{seed}-{len(out)}",
                 "problem": problem,
-                "answer": str(count),
-                "solution": " ".join(steps) + f" \\boxed{{{count}}}",
+                "answer": str(read),
+                "solution": " ".join(steps) + f" \\boxed{{{read}}}",
             }
         )
     return out
@@ -245,7 +265,7 @@ def sft(
     """Minimise the mean cross-entropy of the response tokens (AdamW, warmup + cosine); return the steps taken.
 
     When `check` is given it runs every `check_every` steps and training stops at the first True, which is how
-    the student is stopped as soon as it is good enough but no better.
+    the student is stopped as soon as it has learned its misreading.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -300,8 +320,11 @@ N_TRAIN, N_DEV, N_TEST = 5000, 100, 200
 TEACHER_SFT = dict(
     steps=400, batch_size=32, lr=3e-3
 )  # 88-97% test accuracy (seeds 0, 1); ~2 min on 2 idle cores
-STUDENT_SFT = dict(steps=800, batch_size=32, lr=3e-3)  # a cap; the dev check below stops it far earlier
-STUDENT_DEV_TARGET, STUDENT_CHECK_EVERY = 0.3, 25
+STUDENT_SFT = dict(steps=800, batch_size=32, lr=3e-3)  # a cap; the dev check below stops it earlier
+# The student trains until its greedy answers match the MISREAD solutions' on this share of the dev problems: by
+# then the misreading is confident, while the arithmetic still slips on about a quarter of the problems, so its
+# accuracy on the true answers is near 0.75 x 0.42 (0.42: the share of seed-0 test problems without a misread verb).
+STUDENT_MISREAD_TARGET, STUDENT_CHECK_EVERY = 0.75, 50
 
 
 def cache_root() -> Path:
@@ -318,8 +341,10 @@ def _n_params(model: torch.nn.Module) -> int:
 
 
 def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
-    """Generate the data, train tokenizer, teacher and student, and write them all under `out`."""
-    problems = generate_problems(N_TRAIN + N_DEV + N_TEST, seed)
+    """Generate the data, train tokenizer, teacher (on the gold solutions) and student (on the MISREAD ones), and
+    write them all under `out`."""
+    n = N_TRAIN + N_DEV + N_TEST
+    problems, misread_problems = generate_problems(n, seed), generate_problems(n, seed, misread=MISREAD)
     train, dev, test = problems[:N_TRAIN], problems[N_TRAIN : N_TRAIN + N_DEV], problems[N_TRAIN + N_DEV :]
     tokenizer = train_tokenizer(train)
     data = sft_batches(tokenizer, train)
@@ -345,30 +370,36 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
     save_model(teacher, tokenizer, out / "teacher")
 
     student = new_model(STUDENT, tokenizer, seed + 1)
-    dev_acc: list[float] = []
+    misread_dev = misread_problems[N_TRAIN : N_TRAIN + N_DEV]
+    misread_acc: list[float] = []
 
-    def good_enough() -> bool:
-        dev_acc.append(toy_accuracy(student, tokenizer, dev))
-        log(f"[student] dev accuracy {dev_acc[-1]:.3f} (stop at >= {STUDENT_DEV_TARGET})")
-        return dev_acc[-1] >= STUDENT_DEV_TARGET
+    def learned() -> bool:
+        misread_acc.append(toy_accuracy(student, tokenizer, misread_dev))
+        log(f"[student] matches the misread dev answers: {misread_acc[-1]:.3f} (stop at >= {STUDENT_MISREAD_TARGET})")
+        return misread_acc[-1] >= STUDENT_MISREAD_TARGET
 
-    log(f"[toy] student: {_n_params(student):,} params, SFT until dev accuracy >= {STUDENT_DEV_TARGET}")
+    log(
+        f"[toy] student: {_n_params(student):,} params, SFT on solutions that misread {', '.join(MISREAD)} as gains, "
+        f"until it reproduces >= {STUDENT_MISREAD_TARGET} of them on dev"
+    )
     steps = sft(
         student,
-        data,
+        sft_batches(tokenizer, misread_problems[:N_TRAIN]),
         tokenizer.pad_token_id,
         seed=seed + 1,
         log=log,
         name="student",
         check_every=STUDENT_CHECK_EVERY,
-        check=good_enough,
+        check=learned,
         **STUDENT_SFT,
     )
     info["student"] = {
         "params": _n_params(student),
         "sft_steps": steps,
         **asdict(STUDENT),
-        "dev_accuracy": dev_acc[-1] if dev_acc else None,
+        "misread": list(MISREAD),
+        "misread_dev_accuracy": misread_acc[-1] if misread_acc else None,
+        "dev_accuracy": toy_accuracy(student, tokenizer, dev),
         "test_accuracy": toy_accuracy(student, tokenizer, test),
     }
     log(f"[toy] student test accuracy {info['student']['test_accuracy']:.3f}")
@@ -380,7 +411,7 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
 
 
 def build_toy(seed: int = 0, force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Build (or find) the toy pair in `cache_root()/toy-v1-seed{seed}` and return that dir.
+    """Build (or find) the toy pair in `cache_root()/toy-v2-seed{seed}` and return that dir.
 
     Layout: teacher/, student/ (HF model + tokenizer dirs), train.jsonl, dev.jsonl, test.jsonl, build.json.
     The build goes into a temp dir renamed into place at the end, so an interrupted build leaves no cache behind.
