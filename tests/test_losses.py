@@ -157,3 +157,29 @@ def test_loss_memory_shrinks_with_budget_and_is_bounded_by_the_chunk():
     assert full > 2 * n * 32000 * 4 / 2**20  # sanity: more than two [N, V] float32 buffers were really live
     assert quarter < 0.4 * full, (quarter, full)
     assert chunked_full < 0.25 * full, (chunked_full, full)
+
+
+@pytest.mark.parametrize("divergence,topk", [("reverse_kl", None), ("forward_kl", None), ("jsd", None), ("reverse_kl", 5)])
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl"])
+def test_stats_from_the_loss_pass_match_brute_force(kind, divergence, topk):
+    """The (H, D) a sink collects during the loss equal the float64 textbook formulas, row for row."""
+    from tip_cli.losses import StatsSink
+
+    h_s, w_s, h_t, w_t = make_inputs()
+    cfg = ImportanceConfig(divergence=divergence, topk=topk)
+    sink = StatsSink(cfg, [])
+    selected_token_loss(h_s, w_s, h_t, w_t, 40, kind, chunk_size=6, sink=sink)
+    ent, div = sink.tensors()
+    logp = torch.log_softmax((h_s @ w_s[:40].T).detach(), -1)
+    logq = torch.log_softmax(h_t @ w_t[:40].T, -1)
+    torch.testing.assert_close(ent.double(), -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-6)
+    if topk is not None:
+        top = logq.topk(topk, dim=-1).indices
+        logp, logq = logp.gather(-1, top).log_softmax(-1), logq.gather(-1, top).log_softmax(-1)
+    p, q = logp.exp(), logq.exp()
+    want = {
+        "reverse_kl": (p * (logp - logq)).sum(-1),
+        "forward_kl": (q * (logq - logp)).sum(-1),
+        "jsd": 0.5 * (q * (logq - ((p + q) / 2).log())).sum(-1) + 0.5 * (p * (logp - ((p + q) / 2).log())).sum(-1),
+    }[divergence]
+    torch.testing.assert_close(div.double(), want, rtol=1e-5, atol=1e-6)

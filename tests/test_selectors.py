@@ -242,3 +242,18 @@ def test_select_rejects_bad_budget_and_name():
 def test_generator_may_be_none():
     for name in ("random", "entropy"):
         assert len(select(random_stats(), SelectorConfig(name=name, mode="sample"), 0.5, None)) == 20
+
+
+@pytest.mark.parametrize("budget", [0.5, 1.0])
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_keeps_all_only_where_select_keeps_every_token(name, budget):
+    """The trainer skips scoring when keeps_all says so: it must never say so where select drops a token."""
+    from tip_cli.selectors import keeps_all
+
+    for seed in range(3):
+        stats = random_stats(seed=seed)
+        for scope in ("batch", "per_sequence"):
+            kept = run(stats, budget, seed, name=name, scope=scope)
+            if keeps_all(SelectorConfig(name=name, scope=scope), budget):
+                assert kept == list(range(len(stats)))
+    assert keeps_all(SelectorConfig(name=name), budget) == (name == "all" or (budget == 1.0 and name in ALL_NAMES[:5]))

@@ -148,3 +148,28 @@ def test_gradient_checkpointing_gives_the_same_gradient(micro_overrides):
     checkpointed = grads_after_step(pair, batch, cfg)
     for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_full_token_step_takes_its_stats_from_the_loss_pass(micro_overrides, monkeypatch, micro_batch):
+    """selector=all skips the scoring pass: its loss, gradients, per-token (H, D) and metrics equal those of the
+    score-then-select path (forced here by making keeps_all say no)."""
+    cfg = compose_config([*micro_overrides, "selector=all", f"train.micro_batch_size={micro_batch}"])
+    pair = load_pair(cfg.pair, torch.device("cpu"))
+    batch = pack([[1, 2, 3], [4, 5], [6, 7, 8]], [[20, 21, 22], [23, 24], [25, 26, 27, 28]], pair.tokenizer.pad_token_id)
+
+    def step():
+        pair.student.zero_grad(set_to_none=True)
+        metrics, stats, kept = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+        return metrics, stats, kept, [p.grad.clone() for p in pair.student.parameters()]
+
+    fused = step()
+    monkeypatch.setattr(trainer.selectors, "keeps_all", lambda *a: False)
+    scored = step()
+    assert fused[2].tolist() == scored[2].tolist() == list(range(9))
+    torch.testing.assert_close(fused[1].entropy, scored[1].entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1].divergence, scored[1].divergence, rtol=1e-4, atol=1e-6)
+    assert fused[0]["loss"] == pytest.approx(scored[0]["loss"], rel=1e-5)
+    assert fused[0]["tokens/q3_frac"] == scored[0]["tokens/q3_frac"]
+    for a, b in zip(fused[3], scored[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -222,6 +222,13 @@ def _all_sizes(*counts: int, device: torch.device) -> torch.Tensor:
     return torch.stack(out).cpu()
 
 
+def global_count(n: int) -> int:
+    """n summed over the ranks of a torchrun job (n itself outside one)."""
+    if not active():
+        return n
+    return int(_all_sizes(n, device=torch.device("cpu")).sum())
+
+
 def select_tokens(
     entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, cfg: TipConfig,
     generator: torch.Generator | None,

@@ -18,6 +18,18 @@ def _finite(logp: torch.Tensor) -> torch.Tensor:
     return logp.clamp_min(torch.finfo(logp.dtype).min)
 
 
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[c, v] * b[c, v] for each row c, [C, V] x [C, V] -> [C], as a batched matmul: no [C, V] product."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
+
+
+def entropy_and_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H(p_S) and KL(p_S || p_T) together, sharing p_S = exp(log p_S): three [C, V] temporaries instead of eight."""
+    p_s, ls = logp_s.exp(), _finite(logp_s)
+    ent = -rowdot(p_s, ls)
+    return ent, rowdot(p_s, _finite(logp_t).neg_().add_(ls))
+
+
 def entropy(logp: torch.Tensor) -> torch.Tensor:
     """H(p) = -sum_v p(v) log p(v); entries with p(v) = 0 (log p = -inf) contribute 0."""
     return -(logp.exp() * _finite(logp)).sum(-1)

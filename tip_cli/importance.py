@@ -13,7 +13,7 @@ import torch
 
 from tip_cli.config import ImportanceConfig
 from tip_cli.divergence import entropy as _entropy
-from tip_cli.divergence import token_divergence
+from tip_cli.divergence import entropy_and_reverse_kl, token_divergence
 
 NORMS = ("minmax", "rank", "quantile_clip")
 
@@ -32,6 +32,8 @@ def token_stats_chunk(
             f"student/teacher log-probs differ in shape: {tuple(logp_s.shape)} vs {tuple(logp_t.shape)}"
         )
     logp_s, logp_t = logp_s.float(), logp_t.float()  # [C, V]
+    if cfg.divergence == "reverse_kl" and (cfg.topk is None or cfg.topk >= logp_t.shape[-1]):
+        return entropy_and_reverse_kl(logp_s, logp_t)
     h = _entropy(logp_s)  # [C]
     if cfg.topk is not None and cfg.topk < logp_t.shape[-1]:
         top = logp_t.topk(cfg.topk, dim=-1).indices  # [C, K]

@@ -9,7 +9,13 @@ with div = reverse KL (default), forward KL or JSD(beta), exact over the shared 
 side can also be its top-K log-probs from a vLLM engine (`TopKTeacher`): div is then taken over K + 1 buckets.
 The [K, V] logits are never materialised with grad: the forward pass walks K in chunks, computes each chunk's
 loss and its gradients w.r.t. h_S and W_S right away, and frees the chunk's graph. Peak memory of the loss is
-O(chunk x V + K x d + V x d), whatever K is.
+O(chunk x V + K x d + V x d), whatever K is. For the default reverse KL against a dense teacher the chunk's gradient
+is written in closed form, d KL(p_S || p_T) / d z_S = p_S * (log p_S - log p_T - KL), in place over three
+[chunk, V] blocks (autograd through the log-softmax and KL keeps about seven).
+
+The same pass can also return each row's entropy H and divergence D (`StatsSink`): when every token is kept
+(selector=all, or a budget of 1.0), the trainer takes the selection statistics from the loss instead of scoring
+every position a second time.
 """
 
 from __future__ import annotations
@@ -19,14 +25,31 @@ from dataclasses import dataclass
 import torch
 
 from tip_cli.config import ImportanceConfig
-from tip_cli.divergence import entropy, token_divergence, topk_buckets
+from tip_cli.divergence import entropy, rowdot, token_divergence, topk_buckets
 from tip_cli.importance import token_stats_chunk
 
 
 def logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
-    """log softmax(hidden @ weight[:vocab]^T), at least float32. hidden [C, d], weight [V', d] -> [C, vocab]."""
+    """log softmax(hidden @ weight[:vocab]^T), at least float32. hidden [C, d], weight [V', d] -> [C, vocab].
+
+    Without grad the log-softmax is taken in place over the logits: one [C, vocab] block instead of two.
+    """
     logits = hidden @ weight[:vocab].T
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return torch.log_softmax(logits, dim=-1)
+    return logits.sub_(logits.logsumexp(-1, keepdim=True))
+
+
+@dataclass
+class StatsSink:
+    """Collects (H [C], D [C]) per loss chunk, D per `cfg` (the importance divergence), in row order."""
+
+    cfg: ImportanceConfig
+    parts: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([p[0] for p in self.parts]), torch.cat([p[1] for p in self.parts])
 
 
 @dataclass
@@ -40,14 +63,25 @@ class DenseTeacher:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def rows(self, index: torch.Tensor) -> DenseTeacher:
+    def rows(self, index: torch.Tensor | slice) -> DenseTeacher:
         return DenseTeacher(self.hidden[index], self.weight, self.vocab)
 
+    @torch.no_grad()
+    def target(self, rows: slice) -> torch.Tensor:
+        """The teacher's side of the divergence at `rows`: its log-probs [C, vocab], a fresh tensor."""
+        return logprobs(self.hidden[rows], self.weight, self.vocab)
+
+    def divergence_to(self, logp_s: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+        return token_divergence(logp_s, target, kind, beta)
+
+    def stats_to(self, logp_s: torch.Tensor, target: torch.Tensor, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_stats_chunk(logp_s, target, cfg)
+
     def divergence(self, logp_s: torch.Tensor, rows: slice, kind: str, beta: float) -> torch.Tensor:
-        return token_divergence(logp_s, logprobs(self.hidden[rows], self.weight, self.vocab), kind, beta)
+        return self.divergence_to(logp_s, self.target(rows), kind, beta)
 
     def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_stats_chunk(logp_s, logprobs(self.hidden[rows], self.weight, self.vocab), cfg)
+        return self.stats_to(logp_s, self.target(rows), cfg)
 
 
 @dataclass
@@ -60,40 +94,92 @@ class TopKTeacher:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def rows(self, index: torch.Tensor) -> TopKTeacher:
+    def rows(self, index: torch.Tensor | slice) -> TopKTeacher:
         return TopKTeacher(self.ids[index], self.logp[index])
 
-    def divergence(self, logp_s: torch.Tensor, rows: slice, kind: str, beta: float) -> torch.Tensor:
-        return token_divergence(*topk_buckets(logp_s, self.ids[rows], self.logp[rows]), kind, beta)
+    def target(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ids[rows], self.logp[rows]
+
+    def divergence_to(self, logp_s: torch.Tensor, target: tuple, kind: str, beta: float) -> torch.Tensor:
+        return token_divergence(*topk_buckets(logp_s, *target), kind, beta)
 
     @torch.no_grad()
-    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def stats_to(self, logp_s: torch.Tensor, target: tuple, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """H over the student's full vocab; D over the K + 1 buckets (cfg.topk does not apply: K is the engine's)."""
         logp_s = logp_s.float()
-        return entropy(logp_s), self.divergence(logp_s, rows, cfg.divergence, cfg.jsd_beta)
+        return entropy(logp_s), self.divergence_to(logp_s, target, cfg.divergence, cfg.jsd_beta)
+
+    def divergence(self, logp_s: torch.Tensor, rows: slice, kind: str, beta: float) -> torch.Tensor:
+        return self.divergence_to(logp_s, self.target(rows), kind, beta)
+
+    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.stats_to(logp_s, self.target(rows), cfg)
 
 
 Teacher = DenseTeacher | TopKTeacher
 
 
+def _reverse_kl_chunk(
+    h: torch.Tensor, w: torch.Tensor, logp_t: torch.Tensor, scale: float, want_w: bool, sink: StatsSink | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """scale * sum_c KL(p_S || p_T) over one chunk and its gradients w.r.t. h [C, d] and w[:V] [V, d], in closed form.
+
+    logp_t [C, V] is the teacher's fresh log-probs, overwritten here. With z = h w^T, dL/dz = scale * p_S *
+    (log p_S - log p_T - KL) row-wise, so the chunk needs the logits (turned into log p_S in place), p_S, and
+    log p_S - log p_T (in place over logp_t, then turned into dL/dz in place): three [C, V] blocks.
+    """
+    logp_s = h @ w.T  # [C, V] logits
+    logp_s = logp_s.to(torch.promote_types(logp_s.dtype, torch.float32))
+    logp_s = logp_s.sub_(logp_s.logsumexp(-1, keepdim=True))  # log p_S
+    p_s = logp_s.exp()
+    simple = sink is None or (sink.cfg.divergence == "reverse_kl" and sink.cfg.topk is None)
+    if sink is not None and not simple:
+        sink.parts.append(token_stats_chunk(logp_s, logp_t, sink.cfg))
+    if sink is not None and simple:
+        ent = -rowdot(p_s, logp_s)  # [C]
+    diff = logp_t.neg_().add_(logp_s)  # log p_S - log p_T
+    kl_rows = rowdot(p_s, diff)  # [C]
+    if sink is not None and simple:
+        sink.parts.append((ent, kl_rows.clone()))
+    grad_z = diff.sub_(kl_rows[:, None]).mul_(p_s).mul_(scale).to(w.dtype)  # [C, V]
+    del p_s, logp_s
+    grad_h = grad_z @ w  # [C, d]
+    grad_w = grad_z.T @ h if want_w else None  # [V, d]
+    return kl_rows.sum() * scale, grad_h, grad_w
+
+
 class _SelectedTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, scale):
+    def forward(ctx, hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, scale, sink):
         grad_h = torch.zeros_like(hidden_s)  # [K, d_S]
         grad_w = torch.zeros_like(weight_s) if ctx.needs_input_grad[1] else None  # [V', d_S]
         total = torch.zeros((), dtype=torch.promote_types(hidden_s.dtype, torch.float32), device=hidden_s.device)
+        closed_form = kind == "reverse_kl" and isinstance(teacher, DenseTeacher)
         for start in range(0, hidden_s.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
+            target = teacher.target(rows)
+            if closed_form:
+                chunk_loss, g_h, g_w = _reverse_kl_chunk(
+                    hidden_s[rows].detach(), weight_s.detach()[:vocab], target, scale, grad_w is not None, sink
+                )
+                grad_h[rows] = g_h
+                if grad_w is not None:
+                    grad_w[:vocab] += g_w
+                total += chunk_loss
+                continue
             with torch.enable_grad():
                 h = hidden_s[rows].detach().requires_grad_()
                 w = weight_s.detach().requires_grad_(grad_w is not None)
-                chunk_loss = teacher.divergence(logprobs(h, w, vocab), rows, kind, beta).sum() * scale
+                logp_s = logprobs(h, w, vocab)
+                chunk_loss = teacher.divergence_to(logp_s, target, kind, beta).sum() * scale
                 inputs = (h, w) if grad_w is not None else (h,)
                 grads = torch.autograd.grad(chunk_loss, inputs)
             grad_h[rows] = grads[0]
             if grad_w is not None:
                 grad_w += grads[1]
             total += chunk_loss.detach()
+            if sink is not None:
+                sink.parts.append(teacher.stats_to(logp_s.detach(), target, sink.cfg))
         ctx.save_for_backward(grad_h, *(() if grad_w is None else (grad_w,)))
         return total
 
@@ -102,7 +188,7 @@ class _SelectedTokenLoss(torch.autograd.Function):
         saved = ctx.saved_tensors
         grad_h = saved[0] * grad_out
         grad_w = saved[1] * grad_out if len(saved) > 1 else None
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def selected_token_loss(
@@ -115,17 +201,18 @@ def selected_token_loss(
     beta: float = 0.5,
     chunk_size: int = 256,
     normalizer: float = 1.0,
+    sink: StatsSink | None = None,
 ) -> torch.Tensor:
     """sum over the K rows of div(p_S, p_T), divided by `normalizer` (the global kept or total token count).
 
     hidden_s [K, d_S] and weight_s [V_S, d_S] carry grad (the student's final hidden states at the selected
     positions and its lm_head); hidden_t [K, d_T], weight_t [V_T, d_T] are the teacher's (or hidden_t is a
     `DenseTeacher` / `TopKTeacher` for the same K rows, and weight_t is ignored). Both vocabularies are cut to the
-    first `vocab` entries.
+    first `vocab` entries. With a `sink`, each row's (H, D) is appended to it as the loss computes the row.
     """
     teacher = hidden_t if isinstance(hidden_t, DenseTeacher | TopKTeacher) else DenseTeacher(hidden_t, weight_t, vocab)
     if hidden_s.shape[0] != len(teacher):
         raise ValueError(f"student rows {hidden_s.shape[0]} != teacher rows {len(teacher)}")
     if hidden_s.shape[0] == 0:
         return (hidden_s.sum() + weight_s.sum()) * 0.0  # keeps the graph so backward() still works
-    return _SelectedTokenLoss.apply(hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, 1.0 / normalizer)
+    return _SelectedTokenLoss.apply(hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, 1.0 / normalizer, sink)

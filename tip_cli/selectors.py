@@ -146,6 +146,15 @@ SELECTORS: dict[str, Selector] = {
 }
 
 
+RANKING = ("random", "entropy", "divergence", "soft_or")  # keep the top K_g of each group: all of it at budget 1.0
+
+
+def keeps_all(cfg: SelectorConfig, budget: float) -> bool:
+    """Whether `select` keeps every token whatever the scores: `all`, or a ranking selector at budget 1.0. The
+    trainer then takes the statistics from the loss pass instead of scoring every token first."""
+    return cfg.name == "all" or (budget >= 1.0 and cfg.name in RANKING)
+
+
 def select(
     stats: TokenStats, cfg: SelectorConfig, budget: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -21,14 +21,14 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tip_cli import distributed, importance
+from tip_cli import distributed, importance, selectors
 from tip_cli.checkpoint import latest_checkpoint
 from tip_cli.config import TipConfig
 from tip_cli.data import load_problems
 from tip_cli.evaluation import console as eval_console
 from tip_cli.evaluation import eval_sampling, evaluate
 from tip_cli.grading import grade
-from tip_cli.losses import DenseTeacher, Teacher, TopKTeacher, logprobs, selected_token_loss
+from tip_cli.losses import DenseTeacher, StatsSink, Teacher, TopKTeacher, logprobs, selected_token_loss
 from tip_cli.models import (
     Pair,
     enable_checkpointing,
@@ -122,13 +122,17 @@ def distill_step(
     (a VLLMTeacher) replaces the in-process teacher when teacher.backend=vllm_topk.
 
     With a single micro-batch the student's forward with grad also provides the scores (no second pass); with
-    several, a no-grad scoring pass runs first, because the budget is global over the whole rollout batch.
+    several, a no-grad scoring pass runs first, because the budget is global over the whole rollout batch. When the
+    selector keeps every token anyway (selectors.keeps_all), there is no scoring pass: the loss pass computes each
+    row's H and D from the log-probs it has in hand, and selection runs afterwards, for the statistics only.
     """
     micro = cfg.train.micro_batch_size or batch.input_ids.shape[0]
     parts = micro_slices(batch, micro)
     with timed("time/teacher", metrics):
         teacher = teacher_targets(pair, batch, parts, scorer)
     seq_id = batch.target_mask.nonzero()[:, 0]  # [N]
+    if selectors.keeps_all(cfg.selector, cfg.budget):
+        return _full_token_step(pair, batch, parts, teacher, seq_id, cfg, generator, metrics)
     fused = len(parts) == 1
     with timed("time/train", metrics):
         h_fused = valid_hidden(pair.student, batch) if fused else None  # [N, d_S], with grad
@@ -157,6 +161,31 @@ def distill_step(
             )
             loss.backward()
             loss_total += loss.item()
+    return {"loss": loss_total, **sel.metrics}, sel.stats, sel.kept.cpu()
+
+
+def _full_token_step(
+    pair: Pair, batch: Batch, parts: list[tuple[Batch, int, int]], teacher: Teacher, seq_id: torch.Tensor,
+    cfg: TipConfig, generator: torch.Generator, metrics: dict,
+) -> tuple[dict, importance.TokenStats, torch.Tensor]:
+    """distill_step when every token is kept: one loss pass over all N rows that also yields their (H, D)."""
+    normalizer = max(1, distributed.global_count(int(seq_id.numel())))  # N = K: either loss.norm divides by it
+    sink = StatsSink(cfg.importance, [])
+    loss_total = 0.0
+    with timed("time/train", metrics):
+        for mb, lo, hi in parts:
+            loss = selected_token_loss(
+                valid_hidden(pair.student, mb), head_weight(pair.student), teacher.rows(slice(lo, hi)), None,
+                pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, cfg.loss.chunk_size, normalizer, sink,
+            )
+            loss.backward()
+            loss_total += loss.item()
+    with timed("time/select", metrics):
+        ent, div = sink.tensors() if sink.parts else (torch.zeros(0, device=pair.device),) * 2
+        sel = distributed.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator)
+    if sel.kept.numel() != len(sel.stats):
+        raise RuntimeError(f"selector {cfg.selector.name} at budget {cfg.budget} kept {sel.kept.numel()} of "
+                           f"{len(sel.stats)} tokens, but the loss was built on all of them")
     return {"loss": loss_total, **sel.metrics}, sel.stats, sel.kept.cpu()
 
 
