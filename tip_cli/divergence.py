@@ -23,11 +23,17 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
-def entropy_and_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """H(p_S) and KL(p_S || p_T) together, sharing p_S = exp(log p_S): three [C, V] temporaries instead of eight."""
-    p_s, ls = logp_s.exp(), _finite(logp_s)
+def entropy_and_reverse_kl(
+    logp_s: torch.Tensor, logp_t: torch.Tensor, consume: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """H(p_S) and KL(p_S || p_T) together, sharing p_S = exp(log p_S) and summing by row dots: one [C, V]
+    temporary with `consume` (both inputs are then overwritten), three without."""
+    low = torch.finfo(logp_s.dtype).min
+    ls = logp_s.clamp_min_(low) if consume else _finite(logp_s)
+    p_s = ls.exp()
     ent = -rowdot(p_s, ls)
-    return ent, rowdot(p_s, _finite(logp_t).neg_().add_(ls))
+    diff = (logp_t.clamp_min_(low) if consume else _finite(logp_t)).neg_().add_(ls)  # log p_S - log p_T
+    return ent, rowdot(p_s, diff)
 
 
 def entropy(logp: torch.Tensor) -> torch.Tensor:

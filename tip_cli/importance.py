@@ -20,12 +20,13 @@ NORMS = ("minmax", "rank", "quantile_clip")
 
 @torch.no_grad()
 def token_stats_chunk(
-    logp_s: torch.Tensor, logp_t: torch.Tensor, cfg: ImportanceConfig
+    logp_s: torch.Tensor, logp_t: torch.Tensor, cfg: ImportanceConfig, consume: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """H_t = -sum_v p_S log p_S over the full vocab and D_t = divergence(p_S, p_T) (cfg.divergence), both [C], fp32.
 
     logp_s, logp_t: [C, V] log-probs. With cfg.topk = K, D is computed on both distributions restricted to the
-    teacher's top-K tokens and renormalised: log p(v) - logsumexp_{u in topK} log p(u).
+    teacher's top-K tokens and renormalised: log p(v) - logsumexp_{u in topK} log p(u). `consume` lets the
+    default reverse KL overwrite both inputs instead of allocating its temporaries.
     """
     if logp_s.shape != logp_t.shape:
         raise ValueError(
@@ -33,7 +34,7 @@ def token_stats_chunk(
         )
     logp_s, logp_t = logp_s.float(), logp_t.float()  # [C, V]
     if cfg.divergence == "reverse_kl" and (cfg.topk is None or cfg.topk >= logp_t.shape[-1]):
-        return entropy_and_reverse_kl(logp_s, logp_t)
+        return entropy_and_reverse_kl(logp_s, logp_t, consume)
     h = _entropy(logp_s)  # [C]
     if cfg.topk is not None and cfg.topk < logp_t.shape[-1]:
         top = logp_t.topk(cfg.topk, dim=-1).indices  # [C, K]

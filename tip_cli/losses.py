@@ -80,8 +80,9 @@ class DenseTeacher:
     def divergence(self, logp_s: torch.Tensor, rows: slice, kind: str, beta: float) -> torch.Tensor:
         return self.divergence_to(logp_s, self.target(rows), kind, beta)
 
-    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.stats_to(logp_s, self.target(rows), cfg)
+    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig, consume: bool = False):
+        """(H [C], D [C]) at `rows`; `consume` lets it overwrite logp_s (the teacher side is its own)."""
+        return token_stats_chunk(logp_s, self.target(rows), cfg, consume)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class TopKTeacher:
     def divergence(self, logp_s: torch.Tensor, rows: slice, kind: str, beta: float) -> torch.Tensor:
         return self.divergence_to(logp_s, self.target(rows), kind, beta)
 
-    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig, consume: bool = False):
         return self.stats_to(logp_s, self.target(rows), cfg)
 
 

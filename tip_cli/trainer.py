@@ -93,7 +93,7 @@ def score(h_s: torch.Tensor, teacher: Teacher, pair: Pair, cfg: TipConfig) -> tu
     """Student entropy H [N] and divergence D [N] from the hidden states, chunk by chunk over [chunk, V]."""
     w_s, chunk = head_weight(pair.student), cfg.importance.chunk_size
     parts = [
-        teacher.stats(logprobs(h_s[i : i + chunk], w_s, pair.vocab), slice(i, i + chunk), cfg.importance)
+        teacher.stats(logprobs(h_s[i : i + chunk], w_s, pair.vocab), slice(i, i + chunk), cfg.importance, consume=True)
         for i in range(0, h_s.shape[0], chunk)
     ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
