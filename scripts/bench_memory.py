@@ -276,8 +276,8 @@ def liger_loss(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
 
 def rough_peak_gb(mode: Mode, bench: Bench) -> float:
     """fp32 [rows, V] tensors the mode holds at its peak, by the counts measured at 2k tokens (README, Performance):
-    naive ~8 of [T, V]; tip ~7.25 of [min(K, loss chunk), V] in the loss, ~6.25 of [score chunk, V] while scoring;
-    TRL ~11.5 tiles of [min(N, 4096), 32768]."""
+    naive ~8 of [T, V]; tip ~4 of [min(K, loss chunk), V] in the loss (the closed-form reverse KL), ~4 of
+    [score chunk, V] while scoring; TRL ~11.5 tiles of [min(N, 4096), 32768]."""
     from tip_cli.config import ImportanceConfig, LossConfig
 
     vocab = bench.vocab
@@ -294,7 +294,7 @@ def rough_peak_gb(mode: Mode, bench: Bench) -> float:
         kept = n if mode.selector == "all" else math.ceil(mode.budget * n)
         chunk = n if mode.chunk == FULL else mode.chunk or LossConfig().chunk_size
         score = min(n, bench.score_chunk or ImportanceConfig().chunk_size)
-        elements = max(7.5 * min(kept, chunk), 6.5 * score) * vocab
+        elements = max(4.5 * min(kept, chunk), 4.5 * score) * vocab
     else:
         return 0.0
     return elements * 4 / 2**30
