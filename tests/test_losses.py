@@ -188,3 +188,11 @@ def test_stats_from_the_loss_pass_match_brute_force(kind, divergence, topk):
         "jsd": 0.5 * (q * (logq - ((p + q) / 2).log())).sum(-1) + 0.5 * (p * (logp - ((p + q) / 2).log())).sum(-1),
     }[divergence]
     torch.testing.assert_close(div.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_upstream_gradient_scales_the_loss_gradient():
+    h_s, w_s, h_t, w_t = make_inputs()
+    one = torch.autograd.grad(selected_token_loss(h_s, w_s, h_t, w_t, 40), [h_s, w_s])
+    three = torch.autograd.grad(3.0 * selected_token_loss(h_s, w_s, h_t, w_t, 40), [h_s, w_s])
+    for a, b in zip(one, three, strict=True):
+        torch.testing.assert_close(3.0 * a, b)

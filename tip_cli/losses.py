@@ -187,6 +187,8 @@ class _SelectedTokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
+        if bool(grad_out == 1):  # loss.backward(): hand over the gradients, no [V, d] copy
+            return saved[0], saved[1] if len(saved) > 1 else None, None, None, None, None, None, None, None
         grad_h = saved[0] * grad_out
         grad_w = saved[1] * grad_out if len(saved) > 1 else None
         return grad_h, grad_w, None, None, None, None, None, None, None
