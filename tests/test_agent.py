@@ -7,7 +7,7 @@ import torch
 
 from tip_cli import agent, trainer
 from tip_cli.cli import compose_config
-from tip_cli.config import AgentConfig, DatasetConfig, PairConfig
+from tip_cli.config import AgentConfig, ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs import ToolCall
 from tip_cli.envs.toy_agent import ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
 from tip_cli.models import load_pair
@@ -185,3 +185,11 @@ def test_agentic_opd_trains_on_the_toy_agent_env(tmp_path, micro_agent):
     assert "accuracy" in final and "turns" in final
     assert any("eval/toy_agent/accuracy" in r for r in rows if r["step"] == 0)
     assert json.loads(json.dumps(final))  # plain floats
+
+
+def test_a_template_without_an_end_of_turn_token_is_a_config_error(tok):
+    broken = make_tokenizer(generate_tasks(20, seed=0))
+    broken.chat_template = tok.chat_template.replace("<|im_end|>", "")  # turns end with a newline only
+    assert agent.tool_turn_ids(tok, ["4"], PairConfig())  # the real template works
+    with pytest.raises(ConfigError, match="EOS"):
+        agent.tool_turn_ids(broken, ["4"], PairConfig())

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tip_cli.config import AgentConfig, PairConfig, TipConfig
+from tip_cli.config import AgentConfig, ConfigError, PairConfig, TipConfig
 from tip_cli.envs import Environment, Episode, Task, ToolCall, make_env
 from tip_cli.rollout import Batch, Sampling
 
@@ -83,8 +83,15 @@ def tool_turn_ids(tok: PreTrainedTokenizerBase, results: list[str], pair: PairCo
     msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL},
             *({"role": "tool", "content": r} for r in results)]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **pair.chat_template_kwargs)
-    end = text.index(tok.eos_token, text.index(_SENTINEL)) + len(tok.eos_token)
-    return tok(text[end:], add_special_tokens=False)["input_ids"]
+    turn = text.find(_SENTINEL)
+    end = text.find(tok.eos_token, turn) if turn >= 0 else -1
+    if end < 0:
+        raise ConfigError(
+            f"the chat template does not end an assistant turn with the tokenizer's EOS {tok.eos_token!r}, so tool "
+            "results cannot be appended after a turn; agent rollouts need a chat model whose turns end with its EOS "
+            "(e.g. Qwen's <|im_end|>), or set pair.chat_template"
+        )
+    return tok(text[end + len(tok.eos_token):], add_special_tokens=False)["input_ids"]
 
 
 @dataclass

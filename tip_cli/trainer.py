@@ -1,7 +1,8 @@
 """The OPD training loop: rollout -> teacher scoring -> token selection -> selected-token loss -> step.
 
 One step, for a batch of prompts:
-  1. the student samples responses (the rollout engine);
+  1. the student samples responses (the rollout engine); with data.env, tool-use episodes (tip_cli.agent) whose
+     tool results are masked out, so steps 2-4 see only the student's own tokens;
   2. the teacher runs on the same tokens; we keep its final hidden states at the N response positions [N, d_T]
      (its [N, V] log-probs are recomputed chunk by chunk where needed, never stored), or, with
      teacher.backend=vllm_topk, its top-K log-probs [N, K] from a vLLM engine;
