@@ -32,8 +32,8 @@ def missing(cfg: DatasetConfig, what: str, looked: list[Path], reason: str = "")
         f"{cfg.env} needs DeepPlanning's sandbox database ({what}), which was not found (looked in: {places})"
         f"{f'; {reason}' if reason else ''}. Download it from https://huggingface.co/datasets/{HF_REPO} "
         "(travelplanning/database/database_{en,zh}.zip, shoppingplanning/database_zip/database_level{1,2,3}.tar.gz), "
-        f"put the files in one directory (extracted or not) and set {cfg.name}.db_path=DIR "
-        "(benchmark.db_path for tip eval, data.db_path for tip train)"
+        "put the files in one directory (extracted or not) and set benchmark.db_path=DIR (tip eval, and tip train "
+        "with task=deepplanning_travel) or data.db_path=DIR (tip train with data.env set by hand)"
     )
 
 
