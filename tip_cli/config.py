@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("pair", "selector", "benchmark", "data", "rollout", "train", "logger")
+GROUPS = ("task", "pair", "selector", "benchmark", "data", "rollout", "train", "logger")
 
 
 class ConfigError(ValueError):
@@ -145,15 +145,35 @@ class DatasetConfig:
     n: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # with an env: per model turn
+    # tool-use environments (tip_cli.envs): null = single-turn prompts graded by math-verify
+    env: str | None = None  # toy_agent | deepplanning_shopping | deepplanning_travel
+    db_path: str | None = None  # the environment's database (DeepPlanning: a local copy of Qwen/DeepPlanning)
+    env_options: dict[str, Any] = field(default_factory=dict)  # per-environment settings, e.g. language, levels
 
     def __post_init__(self) -> None:
-        if self.path is None and self.hf_id is None:
+        if self.env is not None:
+            from tip_cli.envs import ENVS
+
+            _one_of(f"{self.name}.env", self.env, ENVS)
+        if self.path is None and self.hf_id is None and self.env is None:
             raise ConfigError(f"dataset {self.name!r}: set path= (a local file; it wins when both are set) or hf_id=")
         if "{problem}" not in self.prompt_template:
             raise ConfigError(f"dataset {self.name!r}: prompt_template must contain '{{problem}}'")
         if self.n < 1:
             raise ConfigError(f"dataset {self.name!r}: n={self.n} must be >= 1")
+
+
+@dataclass
+class AgentConfig:
+    """Multi-turn tool-use rollouts (tip_cli.agent), used when data.env / benchmark.env name an environment."""
+
+    max_turns: int = 50  # model turns per episode
+    max_tokens: int = 32768  # cap on the whole sequence (prompt, model turns, tool results)
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1 or self.max_tokens < 2:
+            raise ConfigError(f"agent: max_turns={self.max_turns} must be >= 1 and max_tokens={self.max_tokens} >= 2")
 
 
 @dataclass
@@ -298,6 +318,7 @@ class TipConfig:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     budget: float = 0.5
     seed: int = 0
     out_dir: str | None = None  # null = Hydra's run dir

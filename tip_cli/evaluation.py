@@ -7,7 +7,7 @@ evaluated (skipping those already evaluated with the same settings) into an accu
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,39 @@ def evaluate(
     return metrics, records
 
 
+@dataclass
+class EnvBenchmark:
+    """A benchmark run as tool-use episodes in an environment (benchmark.env), scored by the environment."""
+
+    env: Any  # tip_cli.envs.Environment
+    tasks: list  # [tip_cli.envs.Task]
+
+
+def load_benchmark(cfg: TipConfig) -> list[Problem] | EnvBenchmark:
+    """The benchmark's problems, or its environment and tasks when benchmark.env names one (first eval.limit)."""
+    if cfg.benchmark.env is None:
+        return load_problems(cfg.benchmark, limit=cfg.eval.limit, skip_bad_rows=cfg.eval.skip_bad_rows)
+    from tip_cli.envs import make_env
+
+    env = make_env(cfg.benchmark, cfg.pair)
+    return EnvBenchmark(env, env.tasks()[: cfg.eval.limit])
+
+
+def evaluate_benchmark(model, tokenizer, cfg: TipConfig, bench: list[Problem] | EnvBenchmark, engine=None
+                       ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """`evaluate` for problem lists; agent episodes (tip_cli.agent) for an environment, `accuracy` its headline."""
+    sampling = eval_sampling(cfg.benchmark, cfg.eval)
+    if not isinstance(bench, EnvBenchmark):
+        return evaluate(model, tokenizer, cfg.pair, bench, sampling, cfg.eval.batch_size, engine=engine)
+    from tip_cli import agent
+    from tip_cli.rollout import eos_ids
+
+    engine = engine or HFEngine(model, tokenizer, cfg.eval.batch_size)
+    trajs = agent.rollout(engine, tokenizer, bench.env, bench.tasks, sampling, cfg.agent, cfg.pair,
+                          eos_ids(model.generation_config.eos_token_id, tokenizer))
+    return agent.summarize(trajs, bench.env), agent.records(trajs, tokenizer)
+
+
 def results_dir(model_or_run_dir: Path, benchmark: str) -> Path:
     """Where results of one benchmark live: <checkpoint or run dir>/eval/<benchmark>/."""
     return model_or_run_dir / "eval" / benchmark
@@ -76,7 +109,8 @@ def results_dir(model_or_run_dir: Path, benchmark: str) -> Path:
 
 def _settings(cfg: TipConfig) -> dict[str, Any]:
     """What makes two evaluations comparable: the benchmark, its sampling, and the problem limit."""
-    return {"benchmark": asdict(cfg.benchmark), "sampling": asdict(eval_sampling(cfg.benchmark, cfg.eval)), "limit": cfg.eval.limit}
+    out = {"benchmark": asdict(cfg.benchmark), "sampling": asdict(eval_sampling(cfg.benchmark, cfg.eval)), "limit": cfg.eval.limit}
+    return out | ({"agent": asdict(cfg.agent)} if cfg.benchmark.env else {})
 
 
 def print_metrics(title: str, metrics: dict[str, float]) -> None:
@@ -95,12 +129,18 @@ def _log_wandb(cfg: TipConfig, out_dir: Path, metrics: dict[str, float], records
                      dir=str(out_dir), job_type="eval", config=_settings(cfg), reinit="finish_previous")
     name = cfg.benchmark.name
     run.log({f"eval/{name}/{k}": v for k, v in metrics.items()} | {"step": step})
-    rows = [[r["id"], r["prompt"], r["responses"][0], r["gold"], r["preds"][0], r["correct"][0]] for r in records[:200]]
-    run.log({f"eval/{name}/samples": wandb.Table(columns=["id", "prompt", "response", "gold", "pred", "correct"], data=rows)})
+    if cfg.benchmark.env:  # agent episodes (tip_cli.agent.records)
+        columns = ["id", "prompt", "transcript", "accuracy"]
+        rows = [[r["id"], r["prompt"], r["transcript"], r["metrics"]["accuracy"]] for r in records[:200]]
+    else:
+        columns = ["id", "prompt", "response", "gold", "pred", "correct"]
+        rows = [[r["id"], r["prompt"], r["responses"][0], r["gold"], r["preds"][0], r["correct"][0]] for r in records[:200]]
+    run.log({f"eval/{name}/samples": wandb.Table(columns=columns, data=rows)})
     run.finish()
 
 
-def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problems: list[Problem]) -> dict[str, float]:
+def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problems: list[Problem] | EnvBenchmark
+                        ) -> dict[str, float]:
     """Evaluate one model into out_dir/eval/<benchmark>/results.json, reusing a result with identical settings."""
     out_file = results_dir(out_dir, cfg.benchmark.name) / "results.json"
     settings = _settings(cfg)
@@ -114,8 +154,7 @@ def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problem
     model = load_model(path, cfg.pair, device, trainable=False)
     tokenizer = load_tokenizer(path, cfg.pair)
     engine = make_engine(cfg.rollout, model, tokenizer, path, cfg.seed) if cfg.rollout.engine != "hf" else None
-    metrics, records = evaluate(model, tokenizer, cfg.pair, problems, eval_sampling(cfg.benchmark, cfg.eval),
-                                cfg.eval.batch_size, engine=engine)
+    metrics, records = evaluate_benchmark(model, tokenizer, cfg, problems, engine=engine)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps({"model": str(ckpt.path), "settings": settings, "metrics": metrics, "records": records}, indent=1))
     if cfg.logger.name == "wandb":
@@ -129,7 +168,7 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
     if not cfg.checkpoint:
         raise ValueError("tip eval needs a checkpoint dir, a run dir, or a model id: tip eval PATH")
     target = Path(cfg.checkpoint).expanduser()
-    problems = load_problems(cfg.benchmark, limit=cfg.eval.limit, skip_bad_rows=cfg.eval.skip_bad_rows)
+    problems = load_benchmark(cfg)
     name = cfg.benchmark.name
     ckpts = list_checkpoints(target)
     if not ckpts:  # one model: a checkpoint dir, a HF id, or toy://student

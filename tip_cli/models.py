@@ -20,11 +20,15 @@ _PROBE_CHAT = [{"role": "user", "content": "What is 1 + 1?"}]
 
 
 def resolve_model(ref: str) -> str:
-    """`toy://teacher|student` -> the cached embedded pair (built on first use); anything else is a HF id or path."""
+    """`toy://` or `toy_agent://` + `teacher|student` -> a cached embedded pair (built on first use); else a HF id or path."""
     if ref.startswith("toy://"):
         from tip_cli.toy import toy_path
 
         return str(toy_path(ref.removeprefix("toy://")))
+    if ref.startswith("toy_agent://"):
+        from tip_cli.toy_agent import toy_agent_path
+
+        return str(toy_agent_path(ref.removeprefix("toy_agent://")))
     if (ref.startswith((".", "/", "~")) or Path(ref).exists()) and not Path(ref).expanduser().exists():
         raise FileNotFoundError(f"model path {Path(ref).expanduser().resolve()} does not exist")
     return ref

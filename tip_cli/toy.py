@@ -237,21 +237,23 @@ def sft_batches(tokenizer: PreTrainedTokenizerFast, problems: list[dict]) -> lis
     return out
 
 
-def _collate(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+def _collate(examples: list[tuple[list[int], int | list[bool]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Pad (ids, what is scored) pairs: a prompt length (every later token is scored) or a per-token bool mask."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id)  # [B, T]
     labels = torch.full((len(examples), width), -100)  # [B, T]; -100 = not scored
     mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, T]
-    for i, (ids, n_prompt) in enumerate(examples):
+    for i, (ids, scored) in enumerate(examples):
         input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+        keep = torch.arange(len(ids)) >= scored if isinstance(scored, int) else torch.tensor(scored, dtype=torch.bool)
+        labels[i, : len(ids)] = torch.where(keep, torch.tensor(ids), -100)
         mask[i, : len(ids)] = 1
     return input_ids, labels, mask
 
 
 def sft(
     model: Qwen3ForCausalLM,
-    data: list[tuple[list[int], int]],
+    data: list[tuple[list[int], int | list[bool]]],
     pad_id: int,
     steps: int,
     batch_size: int,
@@ -263,6 +265,8 @@ def sft(
     check: Callable[[], bool] | None = None,
 ) -> int:
     """Minimise the mean cross-entropy of the response tokens (AdamW, warmup + cosine); return the steps taken.
+
+    Each example is (token ids, prompt length) or (token ids, a bool per token saying which are trained on).
 
     When `check` is given it runs every `check_every` steps and training stops at the first True, which is how
     the student is stopped as soon as it has learned its misreading.

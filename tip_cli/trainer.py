@@ -1,7 +1,8 @@
 """The OPD training loop: rollout -> teacher scoring -> token selection -> selected-token loss -> step.
 
 One step, for a batch of prompts:
-  1. the student samples responses (the rollout engine);
+  1. the student samples responses (the rollout engine); with data.env, tool-use episodes (tip_cli.agent) whose
+     tool results are masked out, so steps 2-4 see only the student's own tokens;
   2. the teacher runs on the same tokens; we keep its final hidden states at the N response positions [N, d_T]
      (its [N, V] log-probs are recomputed chunk by chunk where needed, never stored), or, with
      teacher.backend=vllm_topk, its top-K log-probs [N, K] from a vLLM engine;
@@ -26,7 +27,7 @@ from tip_cli.checkpoint import latest_checkpoint
 from tip_cli.config import TipConfig
 from tip_cli.data import load_problems
 from tip_cli.evaluation import console as eval_console
-from tip_cli.evaluation import eval_sampling, evaluate
+from tip_cli.evaluation import evaluate_benchmark, load_benchmark
 from tip_cli.grading import grade
 from tip_cli.losses import DenseTeacher, StatsSink, Teacher, TopKTeacher, logprobs, selected_token_loss
 from tip_cli.models import (
@@ -37,7 +38,7 @@ from tip_cli.models import (
     load_pair,
     render_prompt,
 )
-from tip_cli.rollout import Batch, Sampling, make_engine, pack
+from tip_cli.rollout import Batch, Sampling, eos_ids, make_engine, pack
 from tip_cli.tracking import MetricsLogger, peak_memory_gb, read_jsonl, timed
 
 console = Console()
@@ -234,9 +235,15 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
 
         scorer = VLLMTeacher(pair.teacher_path, cfg.teacher.vllm, student.dtype, cfg.teacher.topk, cfg.seed)
     engine = make_engine(cfg.rollout, student, tok, pair.student_path, cfg.seed)
-    problems = load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
-    prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
-    bench = load_problems(cfg.benchmark, limit=cfg.eval.limit, skip_bad_rows=cfg.eval.skip_bad_rows)
+    tasks = None  # with data.env: tool-use episodes (tip_cli.agent) instead of single-turn prompts
+    if cfg.data.env:
+        from tip_cli import agent
+
+        tasks = agent.TaskSource(cfg, tok, eos_ids(student.generation_config.eos_token_id, tok))
+    else:
+        problems = load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
+        prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
+    bench = load_benchmark(cfg)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = 0
@@ -250,8 +257,7 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
 
     def run_eval(step: int) -> dict:
         with distributed.gathered(student):  # every rank evaluates (generation is collective); rank 0 logs
-            result, _ = evaluate(student, tok, cfg.pair, bench, eval_sampling(cfg.benchmark, cfg.eval),
-                                 cfg.eval.batch_size, engine=engine)
+            result, _ = evaluate_benchmark(student, tok, cfg, bench, engine=engine)
         metrics = {f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}
         logger.log(metrics, step)
         console.print(f"[bold]eval[/] step {step}: {cfg.benchmark.name} accuracy {result['accuracy']:.3f}")
@@ -270,14 +276,20 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             m: dict[str, float] = {}
             with timed("time/step", m):
-                idx = distributed.my_slice(prompt_indices(len(prompts), cfg.train.prompts_per_step, step, cfg.seed))
+                idx = distributed.my_slice(prompt_indices(len(tasks or prompts), cfg.train.prompts_per_step, step, cfg.seed))
                 sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
                                     seed=distributed.rank_seed(cfg.seed * 1_000_003 + step))
                 with timed("time/rollout", m), distributed.gathered(student):
-                    responses = engine.generate([prompts[i] for i in idx], sampling).tokens
+                    if tasks:
+                        trajs = tasks.rollout(engine, idx, sampling)
+                    else:
+                        responses = engine.generate([prompts[i] for i in idx], sampling).tokens
                     engine.sleep()
                 rows = [i for i in idx for _ in range(sampling.n)]
-                batch = pack([prompts[i] for i in rows], responses, tok.pad_token_id).to(device)
+                if tasks:  # target_mask: the student's own tokens only, never the prompt or tool results
+                    batch = agent.pack(trajs, tok.pad_token_id).to(device)
+                else:
+                    batch = pack([prompts[i] for i in rows], responses, tok.pad_token_id).to(device)
                 step_metrics, stats, kept = distill_step(pair, batch, cfg, generator, m, scorer)
                 m.update(step_metrics)
                 with timed("time/train", m):
@@ -289,12 +301,17 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
                     scheduler.step()
                 with timed("time/sync", m):
                     engine.sync_weights(student)
-            texts = tok.batch_decode(responses, skip_special_tokens=True)
-            m["rollout/response_len"] = sum(map(len, responses)) / len(responses)
-            m["rollout/accuracy"] = sum(grade(t, problems[i].answer).correct for t, i in zip(texts, rows, strict=True)) / len(rows)
+            if tasks:
+                m.update(agent.rollout_metrics(trajs, tasks.env))
+                generated = m["rollout/response_len"] * len(trajs)
+            else:
+                texts = tok.batch_decode(responses, skip_special_tokens=True)
+                m["rollout/response_len"] = sum(map(len, responses)) / len(responses)
+                m["rollout/accuracy"] = sum(grade(t, problems[i].answer).correct for t, i in zip(texts, rows, strict=True)) / len(rows)
+                generated = sum(map(len, responses))
             m["optim/grad_norm"] = float(grad_norm)
             m["perf/tokens_per_s"] = m["tokens/total"] / m["time/step"]
-            m["perf/rollout_tokens_per_s"] = sum(map(len, responses)) / max(m["time/rollout"], 1e-9)
+            m["perf/rollout_tokens_per_s"] = generated / max(m["time/rollout"], 1e-9)
             m["perf/peak_mem_gb"] = peak_memory_gb(device)
             m = distributed.merge_metrics(m)
             logger.log(m, step)
