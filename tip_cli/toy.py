@@ -414,22 +414,17 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
     return info
 
 
-def build_toy(seed: int = 0, force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Build (or find) the toy pair in `cache_root()/toy-v2-seed{seed}` and return that dir.
-
-    Layout: teacher/, student/ (HF model + tokenizer dirs), train.jsonl, dev.jsonl, test.jsonl, build.json.
-    The build goes into a temp dir renamed into place at the end, so an interrupted build leaves no cache behind.
-    """
-    final = cache_root() / f"{TOY_VERSION}-seed{seed}"
-    if (final / "build.json").exists() and not force:
-        return final
+def build_atomically(final: Path, build: Callable[[Path], dict]) -> dict:
+    """Run `build(dir)` in a temp dir beside `final`, write its info to build.json and rename the dir into place;
+    return the info. An interrupted build leaves no cache behind; when a concurrent build of the same pair wins the
+    rename, its result is used."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     threads = torch.get_num_threads()
     torch.set_num_threads(min(8, os.cpu_count() or 1))  # tiny matmuls gain nothing from more threads
     try:
         start = time.time()
-        info = _build_into(tmp, seed, log)
+        info = build(tmp)
         info["seconds"] = round(time.time() - start, 1)
         (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():  # force, or a stale dir without build.json: move it aside, then swap
@@ -440,10 +435,22 @@ def build_toy(seed: int = 0, force: bool = False, log: Callable[[str], None] = p
     except OSError:
         if not (final / "build.json").exists():
             raise
-        # another process finished the same build first; its result is as good as ours
+        info = json.loads((final / "build.json").read_text())  # another process finished the same build first
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def build_toy(seed: int = 0, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Build (or find) the toy pair in `cache_root()/toy-v2-seed{seed}` and return that dir.
+
+    Layout: teacher/, student/ (HF model + tokenizer dirs), train.jsonl, dev.jsonl, test.jsonl, build.json.
+    """
+    final = cache_root() / f"{TOY_VERSION}-seed{seed}"
+    if (final / "build.json").exists() and not force:
+        return final
+    info = build_atomically(final, lambda out: _build_into(out, seed, log))
     log(
         f"[toy] built {final} in {info['seconds']:.0f}s: teacher {info['teacher']['test_accuracy']:.1%}, "
         f"student {info['student']['test_accuracy']:.1%} greedy test accuracy"

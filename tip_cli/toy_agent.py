@@ -12,10 +12,6 @@ are built by the same code the rollouts use (tip_cli.agent), and SFT trains only
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +24,7 @@ from tip_cli.config import AgentConfig, DatasetConfig, PairConfig
 from tip_cli.envs import Task
 from tip_cli.envs.toy_agent import SPLITS, ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
 from tip_cli.rollout import HFEngine, Sampling, eos_ids
-from tip_cli.toy import ModelSpec, cache_root, new_model, save_model, sft, train_tokenizer
+from tip_cli.toy import ModelSpec, build_atomically, cache_root, new_model, save_model, sft, train_tokenizer
 
 TOY_AGENT_VERSION = "toy-agent-v1"
 TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -157,31 +153,11 @@ def build_micro_agent_pair(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def build_toy_agent(seed: int = 0, force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Build (or find) the pair in `cache_root()/toy-agent-v1-seed{seed}`: teacher/, student/, build.json.
-
-    Built into a temp dir renamed into place, so an interrupted build leaves no cache behind.
-    """
+    """Build (or find) the pair in `cache_root()/toy-agent-v1-seed{seed}`: teacher/, student/, build.json."""
     final = cache_root() / f"{TOY_AGENT_VERSION}-seed{seed}"
     if (final / "build.json").exists() and not force:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(8, os.cpu_count() or 1))
-    try:
-        start = time.time()
-        info = _build_into(tmp, seed, log)
-        info["seconds"] = round(time.time() - start, 1)
-        (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except OSError:
-        if not (final / "build.json").exists():
-            raise
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(tmp, ignore_errors=True)
+    info = build_atomically(final, lambda out: _build_into(out, seed, log))
     log(f"[toy-agent] built {final} in {info['seconds']:.0f}s")
     return final
 
