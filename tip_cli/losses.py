@@ -36,7 +36,7 @@ def logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Te
     """
     logits = hidden @ weight[:vocab].T
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if logits.requires_grad:
         return torch.log_softmax(logits, dim=-1)
     return logits.sub_(logits.logsumexp(-1, keepdim=True))
 
@@ -133,15 +133,15 @@ def _reverse_kl_chunk(
     logp_s = logp_s.to(torch.promote_types(logp_s.dtype, torch.float32))
     logp_s = logp_s.sub_(logp_s.logsumexp(-1, keepdim=True))  # log p_S
     p_s = logp_s.exp()
-    simple = sink is None or (sink.cfg.divergence == "reverse_kl" and sink.cfg.topk is None)
-    if sink is not None and not simple:
+    ent = None  # H [C], when the sink's D is this loss's own reverse KL
+    if sink is not None and sink.cfg.divergence == "reverse_kl" and sink.cfg.topk is None:
+        ent = -rowdot(p_s, logp_s)
+    elif sink is not None:  # another divergence: from both log-probs, before logp_t is overwritten
         sink.parts.append(token_stats_chunk(logp_s, logp_t, sink.cfg))
-    if sink is not None and simple:
-        ent = -rowdot(p_s, logp_s)  # [C]
     diff = logp_t.neg_().add_(logp_s)  # log p_S - log p_T
     kl_rows = rowdot(p_s, diff)  # [C]
-    if sink is not None and simple:
-        sink.parts.append((ent, kl_rows.clone()))
+    if ent is not None:
+        sink.parts.append((ent, kl_rows))
     grad_z = diff.sub_(kl_rows[:, None]).mul_(p_s).mul_(scale).to(w.dtype)  # [C, V]
     del p_s, logp_s
     grad_h = grad_z @ w  # [C, d]
