@@ -243,6 +243,7 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     else:
         problems = load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
         prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
+    n_prompts = len(tasks) if tasks is not None else len(prompts)
     bench = load_benchmark(cfg)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -276,17 +277,17 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             m: dict[str, float] = {}
             with timed("time/step", m):
-                idx = distributed.my_slice(prompt_indices(len(tasks or prompts), cfg.train.prompts_per_step, step, cfg.seed))
+                idx = distributed.my_slice(prompt_indices(n_prompts, cfg.train.prompts_per_step, step, cfg.seed))
                 sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
                                     seed=distributed.rank_seed(cfg.seed * 1_000_003 + step))
                 with timed("time/rollout", m), distributed.gathered(student):
-                    if tasks:
+                    if tasks is not None:
                         trajs = tasks.rollout(engine, idx, sampling)
                     else:
                         responses = engine.generate([prompts[i] for i in idx], sampling).tokens
                     engine.sleep()
                 rows = [i for i in idx for _ in range(sampling.n)]
-                if tasks:  # target_mask: the student's own tokens only, never the prompt or tool results
+                if tasks is not None:  # target_mask: the student's own tokens only, never the prompt or tool results
                     batch = agent.pack(trajs, tok.pad_token_id).to(device)
                 else:
                     batch = pack([prompts[i] for i in rows], responses, tok.pad_token_id).to(device)
@@ -301,7 +302,7 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
                     scheduler.step()
                 with timed("time/sync", m):
                     engine.sync_weights(student)
-            if tasks:
+            if tasks is not None:
                 m.update(agent.rollout_metrics(trajs, tasks.env))
                 generated = m["rollout/response_len"] * len(trajs)
             else:
