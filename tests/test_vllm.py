@@ -107,3 +107,25 @@ def test_three_training_steps_with_the_vllm_engine(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["time/rollout"] > 0 and r["perf/rollout_tokens_per_s"] > 0 and "time/sync" in r for r in steps)
     assert (out / "checkpoints" / "step_3" / "config.json").exists()
+
+
+def test_eval_through_vllm_matches_hf_without_loading_the_hf_model(tmp_path, monkeypatch):
+    """`tip eval CKPT rollout=vllm`: the same greedy responses as the HF engine, and no HF copy of the weights."""
+    from tip_cli import evaluation
+    from tip_cli.checkpoint import Checkpoint
+    from tip_cli.cli import compose_config
+
+    ckpt = Checkpoint(step=0, path=toy_path("student"))
+    common = ["benchmark=toy", "eval.limit=6", "logger=none"]
+    hf_cfg = compose_config(common)
+    hf = evaluation.evaluate_checkpoint(hf_cfg, ckpt, tmp_path / "hf", evaluation.load_benchmark(hf_cfg))
+
+    def no_hf_model(*args, **kwargs):
+        raise AssertionError("the HF model was loaded for a vLLM eval")
+
+    monkeypatch.setattr(evaluation, "load_model", no_hf_model)
+    vllm_cfg = compose_config([*common, "rollout=vllm", "rollout.vllm.kv_cache_gb=0.25"])
+    got = evaluation.evaluate_checkpoint(vllm_cfg, ckpt, tmp_path / "vllm", evaluation.load_benchmark(vllm_cfg))
+    records = [json.loads((tmp_path / run / "eval" / "toy" / "results.json").read_text())["records"] for run in ("hf", "vllm")]
+    assert [r["responses"] for r in records[0]] == [r["responses"] for r in records[1]]
+    assert got["accuracy"] == hf["accuracy"]

@@ -14,14 +14,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from transformers import AutoConfig, GenerationConfig
 
 from tip_cli.checkpoint import Checkpoint, list_checkpoints
 from tip_cli.config import DatasetConfig, EvalConfig, PairConfig, TipConfig
 from tip_cli.data import Problem, load_problems
 from tip_cli.grading import grade
 from tip_cli.metrics import summarize
-from tip_cli.models import load_model, load_tokenizer, pick_device, render_prompt, resolve_model
-from tip_cli.rollout import HFEngine, Sampling, make_engine
+from tip_cli.models import load_model, load_tokenizer, pick_device, pick_dtype, render_prompt, resolve_model
+from tip_cli.rollout import HFEngine, Sampling
 from tip_cli.tracking import wandb_mode
 
 console = Console()
@@ -94,11 +95,9 @@ def evaluate_benchmark(model, tokenizer, cfg: TipConfig, bench: list[Problem] | 
     if not isinstance(bench, EnvBenchmark):
         return evaluate(model, tokenizer, cfg.pair, bench, sampling, cfg.eval.batch_size, engine=engine)
     from tip_cli import agent
-    from tip_cli.rollout import eos_ids
 
     engine = engine or HFEngine(model, tokenizer, cfg.eval.batch_size)
-    trajs = agent.rollout(engine, tokenizer, bench.env, bench.tasks, sampling, cfg.agent, cfg.pair,
-                          eos_ids(model.generation_config.eos_token_id, tokenizer))
+    trajs = agent.rollout(engine, tokenizer, bench.env, bench.tasks, sampling, cfg.agent, cfg.pair, engine.eos_ids)
     return agent.summarize(trajs, bench.env), agent.records(trajs, tokenizer)
 
 
@@ -139,6 +138,14 @@ def _log_wandb(cfg: TipConfig, out_dir: Path, metrics: dict[str, float], records
     run.finish()
 
 
+def _eos_token_id(path: str) -> int | list[int] | None:
+    """The end-of-sequence id(s) a model dir declares: its generation config's, else its model config's."""
+    try:
+        return GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        return AutoConfig.from_pretrained(path).eos_token_id
+
+
 def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problems: list[Problem] | EnvBenchmark
                         ) -> dict[str, float]:
     """Evaluate one model into out_dir/eval/<benchmark>/results.json, reusing a result with identical settings."""
@@ -151,9 +158,15 @@ def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problem
             return previous["metrics"]
     device = pick_device(cfg.train.device)
     path = resolve_model(str(ckpt.path) if ckpt.step >= 0 else cfg.checkpoint)
-    model = load_model(path, cfg.pair, device, trainable=False)
     tokenizer = load_tokenizer(path, cfg.pair)
-    engine = make_engine(cfg.rollout, model, tokenizer, path, cfg.seed) if cfg.rollout.engine != "hf" else None
+    model, engine = None, None
+    if cfg.rollout.engine == "vllm":  # the engine loads the weights itself: no HF copy beside it
+        from tip_cli.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(path, tokenizer, cfg.rollout.vllm, pick_dtype(cfg.pair.dtype, device), cfg.seed,
+                            eos=_eos_token_id(path))
+    else:
+        model = load_model(path, cfg.pair, device, trainable=False)
     metrics, records = evaluate_benchmark(model, tokenizer, cfg, problems, engine=engine)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps({"model": str(ckpt.path), "settings": settings, "metrics": metrics, "records": records}, indent=1))
