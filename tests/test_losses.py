@@ -196,3 +196,22 @@ def test_upstream_gradient_scales_the_loss_gradient():
     three = torch.autograd.grad(3.0 * selected_token_loss(h_s, w_s, h_t, w_t, 40), [h_s, w_s])
     for a, b in zip(one, three, strict=True):
         torch.testing.assert_close(3.0 * a, b)
+
+
+def test_log_partitions_from_a_scoring_pass_give_the_same_loss_and_gradients():
+    """The loss reuses the student's and the teacher's log sum exp of each row (computed while scoring) instead of
+    recomputing them: value and gradients equal the float64 reference, with other chunking than the scoring's."""
+    from tip_cli.losses import DenseTeacher, scored_logprobs
+
+    h_s, w_s, h_t, w_t = make_inputs()
+    _, z_s = scored_logprobs(h_s.detach(), w_s.detach(), 40)
+    _, z_t = scored_logprobs(h_t, w_t, 40)
+    kept = torch.tensor([0, 3, 4, 9, 17, 22])
+    teacher = DenseTeacher(h_t, w_t, 40, z_t).rows(kept)
+    got = selected_token_loss(h_s[kept], w_s, teacher, None, 40, chunk_size=4, normalizer=6.0, log_z_s=z_s[kept])
+    want = reference_loss(h_s[kept], w_s, h_t[kept], w_t, 40, "reverse_kl", 0.5) / 6.0
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    for a, b in zip(torch.autograd.grad(got, [h_s, w_s]), torch.autograd.grad(want, [h_s, w_s]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    wrong = selected_token_loss(h_s[kept], w_s, teacher, None, 40, normalizer=6.0, log_z_s=z_s[kept] + 0.1)
+    assert wrong.item() != pytest.approx(want.item(), rel=1e-6)  # the partitions really are used

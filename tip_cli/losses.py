@@ -29,16 +29,26 @@ from tip_cli.divergence import entropy, rowdot, token_divergence, topk_buckets
 from tip_cli.importance import token_stats_chunk
 
 
-def logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
+def logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, log_z: torch.Tensor | None = None) -> torch.Tensor:
     """log softmax(hidden @ weight[:vocab]^T), at least float32. hidden [C, d], weight [V', d] -> [C, vocab].
 
-    Without grad the log-softmax is taken in place over the logits: one [C, vocab] block instead of two.
+    Without grad the log-softmax is taken in place over the logits: one [C, vocab] block instead of two; `log_z`
+    [C], the rows' log-partition from an earlier pass over the same rows, saves computing it again.
     """
     logits = hidden @ weight[:vocab].T
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if logits.requires_grad:
         return torch.log_softmax(logits, dim=-1)
-    return logits.sub_(logits.logsumexp(-1, keepdim=True))
+    return logits.sub_((logits.logsumexp(-1) if log_z is None else log_z)[:, None])
+
+
+@torch.no_grad()
+def scored_logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs` and the rows' log-partition log sum_v exp(logit_v) [C], which the loss can reuse."""
+    logits = hidden @ weight[:vocab].T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_z = logits.logsumexp(-1)
+    return logits.sub_(log_z[:, None]), log_z
 
 
 @dataclass
@@ -59,17 +69,22 @@ class DenseTeacher:
     hidden: torch.Tensor  # [N, d_T]
     weight: torch.Tensor  # [V_T, d_T]
     vocab: int
+    log_z: torch.Tensor | None = None  # [N], the rows' log-partition once a scoring pass has computed it
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
     def rows(self, index: torch.Tensor | slice) -> DenseTeacher:
-        return DenseTeacher(self.hidden[index], self.weight, self.vocab)
+        return DenseTeacher(self.hidden[index], self.weight, self.vocab, None if self.log_z is None else self.log_z[index])
 
     @torch.no_grad()
     def target(self, rows: slice) -> torch.Tensor:
         """The teacher's side of the divergence at `rows`: its log-probs [C, vocab], a fresh tensor."""
-        return logprobs(self.hidden[rows], self.weight, self.vocab)
+        return logprobs(self.hidden[rows], self.weight, self.vocab, None if self.log_z is None else self.log_z[rows])
+
+    def scored_target(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target` and the rows' log-partition [C]."""
+        return scored_logprobs(self.hidden[rows], self.weight, self.vocab)
 
     def divergence_to(self, logp_s: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
         return token_divergence(logp_s, target, kind, beta)
@@ -121,17 +136,17 @@ Teacher = DenseTeacher | TopKTeacher
 
 
 def _reverse_kl_chunk(
-    h: torch.Tensor, w: torch.Tensor, logp_t: torch.Tensor, scale: float, want_w: bool, sink: StatsSink | None
+    h: torch.Tensor, w: torch.Tensor, logp_t: torch.Tensor, scale: float, want_w: bool, sink: StatsSink | None,
+    log_z: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """scale * sum_c KL(p_S || p_T) over one chunk and its gradients w.r.t. h [C, d] and w[:V] [V, d], in closed form.
 
     logp_t [C, V] is the teacher's fresh log-probs, overwritten here. With z = h w^T, dL/dz = scale * p_S *
     (log p_S - log p_T - KL) row-wise, so the chunk needs the logits (turned into log p_S in place), p_S, and
-    log p_S - log p_T (in place over logp_t, then turned into dL/dz in place): three [C, V] blocks.
+    log p_S - log p_T (in place over logp_t, then turned into dL/dz in place): three [C, V] blocks. `log_z` [C]
+    is the student's log-partition of these rows from the scoring pass, if it ran.
     """
-    logp_s = h @ w.T  # [C, V] logits
-    logp_s = logp_s.to(torch.promote_types(logp_s.dtype, torch.float32))
-    logp_s = logp_s.sub_(logp_s.logsumexp(-1, keepdim=True))  # log p_S
+    logp_s = logprobs(h, w, w.shape[0], log_z)  # [C, V] log p_S, in place over the logits
     p_s = logp_s.exp()
     ent = None  # H [C], when the sink's D is this loss's own reverse KL
     if sink is not None and sink.cfg.divergence == "reverse_kl" and sink.cfg.topk is None:
@@ -151,7 +166,7 @@ def _reverse_kl_chunk(
 
 class _SelectedTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, scale, sink):
+    def forward(ctx, hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, scale, sink, log_z_s):
         grad_h = torch.zeros_like(hidden_s)  # [K, d_S]
         grad_w = torch.zeros_like(weight_s) if ctx.needs_input_grad[1] else None  # [V', d_S]
         total = torch.zeros((), dtype=torch.promote_types(hidden_s.dtype, torch.float32), device=hidden_s.device)
@@ -161,7 +176,8 @@ class _SelectedTokenLoss(torch.autograd.Function):
             target = teacher.target(rows)
             if closed_form:
                 chunk_loss, g_h, g_w = _reverse_kl_chunk(
-                    hidden_s[rows].detach(), weight_s.detach()[:vocab], target, scale, grad_w is not None, sink
+                    hidden_s[rows].detach(), weight_s.detach()[:vocab], target, scale, grad_w is not None, sink,
+                    None if log_z_s is None else log_z_s[rows],
                 )
                 grad_h[rows] = g_h
                 if grad_w is not None:
@@ -188,10 +204,10 @@ class _SelectedTokenLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         if bool(grad_out == 1):  # loss.backward(): hand over the gradients, no [V, d] copy
-            return saved[0], saved[1] if len(saved) > 1 else None, None, None, None, None, None, None, None
+            return saved[0], saved[1] if len(saved) > 1 else None, *(None,) * 8
         grad_h = saved[0] * grad_out
         grad_w = saved[1] * grad_out if len(saved) > 1 else None
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, *(None,) * 8
 
 
 def selected_token_loss(
@@ -205,6 +221,7 @@ def selected_token_loss(
     chunk_size: int = 256,
     normalizer: float = 1.0,
     sink: StatsSink | None = None,
+    log_z_s: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum over the K rows of div(p_S, p_T), divided by `normalizer` (the global kept or total token count).
 
@@ -212,10 +229,13 @@ def selected_token_loss(
     positions and its lm_head); hidden_t [K, d_T], weight_t [V_T, d_T] are the teacher's (or hidden_t is a
     `DenseTeacher` / `TopKTeacher` for the same K rows, and weight_t is ignored). Both vocabularies are cut to the
     first `vocab` entries. With a `sink`, each row's (H, D) is appended to it as the loss computes the row.
+    `log_z_s` [K], the student's log-partition of the K rows from a scoring pass, spares the loss recomputing it.
     """
     teacher = hidden_t if isinstance(hidden_t, DenseTeacher | TopKTeacher) else DenseTeacher(hidden_t, weight_t, vocab)
     if hidden_s.shape[0] != len(teacher):
         raise ValueError(f"student rows {hidden_s.shape[0]} != teacher rows {len(teacher)}")
     if hidden_s.shape[0] == 0:
         return (hidden_s.sum() + weight_s.sum()) * 0.0  # keeps the graph so backward() still works
-    return _SelectedTokenLoss.apply(hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, 1.0 / normalizer, sink)
+    return _SelectedTokenLoss.apply(
+        hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, 1.0 / normalizer, sink, log_z_s
+    )

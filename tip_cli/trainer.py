@@ -14,6 +14,7 @@ One step, for a batch of prompts:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ from tip_cli.data import load_problems
 from tip_cli.evaluation import console as eval_console
 from tip_cli.evaluation import evaluate_benchmark, load_benchmark
 from tip_cli.grading import grade
-from tip_cli.losses import DenseTeacher, StatsSink, Teacher, TopKTeacher, logprobs, selected_token_loss
+from tip_cli.importance import token_stats_chunk
+from tip_cli.losses import DenseTeacher, StatsSink, Teacher, TopKTeacher, scored_logprobs, selected_token_loss
 from tip_cli.models import (
     Pair,
     enable_checkpointing,
@@ -90,14 +92,35 @@ def micro_slices(batch: Batch, micro: int) -> list[tuple[Batch, int, int]]:
 
 
 @torch.no_grad()
-def score(h_s: torch.Tensor, teacher: Teacher, pair: Pair, cfg: TipConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student entropy H [N] and divergence D [N] from the hidden states, chunk by chunk over [chunk, V]."""
+def score(
+    h_s: torch.Tensor, teacher: Teacher, pair: Pair, cfg: TipConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Teacher]:
+    """Student entropy H [N] and divergence D [N] from the hidden states, chunk by chunk over [chunk, V].
+
+    Also returns each row's student log-partition [N] and the teacher carrying its own (a dense teacher), so that
+    the loss on the kept rows need not compute them again.
+    """
     w_s, chunk = head_weight(pair.student), cfg.importance.chunk_size
-    parts = [
-        teacher.stats(logprobs(h_s[i : i + chunk], w_s, pair.vocab), slice(i, i + chunk), cfg.importance, consume=True)
-        for i in range(0, h_s.shape[0], chunk)
-    ]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    ent, div, z_s, z_t = [], [], [], []
+    for i in range(0, h_s.shape[0], chunk):
+        rows = slice(i, i + chunk)
+        logp_s, log_z = scored_logprobs(h_s[rows], w_s, pair.vocab)
+        z_s.append(log_z)
+        if isinstance(teacher, DenseTeacher):
+            logp_t, log_z_t = teacher.scored_target(rows)
+            z_t.append(log_z_t)
+            h, d = token_stats_chunk(logp_s, logp_t, cfg.importance, consume=True)
+        else:
+            h, d = teacher.stats(logp_s, rows, cfg.importance)
+        ent.append(h)
+        div.append(d)
+    if z_t:
+        teacher = replace(teacher, log_z=_cat(z_t))
+    return _cat(ent), _cat(div), _cat(z_s), teacher
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 @torch.no_grad()
@@ -143,7 +166,7 @@ def distill_step(
         else:
             with torch.no_grad():
                 h_s_scores = torch.cat([valid_hidden(pair.student, mb) for mb, _, _ in parts])
-        ent, div = score(h_s_scores, teacher, pair, cfg)
+        ent, div, log_z_s, teacher = score(h_s_scores, teacher, pair, cfg)
         # stats, selection and the loss normaliser over every rank's tokens under torchrun; this batch's otherwise
         sel = distributed.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator)
         kept = sel.local.to(pair.device)  # [K_r], indices into this batch's N tokens
@@ -158,7 +181,7 @@ def distill_step(
             h_s = h_fused if fused else valid_hidden(pair.student, mb)
             loss = selected_token_loss(
                 h_s[local - lo], head_weight(pair.student), teacher.rows(local), None, pair.vocab,
-                cfg.loss.kind, cfg.loss.jsd_beta, cfg.loss.chunk_size, normalizer,
+                cfg.loss.kind, cfg.loss.jsd_beta, cfg.loss.chunk_size, normalizer, log_z_s=log_z_s[local],
             )
             loss.backward()
             loss_total += loss.item()
