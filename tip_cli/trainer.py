@@ -110,10 +110,12 @@ def score(
             logp_t, log_z_t = teacher.scored_target(rows)
             z_t.append(log_z_t)
             h, d = token_stats_chunk(logp_s, logp_t, cfg.importance, consume=True)
+            del logp_t
         else:
             h, d = teacher.stats(logp_s, rows, cfg.importance)
         ent.append(h)
         div.append(d)
+        del logp_s  # before the next chunk's logits, so that two chunks' blocks are never alive together
     if z_t:
         teacher = replace(teacher, log_z=_cat(z_t))
     return _cat(ent), _cat(div), _cat(z_s), teacher
