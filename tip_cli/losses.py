@@ -29,14 +29,19 @@ from tip_cli.divergence import entropy, rowdot, token_divergence, topk_buckets
 from tip_cli.importance import token_stats_chunk
 
 
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
+    """hidden @ weight[:vocab]^T, at least float32: [C, vocab]."""
+    logits = hidden @ weight[:vocab].T
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, log_z: torch.Tensor | None = None) -> torch.Tensor:
     """log softmax(hidden @ weight[:vocab]^T), at least float32. hidden [C, d], weight [V', d] -> [C, vocab].
 
     Without grad the log-softmax is taken in place over the logits: one [C, vocab] block instead of two; `log_z`
     [C], the rows' log-partition from an earlier pass over the same rows, saves computing it again.
     """
-    logits = hidden @ weight[:vocab].T
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = _logits(hidden, weight, vocab)
     if logits.requires_grad:
         return torch.log_softmax(logits, dim=-1)
     return logits.sub_((logits.logsumexp(-1) if log_z is None else log_z)[:, None])
@@ -45,8 +50,7 @@ def logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, log_z: torc
 @torch.no_grad()
 def scored_logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs` and the rows' log-partition log sum_v exp(logit_v) [C], which the loss can reuse."""
-    logits = hidden @ weight[:vocab].T
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = _logits(hidden, weight, vocab)
     log_z = logits.logsumexp(-1)
     return logits.sub_(log_z[:, None]), log_z
 
@@ -92,13 +96,6 @@ class DenseTeacher:
     def stats_to(self, logp_s: torch.Tensor, target: torch.Tensor, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
         return token_stats_chunk(logp_s, target, cfg)
 
-    def divergence(self, logp_s: torch.Tensor, rows: slice, kind: str, beta: float) -> torch.Tensor:
-        return self.divergence_to(logp_s, self.target(rows), kind, beta)
-
-    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig, consume: bool = False):
-        """(H [C], D [C]) at `rows`; `consume` lets it overwrite logp_s (the teacher side is its own)."""
-        return token_stats_chunk(logp_s, self.target(rows), cfg, consume)
-
 
 @dataclass
 class TopKTeacher:
@@ -125,10 +122,7 @@ class TopKTeacher:
         logp_s = logp_s.float()
         return entropy(logp_s), self.divergence_to(logp_s, target, cfg.divergence, cfg.jsd_beta)
 
-    def divergence(self, logp_s: torch.Tensor, rows: slice, kind: str, beta: float) -> torch.Tensor:
-        return self.divergence_to(logp_s, self.target(rows), kind, beta)
-
-    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig, consume: bool = False):
+    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
         return self.stats_to(logp_s, self.target(rows), cfg)
 
 
