@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import socket
 import threading
@@ -28,6 +29,24 @@ from tip_cli.rollout import HFEngine, Sampling
 from tip_cli.tracking import MetricsLogger, read_jsonl
 
 FAST = ["train.eval_before=false", "train.eval_every=0", "train.token_sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def finished(micro, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A finished 2-step micro run with a checkpoint per step, and its overrides; tests work on copies (`run_copy`)."""
+    overrides = [
+        f"pair.teacher={micro['teacher']}", f"pair.student={micro['student']}", f"data.path={micro['train']}",
+        f"benchmark.path={micro['test']}", "train.steps=2", "train.prompts_per_step=4", "rollout.max_new_tokens=12",
+        "benchmark.max_new_tokens=12", "eval.limit=4", "logger=none", *FAST, "train.save_every=1",
+    ]
+    run = tmp_path_factory.mktemp("finished") / "run"
+    trainer.train(compose_config(overrides), run)
+    return run, overrides
+
+
+def run_copy(finished, tmp_path: Path) -> tuple[Path, list[str]]:
+    run, overrides = finished
+    return Path(shutil.copytree(run, tmp_path / "run")), overrides
 
 
 def refuse_models(monkeypatch) -> None:
@@ -71,44 +90,42 @@ def killed(status: int) -> bool:
 # ------------------------------------------------------------------------------------------ resume contract
 
 
-def test_changed_config_rerun_stops_before_loading_models_listing_each_change(tmp_path, micro_overrides, monkeypatch):
-    overrides = [*micro_overrides, *FAST]
-    trainer.train(compose_config(overrides), tmp_path)
-    recorded = (tmp_path / "config.yaml").read_text()
+def test_changed_config_rerun_stops_before_loading_models_listing_each_change(finished, tmp_path, monkeypatch):
+    run, overrides = run_copy(finished, tmp_path)
+    recorded = (run / "config.yaml").read_text()
     refuse_models(monkeypatch)
     changed = compose_config([*overrides, "train.steps=4", "selector=all", "train.lr=1e-3"])
     with pytest.raises(rundir.RunDirError) as err:
-        trainer.train(changed, tmp_path)
+        trainer.train(changed, run)
     message = str(err.value)
     assert "selector.name: 'soft_or' -> 'all'" in message and "train.lr: 0.0001 -> 0.001" in message
     assert "train.steps" not in message  # growing steps under a constant schedule is a continuation
     assert "out_dir" in message and "train.resume=override" in message
-    assert (tmp_path / "config.yaml").read_text() == recorded
+    assert (run / "config.yaml").read_text() == recorded
 
 
-def test_override_takes_effect_is_recorded_and_analyze_splits_the_run(tmp_path, micro_overrides):
-    overrides = [*micro_overrides, *FAST]
-    trainer.train(compose_config(overrides), tmp_path)
+def test_override_takes_effect_is_recorded_and_analyze_splits_the_run(finished, tmp_path):
+    run, overrides = run_copy(finished, tmp_path)
     trainer.train(compose_config([*overrides, "train.steps=4", "selector=all", "train.lr=1e-3",
-                                  "train.resume=override"]), tmp_path)
-    rows = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r}
+                                  "train.resume=override"]), run)
+    rows = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
     assert [rows[s]["optim/lr"] for s in (1, 2, 3, 4)] == [1e-4, 1e-4, 1e-3, 1e-3]
     assert [rows[s]["tokens/kept_frac"] == 1.0 for s in (1, 2, 3, 4)] == [False, False, True, True]
-    (record,) = read_jsonl(tmp_path / "overrides.jsonl")
+    (record,) = read_jsonl(run / "overrides.jsonl")
     assert record["step"] == 2 and record["changed"]["selector.name"] == ["soft_or", "all"]
-    first, second = sorted(load_runs([tmp_path]), key=lambda r: r.name)
+    first, second = sorted(load_runs([run]), key=lambda r: r.name)
     assert (first.selector, [r["step"] for r in first.steps]) == ("soft_or", [1, 2])
     assert (second.selector, [r["step"] for r in second.steps]) == ("all", [3, 4])
 
 
-def test_finished_run_rerun_unchanged_writes_nothing(tmp_path, micro_overrides, monkeypatch, capsys):
-    overrides = [*micro_overrides, *FAST]
-    final = trainer.train(compose_config(overrides), tmp_path)
-    before = snapshot(tmp_path)
+def test_finished_run_rerun_unchanged_writes_nothing(finished, tmp_path, monkeypatch, capsys):
+    run, overrides = run_copy(finished, tmp_path)
+    final = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/toy/accuracy" in r][-1]
+    before = snapshot(run)
     refuse_models(monkeypatch)
-    again = trainer.train(compose_config([*overrides, "train.save_every=7"]), tmp_path)  # cadence is harmless
-    assert snapshot(tmp_path) == before
-    assert again["accuracy"] == final["accuracy"]
+    again = trainer.train(compose_config([*overrides, "train.save_every=7"]), run)  # cadence is harmless
+    assert snapshot(run) == before
+    assert again["accuracy"] == final["eval/toy/accuracy"]
     assert "is complete" in capsys.readouterr().out
 
 
@@ -148,37 +165,35 @@ def test_second_writer_is_refused_naming_holder_and_a_dead_holder_is_taken_over(
 # ------------------------------------------------------------------------------------------ damaged state
 
 
-def test_truncated_latest_checkpoint_falls_back_in_resume_and_eval(tmp_path, micro_overrides, capsys):
-    overrides = [*micro_overrides, *FAST, "train.save_every=1"]
-    trainer.train(compose_config(overrides), tmp_path)
-    good = weights(tmp_path, 2)
-    damaged = tmp_path / "checkpoints" / "step_2" / "model.safetensors"
+def test_truncated_latest_checkpoint_falls_back_in_resume_and_eval(finished, tmp_path, capsys):
+    run, overrides = run_copy(finished, tmp_path)
+    good = weights(run, 2)
+    damaged = run / "checkpoints" / "step_2" / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:1000])
     capsys.readouterr()
 
-    result = run_eval_command(compose_config([*overrides, f"checkpoint={tmp_path}"]))
+    result = run_eval_command(compose_config([*overrides, f"checkpoint={run}"]))
     assert [p["step"] for p in result["curve"]] == [1]
     out = capsys.readouterr().out.replace("\n", " ")
     assert "skipping checkpoint" in out and "step_2" in out and "truncated" in out
 
-    trainer.train(compose_config(overrides), tmp_path)  # resumes from step 1 and redoes step 2
+    trainer.train(compose_config(overrides), run)  # resumes from step 1 and redoes step 2
     out = capsys.readouterr().out.replace("\n", " ")
     assert "skipping checkpoint" in out and "(step 1)" in out
-    redone = weights(tmp_path, 2)
+    redone = weights(run, 2)
     assert all(torch.equal(redone[k], good[k]) for k in good)
 
 
-def test_torn_metrics_line_is_dropped_on_resume_and_analyze_names_the_file(tmp_path, micro_overrides, capsys):
-    overrides = [*micro_overrides, *FAST, "train.save_every=1"]
-    trainer.train(compose_config(overrides), tmp_path)
-    metrics = tmp_path / "metrics.jsonl"
+def test_torn_metrics_line_is_dropped_on_resume_and_analyze_names_the_file(finished, tmp_path, capsys):
+    run, overrides = run_copy(finished, tmp_path)
+    metrics = run / "metrics.jsonl"
     intact = metrics.read_text()
     lines = intact.count("\n")
     metrics.write_text(intact + '{"step": 3, "loss": 0.12')  # a write cut short by a crash
-    runs = load_runs([tmp_path])  # analyze reads it: the torn line is dropped, with the file and line named
+    runs = load_runs([run])  # analyze reads it: the torn line is dropped, with the file and line named
     assert [r["step"] for r in runs[0].steps] == [1, 2]
     assert f"{metrics} line {lines + 1}" in capsys.readouterr().err
-    MetricsLogger(tmp_path, compose_config(overrides).logger, {}, resume_step=2)  # what resume does
+    MetricsLogger(run, compose_config(overrides).logger, {}, resume_step=2)  # what resume does
     assert metrics.read_text() == intact
     metrics.write_text('{"step": 1, "lo\n' + intact)
     with pytest.raises(ValueError, match=f"{metrics} line 1"):  # inside the file it is damage, not a torn tail
@@ -243,11 +258,9 @@ class Payload:
         return (pathlib.Path.touch, (self.marker,))
 
 
-def test_pickle_payload_in_a_checkpoint_is_refused(tmp_path, micro_overrides, monkeypatch):
-    overrides = [*micro_overrides, *FAST]
-    run = tmp_path / "run"
+def test_pickle_payload_in_a_checkpoint_is_refused(finished, tmp_path, monkeypatch):
+    run, overrides = run_copy(finished, tmp_path)
     marker = tmp_path / "executed"
-    trainer.train(compose_config(overrides), run)
     ckpt = run / "checkpoints" / "step_2"
     state = torch.load(ckpt / checkpoint.STATE_FILE, weights_only=True)
     torch.save({**state, "extra": Payload(marker)}, ckpt / checkpoint.STATE_FILE)
@@ -272,6 +285,7 @@ def test_bad_data_and_sampling_fail_before_any_model_loads(tmp_path, micro_overr
     with pytest.raises(ConfigError, match="rollout.temperature > 0"):
         compose_config([*micro_overrides, "rollout.samples_per_prompt=2", "rollout.temperature=0"])
     compose_config([*micro_overrides, "eval.n=2", "eval.temperature=0.6"])  # sampling several is fine
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # and no run dir was left behind
 
 
 def test_generation_is_capped_at_the_models_context(micro, capsys):

@@ -202,7 +202,7 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
     for ckpt in ckpts:
         reason = verify(ckpt)
         if reason is not None:
-            console.print(f"[yellow]skipping checkpoint {ckpt.path}: {reason}[/]")
+            console.print(f"[yellow]skipping checkpoint {ckpt.path}: {reason}[/]", soft_wrap=True)
             continue
         out_dir = root / "checkpoints" / ckpt.path.name if cfg.out_dir else ckpt.path
         metrics = evaluate_checkpoint(cfg, ckpt, out_dir, problems)

@@ -158,10 +158,11 @@ def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
     lock = RunLock(run_dir)
     try:
         if lock.previous:
-            console.print(f"[yellow]took over {lock.path} from a run that ended without releasing it ({lock.previous})[/]")
+            console.print(f"[yellow]took over {lock.path} from a run that ended without releasing it ({lock.previous})[/]",
+                          soft_wrap=True)
         ckpt, skipped = newest_verified(run_dir)
         for bad, reason in skipped:
-            console.print(f"[yellow]skipping checkpoint {bad.path}: {reason}[/]")
+            console.print(f"[yellow]skipping checkpoint {bad.path}: {reason}[/]", soft_wrap=True)
         if ckpt is not None:
             load_trainer_state(ckpt)  # refuses a state that holds code, before any model is loaded
         with storage_errors(run_dir, recorded):

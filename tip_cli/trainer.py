@@ -26,9 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tip_cli import distributed, importance, rundir, selectors
 from tip_cli.checkpoint import Checkpoint, storage_errors
 from tip_cli.config import TipConfig
-from tip_cli.data import load_problems
+from tip_cli.data import Problem, load_problems
+from tip_cli.evaluation import EnvBenchmark, evaluate_benchmark, load_benchmark
 from tip_cli.evaluation import console as eval_console
-from tip_cli.evaluation import evaluate_benchmark, load_benchmark
 from tip_cli.grading import grade
 from tip_cli.importance import token_stats_chunk
 from tip_cli.losses import DenseTeacher, StatsSink, Teacher, TopKTeacher, scored_logprobs, selected_token_loss
@@ -259,6 +259,9 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     distributed.check(cfg)
     run_dir = distributed.broadcast(run_dir)  # rank 0's: each rank's Hydra may have stamped its own
     console.quiet = eval_console.quiet = not distributed.is_main()
+    # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
+    problems = None if cfg.data.env else load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
+    bench = load_benchmark(cfg)
     # the run dir's contract (tip_cli.rundir): one writer, the recorded config, the newest verified checkpoint
     plan = rundir.open_run(cfg, run_dir, console)
     if plan.complete is not None:
@@ -267,16 +270,14 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
         distributed.teardown()
         return plan.complete
     try:
-        return _train(cfg, run_dir, device, plan.checkpoint)
+        return _train(cfg, run_dir, device, plan.checkpoint, problems, bench)
     finally:
         plan.release()
 
 
-def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint | None) -> dict:
-    """`train` in a run dir it holds, from `ckpt` (None: from the start)."""
-    # the data and the benchmark are read before any model is loaded, so that a bad file fails in seconds
-    problems = None if cfg.data.env else load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
-    bench = load_benchmark(cfg)
+def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint | None,
+           problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> dict:
+    """`train` in a run dir it holds, from `ckpt` (None: from the start), on the problems (None with data.env)."""
     pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None,
                      load_teacher=cfg.teacher.backend == "hf")
     student, tok = pair.student, pair.tokenizer
@@ -303,7 +304,7 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
     if ckpt:
         start = distributed.resume(ckpt, student, optimizer, scheduler)
         apply_schedule(optimizer, scheduler, cfg)
-        console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})")
+        console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})", soft_wrap=True)
     logger = distributed.NullLogger()
     if distributed.is_main():
         logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)), start, run_dir.name)
