@@ -132,33 +132,39 @@ def test_finished_run_rerun_unchanged_writes_nothing(finished, tmp_path, monkeyp
 # ------------------------------------------------------------------------------------------- one writer
 
 
-def test_second_writer_is_refused_naming_holder_and_a_dead_holder_is_taken_over(tmp_path, micro_overrides, capsys):
+def test_second_writer_is_refused_naming_holder_and_a_dead_holders_lock_is_taken_over(tmp_path, micro_overrides,
+                                                                                      capsys):
+    """Two runs into one run dir: the second is refused while the first trains; once the first is killed (kill -9
+    leaves its lock file behind), a new run takes the lock over and resumes."""
     cfg = compose_config([*micro_overrides, *FAST, "train.steps=1"])
     ready_r, ready_w = os.pipe()
 
-    def hold_the_run_dir():
-        rundir.RunLock(tmp_path)
-        os.write(ready_w, b"x")
-        time.sleep(60)
+    def first_run_stuck_in_step_1():
+        def stuck(*args, **kwargs):
+            os.write(ready_w, b"x")
+            time.sleep(120)
 
-    tmp_path.mkdir(exist_ok=True)
+        trainer.pack = stuck
+        trainer.train(cfg, tmp_path)
+
     pid = os.fork()
     if pid == 0:
         try:
-            hold_the_run_dir()
+            first_run_stuck_in_step_1()
         finally:
-            os._exit(0)
-    os.read(ready_r, 1)
+            os._exit(1)
     try:
+        os.read(ready_r, 1)
         with pytest.raises(rundir.RunDirError) as err:
             trainer.train(cfg, tmp_path)
         assert f"host {socket.gethostname()}, PID {pid}" in str(err.value)
     finally:
-        os.kill(pid, signal.SIGKILL)  # the holder dies without releasing: its lock file stays behind
+        os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert str(pid) in (tmp_path / rundir.LOCK_FILE).read_text()
+    capsys.readouterr()
     trainer.train(cfg, tmp_path)
-    assert f"PID {pid}" in capsys.readouterr().out.replace("\n", " ")  # the stale lock was taken over, and said so
+    assert f"PID {pid}" in capsys.readouterr().out  # the stale lock was taken over, and said so
     assert [s for s, _ in losses(tmp_path)] == [1]
 
 
@@ -182,6 +188,10 @@ def test_truncated_latest_checkpoint_falls_back_in_resume_and_eval(finished, tmp
     assert "skipping checkpoint" in out and "(step 1)" in out
     redone = weights(run, 2)
     assert all(torch.equal(redone[k], good[k]) for k in good)
+    for step in (1, 2):  # with no good checkpoint left, starting over would overwrite them: refused
+        (run / "checkpoints" / f"step_{step}" / checkpoint.MANIFEST).unlink()
+    with pytest.raises(rundir.RunDirError, match="none of its 2 checkpoint"):
+        trainer.train(compose_config([*overrides, "train.steps=3"]), run)
 
 
 def test_torn_metrics_line_is_dropped_on_resume_and_analyze_names_the_file(finished, tmp_path, capsys):

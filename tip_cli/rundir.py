@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -160,9 +161,16 @@ def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
         if lock.previous:
             console.print(f"[yellow]took over {lock.path} from a run that ended without releasing it ({lock.previous})[/]",
                           soft_wrap=True)
+        for partial in (run_dir / "checkpoints").glob(".step_*.tmp"):  # a save cut short; its step is redone
+            shutil.rmtree(partial, ignore_errors=True)
         ckpt, skipped = newest_verified(run_dir)
         for bad, reason in skipped:
             console.print(f"[yellow]skipping checkpoint {bad.path}: {reason}[/]", soft_wrap=True)
+        if skipped and ckpt is None:  # starting over would overwrite them: a person decides
+            raise RunDirError(
+                f"{run_dir}: none of its {len(skipped)} checkpoint(s) verifies (listed above with the reason); "
+                f"to start over, move {run_dir / 'checkpoints'} away, or give a new out_dir"
+            )
         if ckpt is not None:
             load_trainer_state(ckpt)  # refuses a state that holds code, before any model is loaded
         with storage_errors(run_dir, recorded):
