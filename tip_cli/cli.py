@@ -197,7 +197,8 @@ MULTIRUN = typer.Option(False, "--multirun", "-m", help="Sweep: comma lists beco
 def train(overrides: list[str] = OVERRIDES, multirun: bool = MULTIRUN) -> None:
     """Distil the student from the teacher on its own rollouts, training on the selected tokens.
 
-    Re-running with the same out_dir=PATH resumes from the last checkpoint there.
+    Re-running with the same out_dir=PATH resumes from the last verified checkpoint there, if the config is the
+    one recorded (else it stops, listing the changes; train.resume=override continues with them).
     """
     launch("train", overrides or [], multirun)
 
