@@ -18,6 +18,8 @@ for budget-driven selectors and is the region's share for mask selectors (quadra
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -156,6 +158,29 @@ def load_run(path: Path, name: str, benchmark: str | None = None) -> Run:
     return Run(path, name, cfg, steps, accuracy, bench, num_problems)
 
 
+def split_at_overrides(run: Run) -> list[Run]:
+    """A run continued with `train.resume=override` (its overrides.jsonl, tip_cli.rundir) as one Run per config it
+    ran under: the steps after an override's step belong to its new values, those up to it to the old ones."""
+    changes = read_jsonl(run.path / "overrides.jsonl")
+    if not changes:
+        return [run]
+    cfgs = [run.cfg]  # config.yaml holds the newest values; walk back through the changes for the older ones
+    for change in reversed(changes):
+        cfg = copy.deepcopy(cfgs[0])
+        for key, (old, _new) in change["changed"].items():
+            OmegaConf.update(cfg, key, old, force_add=True)
+        cfgs.insert(0, cfg)
+    edges = [0, *(int(c["step"]) for c in changes), math.inf]
+    parts = []
+    for cfg, lo, hi in zip(cfgs, edges, edges[1:], strict=False):
+        steps = [r for r in run.steps if lo < r["step"] <= hi]
+        accuracy = {s: a for s, a in run.accuracy.items() if lo < s <= hi or (s == 0 and lo == 0)}
+        last = hi if hi != math.inf else max((r["step"] for r in steps), default=lo)
+        parts.append(dataclasses.replace(run, name=f"{run.name} [steps {lo + 1}-{last}]", cfg=cfg, steps=steps,
+                                         accuracy=accuracy))
+    return parts
+
+
 def selector_name(cfg: DictConfig) -> str:
     """`entropy`, `soft_or`, ...; a quadrant selector with its quadrants: `quadrant [Q1,Q3]`."""
     name = str(cfg.selector.name)
@@ -197,7 +222,7 @@ def load_runs(paths: Iterable[Path], benchmark: str | None = None) -> list[Run]:
         if not (d / "config.yaml").exists():
             console.print(f"[yellow]skipping {d}: no config.yaml[/]")
             continue
-        runs.append(load_run(d, str(d.relative_to(common)), benchmark))
+        runs += split_at_overrides(load_run(d, str(d.relative_to(common)), benchmark))
     if not runs:
         raise FileNotFoundError(f"no run dir with a config.yaml below {', '.join(map(str, paths))}")
     label_runs(runs)

@@ -124,6 +124,8 @@ def _check_installed(cfg: TipConfig) -> None:
 def _run_job(command: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from tip_cli.checkpoint import StorageError
+
     tip_cfg = validate(cfg)
     run_dir = Path(tip_cfg.out_dir) if tip_cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -135,7 +137,7 @@ def _run_job(command: str, cfg) -> None:
             from tip_cli.evaluation import run_eval_command
 
             run_eval_command(tip_cfg)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, StorageError) as err:
         # bad input (a config value, a missing file, a malformed row) is reported in one line
         if os.environ.get("TIP_DEBUG"):
             raise
@@ -153,6 +155,11 @@ def _eval_job(cfg) -> None:
     _run_job("eval", cfg)
 
 
+def _quoted(value: str) -> str:
+    """A Hydra override value that stays one string whatever it holds (spaces, '=', commas)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def launch(command: str, overrides: list[str], multirun: bool) -> None:
     """Validate every job's config, then hand the overrides to Hydra, which runs the job(s)."""
     import hydra
@@ -161,13 +168,16 @@ def launch(command: str, overrides: list[str], multirun: bool) -> None:
         console.print("[red]error:[/] +sweep=PRESET is a sweep over several jobs: add -m, e.g. tip train -m +sweep=budgets")
         raise typer.Exit(2)
     try:
-        for job in _job_overrides(overrides, multirun):
-            compose_config(job)
+        configs = [compose_config(job) for job in _job_overrides(overrides, multirun)]
     except Exception as err:
         console.print(f"[red]error:[/] {err if isinstance(err, ConfigError) else explain(err)}")
         raise typer.Exit(2) from err
     register()
-    extra = ["hydra.output_subdir=null", "hydra.run.dir=."] if command == "eval" and not multirun else []
+    extra = []
+    if not multirun and (command == "eval" or configs[0].out_dir):
+        # Hydra writes nothing of its own: no outputs/DATE/TIME/.hydra beside a given out_dir (or for eval)
+        run_dir = configs[0].out_dir if command == "train" else "."
+        extra = ["hydra.output_subdir=null", f"hydra.run.dir={_quoted(run_dir)}"]
     sys.argv = ["tip", *overrides, *extra, *(["--multirun"] if multirun else [])]
     task = _train_job if command == "train" else _eval_job
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task)()
@@ -187,7 +197,8 @@ MULTIRUN = typer.Option(False, "--multirun", "-m", help="Sweep: comma lists beco
 def train(overrides: list[str] = OVERRIDES, multirun: bool = MULTIRUN) -> None:
     """Distil the student from the teacher on its own rollouts, training on the selected tokens.
 
-    Re-running with the same out_dir=PATH resumes from the last checkpoint there.
+    Re-running with the same out_dir=PATH resumes from the last verified checkpoint there, if the config is the
+    one recorded (else it stops, listing the changes; train.resume=override continues with them).
     """
     launch("train", overrides or [], multirun)
 

@@ -258,9 +258,13 @@ class TrainConfig:
     selection_scope: str = "global"  # global: over every rank's tokens, as one process would | local: per rank
     cpu_offload: bool = False  # FSDP2 keeps the student's shards, grads and optimizer state in CPU memory (CUDA only)
     shard_teacher: bool = False  # shard the teacher with FSDP2 too, instead of a full replica per rank
+    # re-running into a run dir: auto = continue only if the config is the one recorded (tip_cli.rundir);
+    # override = continue with this config's values from the newest checkpoint on, recorded in overrides.jsonl
+    resume: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        _one_of("train.resume", self.resume, ("auto", "override"))
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("train.selection_scope", self.selection_scope, ("global", "local"))
         if self.steps < 0 or self.prompts_per_step < 1 or self.micro_batch_size < 0:
@@ -326,6 +330,15 @@ class TipConfig:
 
     def __post_init__(self) -> None:
         _in_range("budget", self.budget, 0.0, 1.0, lo_open=True)
+        # greedy decoding has one answer per prompt: several samples of it need a temperature
+        n = self.benchmark.n if self.eval.n is None else self.eval.n
+        temperature = self.benchmark.temperature if self.eval.temperature is None else self.eval.temperature
+        if n > 1 and temperature <= 0:
+            raise ConfigError(f"eval.n={n} samples per problem at temperature {temperature} (greedy) would all be the "
+                              "same: set eval.temperature > 0 (e.g. 0.6), or eval.n=1")
+        if self.rollout.samples_per_prompt > 1 and self.rollout.temperature <= 0:
+            raise ConfigError(f"rollout.samples_per_prompt={self.rollout.samples_per_prompt} at rollout.temperature=0 "
+                              "(greedy) would all be the same: set rollout.temperature > 0, or samples_per_prompt=1")
 
 
 def register() -> None:

@@ -16,7 +16,7 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers import AutoConfig, GenerationConfig
 
-from tip_cli.checkpoint import Checkpoint, list_checkpoints
+from tip_cli.checkpoint import MANIFEST, Checkpoint, is_run_checkpoint, list_checkpoints, verify
 from tip_cli.config import DatasetConfig, EvalConfig, PairConfig, TipConfig
 from tip_cli.data import Problem, load_problems
 from tip_cli.grading import grade
@@ -177,7 +177,9 @@ def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problem
 
 
 def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
-    """`tip eval PATH`: a run dir -> every checkpoint and the curve; anything else -> that one model."""
+    """`tip eval PATH`: a run dir -> every checkpoint whose manifest verifies, and the curve; anything else -> that
+    one model. Results go under out_dir when it is given; else a run's into the run dir, a model's under ./eval/
+    (never into a model's own folder)."""
     if not cfg.checkpoint:
         raise ValueError("tip eval needs a checkpoint dir, a run dir, or a model id: tip eval PATH")
     target = Path(cfg.checkpoint).expanduser()
@@ -185,16 +187,30 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
     name = cfg.benchmark.name
     ckpts = list_checkpoints(target)
     if not ckpts:  # one model: a checkpoint dir, a HF id, or toy://student
-        out_dir = target if target.is_dir() else Path(cfg.out_dir or "eval") / cfg.checkpoint.replace("://", "_").replace("/", "_")
+        if (target / MANIFEST).is_file() and (reason := verify(Checkpoint(-1, target))) is not None:
+            raise ValueError(f"checkpoint {target} is damaged: {reason}; evaluate another checkpoint of its run")
+        if cfg.out_dir is None and is_run_checkpoint(target):
+            out_dir = target  # a run's checkpoint keeps its results beside it, as `tip eval RUN_DIR` does
+        else:
+            label = target.name if target.is_dir() else cfg.checkpoint.replace("://", "_").replace("/", "_")
+            out_dir = Path(cfg.out_dir or "eval") / label
         metrics = evaluate_checkpoint(cfg, Checkpoint(-1, Path(cfg.checkpoint)), out_dir, problems)
         print_metrics(f"{name}: {cfg.checkpoint}", metrics)
         return metrics
+    root = Path(cfg.out_dir) if cfg.out_dir else target
     curve = []
     for ckpt in ckpts:
-        metrics = evaluate_checkpoint(cfg, ckpt, ckpt.path, problems)
+        reason = verify(ckpt)
+        if reason is not None:
+            console.print(f"[yellow]skipping checkpoint {ckpt.path}: {reason}[/]", soft_wrap=True)
+            continue
+        out_dir = root / "checkpoints" / ckpt.path.name if cfg.out_dir else ckpt.path
+        metrics = evaluate_checkpoint(cfg, ckpt, out_dir, problems)
         curve.append({"step": ckpt.step, **metrics})
         console.print(f"step {ckpt.step}: {name} accuracy {metrics['accuracy']:.3f}")
-    curve_file = results_dir(target, name) / "curve.json"
+    if not curve:
+        raise ValueError(f"{target}: no checkpoint verifies (each is listed above with the reason)")
+    curve_file = results_dir(root, name) / "curve.json"
     curve_file.parent.mkdir(parents=True, exist_ok=True)
     curve_file.write_text(json.dumps(curve, indent=1))
     table = Table(title=f"{name} over training: {target}")

@@ -8,6 +8,7 @@ itself; `vllm` (tip_cli.vllm_engine) runs an offline vLLM engine in the trainer 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,12 +63,28 @@ def eos_ids(model_eos: int | list[int] | None, tokenizer: PreTrainedTokenizerBas
     return {i for i in (tokenizer.eos_token_id, *extra) if i is not None}
 
 
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence (prompt + response) the model's positions cover, from its config; None if unknown."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def capped_new_tokens(max_new_tokens: int, prompt_len: int, context: int | None) -> int:
+    """max_new_tokens, cut to what fits after a prompt of prompt_len tokens in a context of `context` tokens."""
+    if context is None:
+        return max_new_tokens
+    if prompt_len >= context:
+        raise ValueError(f"a prompt of {prompt_len} tokens fills the model's whole context of {context} tokens: "
+                         "nothing can be generated; shorten the prompt (data or benchmark prompt_template)")
+    return min(max_new_tokens, context - prompt_len)
+
+
 class HFEngine:
     """Batched `generate` (KV cache, left padding) on the live student module, so weight sync is a no-op."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.eos_ids = eos_ids(model.generation_config.eos_token_id, tokenizer)
+        self._told_cap = False  # the cap to the model's context is reported once per engine
 
     @torch.no_grad()
     def generate(
@@ -85,10 +102,16 @@ class HFEngine:
         logprobs: list[list[float]] = []
         for start in range(0, len(prompts), per_call):
             ids, mask = left_pad(prompts[start : start + per_call], self.tokenizer.pad_token_id)
+            context = context_length(self.model)
+            max_new = capped_new_tokens(sampling.max_new_tokens, ids.shape[1], context)
+            if max_new < sampling.max_new_tokens and not self._told_cap:  # past it, positions are undefined
+                print(f"note: max_new_tokens={sampling.max_new_tokens} capped at {max_new}: the model's context is "
+                      f"{context} tokens and the longest prompt has {ids.shape[1]}", file=sys.stderr)
+                self._told_cap = True
             gen = self.model.generate(
                 input_ids=ids.to(self.model.device),
                 attention_mask=mask.to(self.model.device),
-                max_new_tokens=sampling.max_new_tokens,
+                max_new_tokens=max_new,
                 num_return_sequences=sampling.n,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=sorted(stops),

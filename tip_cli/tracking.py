@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from tip_cli.checkpoint import storage_errors
 from tip_cli.config import LoggerConfig
 
 
@@ -45,10 +47,26 @@ def wandb_mode(requested: str) -> str:
     return "online" if has_key else "offline"
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, quiet: bool = False) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file. A torn last line (a write cut short by a crash) is dropped, with a warning
+    naming the file and line unless `quiet`; a bad line before the last is an error naming both."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().decode(errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            if number != last:
+                raise ValueError(f"{path} line {number}: not valid JSON ({err}); each line must be one JSON object") from err
+            if not quiet:
+                print(f"warning: {path} line {number}: dropping the torn last line (a write cut short by a crash)",
+                      file=sys.stderr)
+    return rows
 
 
 class MetricsLogger:
@@ -59,9 +77,12 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict[str, Any], resume_step: int = 0, name: str | None = None):
-        self.path = run_dir / "metrics.jsonl"
+        self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        with storage_errors(run_dir, self.path):  # replaced whole: a kill mid-write leaves the old file
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
         self.run = None
         if cfg.name == "wandb":
             import wandb
@@ -76,7 +97,7 @@ class MetricsLogger:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, **metrics}
-        with self.path.open("a") as f:
+        with storage_errors(self.run_dir, self.path), self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)

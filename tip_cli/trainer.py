@@ -23,12 +23,12 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tip_cli import distributed, importance, selectors
-from tip_cli.checkpoint import latest_checkpoint
+from tip_cli import distributed, importance, rundir, selectors
+from tip_cli.checkpoint import Checkpoint, storage_errors
 from tip_cli.config import TipConfig
-from tip_cli.data import load_problems
+from tip_cli.data import Problem, load_problems
+from tip_cli.evaluation import EnvBenchmark, evaluate_benchmark, load_benchmark
 from tip_cli.evaluation import console as eval_console
-from tip_cli.evaluation import evaluate_benchmark, load_benchmark
 from tip_cli.grading import grade
 from tip_cli.importance import token_stats_chunk
 from tip_cli.losses import DenseTeacher, StatsSink, Teacher, TopKTeacher, scored_logprobs, selected_token_loss
@@ -73,6 +73,19 @@ def lr_lambda(cfg: TipConfig):
         return 1.0
 
     return factor
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TipConfig) -> None:
+    """After restoring a checkpoint's optimizer and scheduler, put this config's lr, weight decay and schedule in
+    force at the restored step: lr = train.lr * lr_lambda(step). With the config that wrote the checkpoint this
+    is the value restored; after `train.resume=override` it is the new one."""
+    scheduler.base_lrs = [cfg.train.lr] * len(optimizer.param_groups)
+    factor = lr_lambda(cfg)
+    scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
+        group["lr"] = cfg.train.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def valid_hidden(model, batch: Batch) -> torch.Tensor:
@@ -222,17 +235,19 @@ def save_token_sample(run_dir: Path, step: int, stats: importance.TokenStats, ke
     kept_mask = torch.zeros(n, dtype=torch.bool)
     kept_mask[kept] = True
     out = run_dir / "token_samples"
-    out.mkdir(exist_ok=True)
-    np.savez_compressed(
-        out / f"step_{step:06d}.npz",
-        entropy=stats.entropy.cpu()[rows].numpy().astype(np.float32),
-        divergence=stats.divergence.cpu()[rows].numpy().astype(np.float32),
-        quadrant=stats.quadrant.cpu()[rows].numpy().astype(np.int8),
-        kept=kept_mask[rows].numpy(),
-        h_threshold=np.float32(stats.h_thr),
-        d_threshold=np.float32(stats.d_thr),
-        total_tokens=np.int64(n),
-    )
+    path = out / f"step_{step:06d}.npz"
+    with storage_errors(run_dir, path):
+        out.mkdir(exist_ok=True)
+        np.savez_compressed(
+            path,
+            entropy=stats.entropy.cpu()[rows].numpy().astype(np.float32),
+            divergence=stats.divergence.cpu()[rows].numpy().astype(np.float32),
+            quadrant=stats.quadrant.cpu()[rows].numpy().astype(np.int8),
+            kept=kept_mask[rows].numpy(),
+            h_threshold=np.float32(stats.h_thr),
+            d_threshold=np.float32(stats.d_thr),
+            total_tokens=np.int64(n),
+        )
 
 
 def train(cfg: TipConfig, run_dir: Path) -> dict:
@@ -244,10 +259,25 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     distributed.check(cfg)
     run_dir = distributed.broadcast(run_dir)  # rank 0's: each rank's Hydra may have stamped its own
     console.quiet = eval_console.quiet = not distributed.is_main()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    ckpt = latest_checkpoint(run_dir)
+    # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
+    problems = None if cfg.data.env else load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
+    bench = load_benchmark(cfg)
+    # the run dir's contract (tip_cli.rundir): one writer, the recorded config, the newest verified checkpoint
+    plan = rundir.open_run(cfg, run_dir, console)
+    if plan.complete is not None:
+        console.print(f"{run_dir} is complete (step {cfg.train.steps} of {cfg.train.steps}, final eval logged): "
+                      "nothing to do; raise train.steps to continue it, or give a new out_dir")
+        distributed.teardown()
+        return plan.complete
+    try:
+        return _train(cfg, run_dir, device, plan.checkpoint, problems, bench)
+    finally:
+        plan.release()
+
+
+def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint | None,
+           problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> dict:
+    """`train` in a run dir it holds, from `ckpt` (None: from the start), on the problems (None with data.env)."""
     pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None,
                      load_teacher=cfg.teacher.backend == "hf")
     student, tok = pair.student, pair.tokenizer
@@ -266,16 +296,15 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
 
         tasks = agent.TaskSource(cfg, tok, eos_ids(student.generation_config.eos_token_id, tok))
     else:
-        problems = load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
         prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
     n_prompts = len(tasks) if tasks is not None else len(prompts)
-    bench = load_benchmark(cfg)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = 0
     if ckpt:
         start = distributed.resume(ckpt, student, optimizer, scheduler)
-        console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})")
+        apply_schedule(optimizer, scheduler, cfg)
+        console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})", soft_wrap=True)
     logger = distributed.NullLogger()
     if distributed.is_main():
         logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)), start, run_dir.name)
