@@ -16,14 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CPU) or `pip install -e .[vllm]`")
-
-from tip_cli import trainer  # noqa: E402
-from tip_cli.cli import compose_config  # noqa: E402
-from tip_cli.config import ConfigError, PairConfig  # noqa: E402
-from tip_cli.models import load_model, load_tokenizer  # noqa: E402
-from tip_cli.teacher_server import ServerTeacher, TeacherServerError  # noqa: E402
-from tip_cli.toy import build_micro_pair  # noqa: E402
+from tip_cli import trainer
+from tip_cli.cli import compose_config
+from tip_cli.config import ConfigError, PairConfig
+from tip_cli.models import load_model, load_tokenizer
+from tip_cli.teacher_server import ServerTeacher, TeacherServerError
+from tip_cli.toy import build_micro_pair
 
 TOPK = 5
 START_TIMEOUT_S = 600
@@ -87,12 +85,26 @@ class VLLMServer:
 
 @pytest.fixture(scope="module")
 def server(micro, tmp_path_factory):
+    pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CPU) or `pip install -e .[vllm]`")
     srv = VLLMServer(micro["teacher"], tmp_path_factory.mktemp("vllm_serve") / "server.log")
     try:
         srv.start()
         yield srv
     finally:
         srv.stop()
+
+
+def test_teacher_url_takes_one_url_or_a_list_and_rejects_what_is_not_http():
+    one = compose_config(["teacher.backend=vllm_server", "teacher.url=http://10.0.0.2:8000/v1/"]).teacher
+    assert one.url == ["http://10.0.0.2:8000"]
+    pool = compose_config(["teacher.backend=vllm_server", "teacher.url=[http://a:8000,https://b:9000/]"]).teacher
+    assert pool.url == ["http://a:8000", "https://b:9000"]
+    with pytest.raises(ConfigError, match="teacher.backend=vllm_server needs teacher.url"):
+        compose_config(["teacher.backend=vllm_server"])
+    with pytest.raises(ConfigError, match="teacher.url='a:8000' is not an http"):
+        compose_config(["teacher.backend=vllm_server", "teacher.url=a:8000"])
+    with pytest.raises(ConfigError, match="teacher.backend='vllm_serve' is not valid; expected one of: hf, vllm_topk, vllm_server"):
+        compose_config(["teacher.backend=vllm_serve"])
 
 
 def _overrides(micro_overrides, out: Path, *extra: str) -> list[str]:
