@@ -1,4 +1,5 @@
-"""Peak memory and step time of one OPD training step: naive full-logit KD vs tip (by budget) vs TRL.
+"""Peak memory, step time and tokens/s of one OPD training step: naive full-logit KD vs TRL vs Liger vs tip (by
+budget), with a FLOP estimate of the lm_head + loss share of each step (`flop_parts`).
 
 Every mode runs one full step (forward, scoring + selection where it has one, loss, backward, AdamW step) on the
 same random-init models and tokens, each in its own subprocess so that its peak is its own. Memory, per step:
@@ -7,7 +8,7 @@ same random-init models and tokens, each in its own subprocess so that its peak 
     loss+bwd  = peak over loss and backward   - the memory held when the step starts (models + AdamW state)
 
 tip's loss+bwd phase starts when `distill_step` calls the selected-token loss (after scoring and selection); the
-naive and TRL steps have no scoring, so theirs is the whole forward + loss + backward. On CPU the peaks are the
+naive, TRL and Liger steps have no scoring, so theirs is the whole forward + loss + backward. On CPU the peaks are the
 kernel's VmHWM (reset per phase via /proc/self/clear_refs) with MALLOC_MMAP_THRESHOLD_ set, so that glibc returns
 freed tensors to the OS and RSS tracks live tensors; on CUDA they are max_memory_allocated.
 
