@@ -42,8 +42,9 @@ demo: setup
 test: setup-vllm
 	WANDB_MODE=offline $(PY) -m pytest tests
 
-# Peak memory and s/step of one training step per mode (naive, TRL, tip by budget), each in its own process;
-# prints the Markdown table, writes bench_memory.json. Pass options with BENCH_ARGS="--seq 8192".
+# Peak memory, s/step and tokens/s of one training step per mode (naive, TRL, Liger, tip by budget), each in its own
+# process; prints the Markdown table, writes bench_memory.json. Pass options with BENCH_ARGS="--shape small" (CPU,
+# Qwen3 proportions) or BENCH_ARGS="--shape qwen3-1.7b:qwen3-8b --grad-checkpointing" (a GPU).
 bench: setup
 	$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) scripts/bench_memory.py $(BENCH_ARGS)

@@ -1,4 +1,5 @@
-"""The memory benchmark's harness (scripts/bench_memory.py) on a tiny config: report schema, ratios, budget order.
+"""The memory benchmark's harness (scripts/bench_memory.py) on a tiny config: report schema, ratios, budget order,
+shapes, precisions, gradient checkpointing, the Liger call and the FLOP estimate.
 
 The numbers themselves live in the benchmark (README, Performance); nothing here asserts on time.
 """
@@ -6,6 +7,7 @@ The numbers themselves live in the benchmark (README, Performance); nothing here
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_memory.py"
 ROW_KEYS = {"mode", "selector", "budget", "chunk", "n_tokens", "kept", "loss_chunk", "first_loss", "baseline_mb",
-            "peak_mb", "loss_peak_mb", "step_s", "select_share", "steps"}
+            "peak_mb", "loss_peak_mb", "step_s", "select_share", "steps", "tokens_per_s", "step_flops", "head_flops",
+            "head_share"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,8 @@ def test_report_has_one_measured_row_per_mode(report):
         assert row["peak_mb"] > 0 and row["loss_peak_mb"] > 0 and row["step_s"] > 0
     assert [r["kept"] for r in report["rows"]] == [256, 256, 26]
     assert all(r["loss_chunk"] == 256 for r in report["rows"][1:])
-    assert {"target", "value", "limit", "met"} <= set(report["targets"][0])
+    assert {"issue", "target", "value", "limit", "met"} <= set(report["targets"][0])
+    assert {"head_share_full_token", "best_case_step_x_full", "tip_step_x_full"} <= set(report["flops"])
     naive, full = report["rows"][0], report["rows"][1]
     assert full["first_loss"] == pytest.approx(naive["first_loss"], rel=1e-4)  # same models, tokens and loss
 
@@ -56,6 +60,7 @@ def test_ratios_are_computed_from_the_measured_numbers(report):
         for key in ("peak_mb", "loss_peak_mb", "step_s"):
             assert row[f"{key}_x_naive"] == pytest.approx(row[key] / naive[key])
             assert row[f"{key}_x_tip_full"] == pytest.approx(row[key] / full[key])
+        assert row["tokens_per_s"] == pytest.approx(row["n_tokens"] / row["step_s"])
 
 
 def test_lower_budget_never_uses_more_loss_memory(report):
@@ -81,6 +86,8 @@ def test_targets_and_table_read_the_rows(bench):
     assert got["step peak, tip full / naive"]["met"] is True
     assert got["scoring+selection share of the tip full-token step"]["met"] is False
     assert got["step peak, tip full / trl"]["met"] is None  # trl failed: no verdict
+    assert got["step time, tip full / fastest of naive, trl, liger"]["value"] == pytest.approx(2.0)
+    assert got["step time, soft_or 0.5 / tip full"]["met"] is True
     table = bench.markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "out of memory" in table
 
@@ -102,3 +109,121 @@ def test_liger_is_skipped_without_a_gpu(bench):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert "GPU" in bench.measure(bench.Mode("liger"), bench.Bench())["skipped"]
+
+
+TINY = dict(vocab=1024, seq=40, prompt=8, batch=2)
+
+
+def tiny_bench(bench, **kw):
+    """A pair of a few hundred thousand parameters, an untied teacher as at the real shapes."""
+    spec = bench.ModelSpec
+    return bench.Bench(student=spec(64, 2, 1, 1, 128), teacher=spec(128, 2, 2, 1, 256, tie_embeddings=False),
+                       **{**TINY, **kw})
+
+
+def test_shapes_resolve_to_presets_or_student_teacher_pairs(bench):
+    student, teacher, preset = bench.resolve_shape("qwen3-1.7b:qwen3-8b")
+    assert (student, teacher) == (bench.MODELS["qwen3-1.7b"], bench.MODELS["qwen3-8b"])
+    assert bench.resolve_shape("qwen3")[:2] == (student, teacher) and preset.vocab == 151_936
+    assert bench.resolve_shape("toy")[:2] == (bench.toy.STUDENT, bench.toy.TEACHER)
+    with pytest.raises(SystemExit, match="qwen3-8b"):
+        bench.resolve_shape("qwen3-1.7b:qwen3-9b")
+    args = bench.parse_args(["--shape", "small", "--seq", "64"])
+    b = bench.bench_from_args(args)
+    assert (b.seq, b.batch, b.vocab, b.student) == (64, 1, 4096, bench.MODELS["small-student"])
+
+
+def test_qwen3_shapes_build_on_the_device_in_the_compute_dtype(bench):
+    """On the meta device (no memory): every tensor is created there and in bf16, and the sizes are the published
+    ones (Qwen3-1.7B: 1.7B parameters, 1.4B without embeddings; Qwen3-8B: 8.2B, 6.95B)."""
+    vocab = bench.QWEN3_VOCAB
+    for name, total, backbone in (("qwen3-1.7b", 1.7e9, 1.4e9), ("qwen3-8b", 8.2e9, 6.95e9)):
+        spec = bench.MODELS[name]
+        model = bench.qwen3(spec, vocab, torch.bfloat16, torch.device("meta"))
+        tensors = list(model.parameters()) + list(model.buffers())
+        assert {t.device.type for t in tensors} == {"meta"}
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        count = sum(p.numel() for p in model.parameters())
+        assert count == pytest.approx(total, rel=0.02) and count == pytest.approx(bench.total_params(spec, vocab), rel=1e-3)
+        assert bench.backbone_params(spec) == pytest.approx(backbone, rel=0.02)
+
+
+def _step(bench, mode, pair, batch, b):
+    meter = bench.Meter(pair.device)
+    if mode.kind == "naive":
+        return bench.naive_loss(pair, batch, meter, {})
+    if mode.kind == "trl":
+        return bench.trl_runner(pair)(pair, batch, meter, {})
+    return bench.tip_runner(bench.compose_config(mode.overrides(b)))(pair, batch, meter, {})
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_flop_estimate_matches_the_matmuls_torch_counts(bench, checkpointing):
+    """step_flops' weight and lm_head terms against torch's FlopCounterMode over a whole step (forward, scoring,
+    loss, backward): exact without checkpointing; with it, HF recomputes slightly less than a full forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b = tiny_bench(bench, grad_checkpointing=checkpointing)
+    modes = [bench.Mode("naive"), bench.Mode("tip"), bench.Mode("tip", "soft_or", 0.25)]
+    if importlib.util.find_spec("trl"):
+        modes.append(bench.Mode("trl"))
+    for mode in modes:
+        pair = bench.build_pair(b)
+        batch = bench.make_batch(b, pair.vocab, pair.device)
+        with FlopCounterMode(display=False) as counter:
+            _step(bench, mode, pair, batch, b)
+        matmuls = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+        parts = bench.flop_parts(mode, b)
+        assert matmuls == pytest.approx(parts["backbone"] + parts["head"], rel=0.03 if checkpointing else 1e-9), mode
+
+
+def test_checkpointing_and_precisions_keep_the_loss_and_gradients(bench):
+    """Gradient checkpointing changes neither the loss nor the gradients; bf16_mixed keeps fp32 weights and bf16
+    keeps bf16 ones, both within bf16 rounding of the fp32 loss; tip agrees with naive in each."""
+    grads, losses = {}, {}
+    for name, kw in (("fp32", {}), ("ckpt", {"grad_checkpointing": True}), ("mixed", {"precision": "bf16_mixed"}),
+                     ("bf16", {"precision": "bf16"})):
+        b = tiny_bench(bench, **kw)
+        for mode in (bench.Mode("naive"), bench.Mode("tip")):
+            pair = bench.build_pair(b)
+            assert pair.student.is_gradient_checkpointing == (name == "ckpt")
+            want = torch.bfloat16 if name == "bf16" else torch.float32
+            assert {p.dtype for p in pair.student.parameters()} == {want}
+            batch = bench.make_batch(b, pair.vocab, pair.device)
+            with b.autocast(pair.device):
+                losses[name, mode.kind] = _step(bench, mode, pair, batch, b)
+            grads[name, mode.kind] = pair.student.model.layers[0].mlp.up_proj.weight.grad.float()
+    ref = losses["fp32", "naive"]
+    assert losses["fp32", "tip"] == pytest.approx(ref, rel=1e-5)
+    for kind in ("naive", "tip"):
+        assert losses["ckpt", kind] == pytest.approx(ref, rel=1e-5)
+        torch.testing.assert_close(grads["ckpt", kind], grads["fp32", kind], rtol=1e-4, atol=1e-8)
+        assert losses["mixed", kind] == pytest.approx(ref, rel=0.05)
+        assert losses["bf16", kind] == pytest.approx(ref, rel=0.05)
+
+
+def test_liger_mode_calls_the_0_8_5_signature(bench, monkeypatch):
+    """liger-kernel 0.8.5's LigerFusedLinearJSD.forward takes shift_labels as a required fifth argument; a stand-in
+    with that signature and the reverse KL of beta = 1 gives the naive step's loss."""
+
+    class FusedLinearJSD(torch.nn.Module):
+        def __init__(self, jsd_beta=0.5, ignore_index=-100, temperature=1.0):
+            super().__init__()
+            assert jsd_beta == 1.0
+            self.seen_labels = "unset"
+
+        def forward(self, student_input, student_weight, teacher_input, teacher_weight, shift_labels):
+            assert shift_labels is None
+            logp_s = (student_input @ student_weight.T).float().log_softmax(-1)
+            logp_t = (teacher_input @ teacher_weight.T).float().log_softmax(-1)
+            return (logp_s.exp() * (logp_s - logp_t)).sum(-1).mean()
+
+    package, module = types.ModuleType("liger_kernel"), types.ModuleType("liger_kernel.transformers")
+    module.LigerFusedLinearJSD = FusedLinearJSD
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
+    b = tiny_bench(bench)
+    pair = bench.build_pair(b)
+    batch = bench.make_batch(b, pair.vocab, pair.device)
+    naive = _step(bench, bench.Mode("naive"), pair, batch, b)
+    assert bench.liger_loss(pair, batch, bench.Meter(pair.device), {}) == pytest.approx(naive, rel=1e-5)

@@ -32,6 +32,13 @@ def _in_range(where: str, value: float, lo: float, hi: float, lo_open: bool = Fa
         raise ConfigError(f"{where}={value!r} is out of range; expected a number in {bracket}{lo}, {hi}]")
 
 
+def _check_chunk(where: str, value: Any) -> None:
+    if value is None or value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}={value!r} is not valid; expected a number of rows >= 1, or auto (null)")
+
+
 @dataclass
 class PairConfig:
     """A teacher-student pair. Model fields take a HF id, a local path, or `toy://teacher|student`."""
@@ -93,7 +100,8 @@ class ImportanceConfig:
     threshold: str = "quantile"  # quantile (per batch) | absolute (nats)
     h_threshold: float = 0.5  # the median by default
     d_threshold: float = 0.5
-    chunk_size: int = 256  # rows of [chunk, V] logits scored at once (256 x 152k fp32 = 155 MB a block)
+    # rows of [chunk, V] logits scored at once (256 x 152k fp32 = 155 MB a block); auto/null: tip_cli.chunks
+    chunk_size: Any = "auto"
 
     def __post_init__(self) -> None:
         _one_of("importance.divergence", self.divergence, DIVERGENCES)
@@ -107,8 +115,7 @@ class ImportanceConfig:
             _in_range("importance.d_threshold", self.d_threshold, 0.0, 1.0)
         if self.topk is not None and self.topk < 1:
             raise ConfigError(f"importance.topk={self.topk} must be >= 1 (or null for the full vocabulary)")
-        if self.chunk_size < 1:
-            raise ConfigError(f"importance.chunk_size={self.chunk_size} must be >= 1")
+        _check_chunk("importance.chunk_size", self.chunk_size)
 
 
 @dataclass
@@ -118,14 +125,15 @@ class LossConfig:
     kind: str = "reverse_kl"
     jsd_beta: float = 0.5
     norm: str = "selected"  # selected: mean over kept tokens | total: divide by all response tokens
-    chunk_size: int = 256  # rows of [chunk, V] in the loss at once; memory does not grow with the kept count beyond it
+    # rows of [chunk, V] in the loss at once; memory does not grow with the kept count beyond it. auto/null: 256 on
+    # CPU, about 1 GiB of fp32 logits a block on CUDA (tip_cli.chunks)
+    chunk_size: Any = "auto"
 
     def __post_init__(self) -> None:
         _one_of("loss.kind", self.kind, DIVERGENCES)
         _one_of("loss.norm", self.norm, ("selected", "total"))
         _in_range("loss.jsd_beta", self.jsd_beta, 0.0, 1.0)
-        if self.chunk_size < 1:
-            raise ConfigError(f"loss.chunk_size={self.chunk_size} must be >= 1")
+        _check_chunk("loss.chunk_size", self.chunk_size)
 
 
 @dataclass

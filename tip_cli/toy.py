@@ -176,13 +176,15 @@ def chat_prompt(tokenizer: PreTrainedTokenizerFast, problem: str) -> str:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Qwen3 sizes. head_dim is fixed at 64: vLLM's CPU attention rejects smaller heads."""
+    """Qwen3 sizes. The toy pairs keep head_dim 64: vLLM's CPU attention rejects smaller heads."""
 
     hidden: int
     layers: int
     heads: int
     kv_heads: int
     intermediate: int
+    head_dim: int = 64
+    tie_embeddings: bool = True
 
 
 TEACHER = ModelSpec(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768)
@@ -198,9 +200,9 @@ def new_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) ->
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
-        head_dim=64,
+        head_dim=spec.head_dim,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=spec.tie_embeddings,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tip_cli import distributed, importance, rundir, selectors
 from tip_cli.checkpoint import Checkpoint, storage_errors
+from tip_cli.chunks import chunk_rows
 from tip_cli.config import TipConfig
 from tip_cli.data import Problem, load_problems
 from tip_cli.evaluation import EnvBenchmark, evaluate_benchmark, load_benchmark
@@ -113,7 +114,7 @@ def score(
     Also returns each row's student log-partition [N] and the teacher carrying its own (a dense teacher), so that
     the loss on the kept rows need not compute them again.
     """
-    w_s, chunk = head_weight(pair.student), cfg.importance.chunk_size
+    w_s, chunk = head_weight(pair.student), chunk_rows(cfg.importance.chunk_size, pair.vocab, h_s.device)
     ent, div, z_s, z_t = [], [], [], []
     for i in range(0, h_s.shape[0], chunk):
         rows = slice(i, i + chunk)
@@ -196,7 +197,8 @@ def distill_step(
             h_s = h_fused if fused else valid_hidden(pair.student, mb)
             loss = selected_token_loss(
                 h_s[local - lo], head_weight(pair.student), teacher.rows(local), None, pair.vocab,
-                cfg.loss.kind, cfg.loss.jsd_beta, cfg.loss.chunk_size, normalizer, log_z_s=log_z_s[local],
+                cfg.loss.kind, cfg.loss.jsd_beta, chunk_rows(cfg.loss.chunk_size, pair.vocab, pair.device), normalizer,
+                log_z_s=log_z_s[local],
             )
             loss.backward()
             loss_total += loss.item()
@@ -215,7 +217,8 @@ def _full_token_step(
         for mb, lo, hi in parts:
             loss = selected_token_loss(
                 valid_hidden(pair.student, mb), head_weight(pair.student), teacher.rows(slice(lo, hi)), None,
-                pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, cfg.loss.chunk_size, normalizer, sink,
+                pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, chunk_rows(cfg.loss.chunk_size, pair.vocab, pair.device),
+                normalizer, sink,
             )
             loss.backward()
             loss_total += loss.item()
