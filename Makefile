@@ -38,8 +38,8 @@ demo: setup
 	$(TIP) toy
 	$(TIP) train out_dir=outputs/demo logger=wandb logger.mode=offline
 
-# The suite includes the real vLLM engine tests (on CPU here), so it installs vLLM first.
-test: setup-vllm
+# The suite includes the real vLLM engine tests (on CPU here), so it installs vLLM first; lint runs before it.
+test: setup-vllm lint
 	WANDB_MODE=offline $(PY) -m pytest tests
 
 # Peak memory, s/step and tokens/s of one training step per mode (naive, TRL, Liger, tip by budget), each in its own
@@ -53,8 +53,10 @@ bench: setup
 bench-rollout: setup-vllm
 	$(PY) scripts/bench_rollout.py $(BENCH_ARGS)
 
+# ruff, then the import contracts of pyproject.toml ([tool.importlinter]) on this checkout's tip_cli
 lint: setup
 	$(VENV)/bin/ruff check tip_cli tests scripts
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

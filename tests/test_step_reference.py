@@ -1,0 +1,225 @@
+"""A budgeted `distill_step` against an independent float64 reference, through the real HF forward.
+
+The reference follows SPEC sections 1-5 with plain torch and Python: the full [N, V] logits of both models from
+their own HF forward (lm_head included) on the packed batch, H and D per token, min-max normalisation, median
+thresholds, the kept set by a plain sort of the selector's score, the loss as the sum of the per-token divergence
+over the kept tokens divided by the kept (or total) count, and the gradients by autograd in float64. The step
+under test runs on the fp32 models; its gradients on the student's parameters must match to ~1e-4.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tip_cli.config import ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
+from tip_cli.models import Pair
+from tip_cli.rollout import Batch, pack
+from tip_cli.trainer import distill_step
+
+SMALL_V, LARGE_V = 80, 96  # two lm_head sizes: the loss uses the shared prefix [:SMALL_V]
+
+
+def qwen2(vocab: int, seed: int) -> Qwen2ForCausalLM:
+    """A tiny Qwen2 with tied input/output embeddings."""
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg)
+
+
+def llama(vocab: int, seed: int) -> LlamaForCausalLM:
+    """A tiny Llama with a separate lm_head."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def scaled(model: torch.nn.Module, factor: float) -> torch.nn.Module:
+    """Sharper output distributions (larger logits), so H and D spread over a wide range, as in a trained model."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    return model.float()
+
+
+@pytest.fixture(scope="module")
+def pairs() -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
+    """(student, teacher): `tied`: a tied Qwen2 student (V=80) and a Llama teacher (V=96); `untied`: the reverse."""
+    return {
+        "tied": (scaled(qwen2(SMALL_V, 1), 8.0).train(), scaled(llama(LARGE_V, 2), 30.0).eval()),
+        "untied": (scaled(llama(LARGE_V, 3), 30.0).train(), scaled(qwen2(SMALL_V, 4), 8.0).eval()),
+    }
+
+
+def make_batch(seed: int) -> Batch:
+    """Five rows of random prompts and responses (ids below both vocabularies), right-padded: N = 24."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [(2, 5), (3, 3), (4, 7), (2, 4), (3, 5)]  # (prompt, response)
+    draw = lambda n: torch.randint(1, SMALL_V, (n,), generator=g).tolist()  # noqa: E731
+    return pack([draw(p) for p, _ in lengths], [draw(r) for _, r in lengths], pad_id=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The float64 reference
+
+
+def per_token_div(logp_s: torch.Tensor, logp_t: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """SPEC 1: reverse KL(p_S || p_T), forward KL(p_T || p_S), or JSD(beta) with m = beta p_T + (1 - beta) p_S."""
+    p_s, p_t = logp_s.exp(), logp_t.exp()
+    if kind == "reverse_kl":
+        return (p_s * (logp_s - logp_t)).sum(-1)
+    if kind == "forward_kl":
+        return (p_t * (logp_t - logp_s)).sum(-1)
+    log_m = (beta * p_t + (1 - beta) * p_s).log()
+    return beta * (p_t * (logp_t - log_m)).sum(-1) + (1 - beta) * (p_s * (logp_s - log_m)).sum(-1)
+
+
+def top_by(score: list[float], eligible: list[int], k: int) -> list[int]:
+    """The k eligible indices of largest score, ties to the lower index: a plain sort."""
+    return sorted(sorted(eligible, key=lambda i: (-score[i], i))[:k])
+
+
+def reference_kept(sel: SelectorConfig, budget: float, h: list[float], d: list[float]) -> list[int]:
+    """SPEC 3-5 for the deterministic selectors: K = max(1, floor(b N + 0.5)); min-max axes; median thresholds."""
+    n = len(h)
+    k = min(n, max(1, math.floor(budget * n + 0.5)))
+
+    def minmax(x):
+        lo, hi = min(x), max(x)
+        return [(v - lo) / (hi - lo) if hi > lo else 0.0 for v in x]
+
+    h_hat, d_hat = minmax(h), minmax(d)
+    soft_or = [a + b - a * b for a, b in zip(h_hat, d_hat, strict=True)]
+    high_h = [v > statistics.median(h) for v in h]  # strictly above the median
+    high_d = [v > statistics.median(d) for v in d]
+    everyone = list(range(n))
+    if sel.name == "all":
+        return everyone
+    if sel.name in ("soft_or", "entropy", "divergence"):
+        return top_by({"soft_or": soft_or, "entropy": h, "divergence": d}[sel.name], everyone, k)
+    caps = {"divergence": d, "entropy": h, "soft_or": soft_or}
+    if sel.name == "hard_or":
+        return top_by(caps[sel.cap_by], [i for i in everyone if high_h[i] or high_d[i]], k)
+    if sel.name == "quadrant":
+        quadrant = [1 + 2 * (not high_h[i]) + (not high_d[i]) for i in everyone]
+        wanted = {int(q[1:]) for q in sel.quadrants}
+        return top_by(caps[sel.cap_by], [i for i in everyone if quadrant[i] in wanted], k)
+    raise AssertionError(f"no reference for selector {sel.name}")
+
+
+@dataclass
+class Reference:
+    entropy: torch.Tensor  # [N] float64
+    divergence: torch.Tensor  # [N] float64
+    kept: list[int]
+    loss: float
+    grads: dict[str, torch.Tensor]  # float64, by parameter name
+
+
+def reference_step(student, teacher, batch: Batch, cfg: TipConfig) -> Reference:
+    """Full-vocab log-probs of float64 copies of both models, H and D, the kept set, the loss and its gradients."""
+    student64, teacher64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    vocab = min(student.config.vocab_size, teacher.config.vocab_size)
+    mask = batch.target_mask
+    logits_s = student64(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[mask]  # [N, V_S]
+    with torch.no_grad():
+        logits_t = teacher64(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[mask]  # [N, V_T]
+    logp_s = torch.log_softmax(logits_s[:, :vocab], -1)  # [N, V]
+    logp_t = torch.log_softmax(logits_t[:, :vocab], -1)
+    imp = cfg.importance
+    entropy = -(logp_s.exp() * logp_s).sum(-1).detach()
+    divergence = per_token_div(logp_s, logp_t, imp.divergence, imp.jsd_beta).detach()
+    kept = reference_kept(cfg.selector, cfg.budget, entropy.tolist(), divergence.tolist())
+    div = per_token_div(logp_s[kept], logp_t[kept], cfg.loss.kind, cfg.loss.jsd_beta)
+    loss = div.sum() / (len(kept) if cfg.loss.norm == "selected" else mask.sum())
+    loss.backward()
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in student64.named_parameters()}
+    return Reference(entropy, divergence, kept, loss.item(), grads)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step under test
+
+
+def run_distill_step(student, teacher, batch: Batch, cfg: TipConfig):
+    """distill_step on the fp32 pair from zeroed gradients: (metrics, stats, kept, {name: grad})."""
+    pair = Pair(student, teacher, tokenizer=None, vocab=min(student.config.vocab_size, teacher.config.vocab_size),
+                device=torch.device("cpu"))
+    student.zero_grad(set_to_none=True)
+    metrics, stats, kept = distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in student.named_parameters()}
+    return metrics, stats, kept, grads
+
+
+def make_cfg(selector: str, budget: float, kind: str, micro: int, norm: str = "selected", **sel) -> TipConfig:
+    """A config for one case; small chunks, so scoring and the loss both walk several [chunk, V] blocks."""
+    return TipConfig(
+        selector=SelectorConfig(name=selector, mode="topk", **sel),
+        budget=budget,
+        importance=ImportanceConfig(chunk_size=7, divergence="reverse_kl"),
+        loss=LossConfig(kind=kind, jsd_beta=0.3 if kind == "jsd" else 0.5, norm=norm, chunk_size=5),
+        train=TrainConfig(micro_batch_size=micro),
+    )
+
+
+CASES = [  # (pair, selector, budget, loss kind, micro-batch rows: 0 = all rows in one pass, 1 = one row, norm)
+    ("tied", "soft_or", 0.5, "reverse_kl", 0, "selected"),
+    ("untied", "soft_or", 0.5, "reverse_kl", 1, "selected"),
+    ("tied", "soft_or", 0.1, "forward_kl", 1, "selected"),
+    ("untied", "soft_or", 0.1, "jsd", 0, "total"),
+    ("tied", "entropy", 0.5, "jsd", 1, "selected"),
+    ("untied", "entropy", 0.1, "forward_kl", 0, "selected"),
+    ("tied", "divergence", 0.5, "reverse_kl", 1, "total"),
+    ("untied", "quadrant", 0.1, "reverse_kl", 1, "selected"),
+    ("tied", "quadrant", 0.5, "forward_kl", 0, "selected"),
+    ("untied", "quadrant", 1.0, "jsd", 1, "selected"),
+    ("tied", "hard_or", 0.5, "reverse_kl", 0, "selected"),
+    ("tied", "soft_or", 1.0, "reverse_kl", 1, "selected"),  # every token kept: the fused, no-scoring path
+    ("untied", "soft_or", 1.0, "forward_kl", 0, "total"),
+    ("untied", "entropy", 1.0, "jsd", 0, "selected"),
+]
+
+
+@pytest.mark.parametrize("pair_name,selector,budget,kind,micro,norm", CASES,
+                         ids=["-".join(map(str, c)) for c in CASES])
+def test_distill_step_matches_the_float64_reference(pairs, pair_name, selector, budget, kind, micro, norm):
+    student, teacher = pairs[pair_name]
+    batch = make_batch(seed=len(selector) + int(10 * budget))
+    cfg = make_cfg(selector, budget, kind, micro, norm,
+                   **({"cap_by": "soft_or"} if selector == "hard_or" else {}))
+    ref = reference_step(student, teacher, batch, cfg)
+    metrics, stats, kept, grads = run_distill_step(student, teacher, batch, cfg)
+
+    n = int(batch.target_mask.sum())
+    assert len(stats) == n == 24
+    torch.testing.assert_close(stats.entropy.double(), ref.entropy, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats.divergence.double(), ref.divergence, rtol=1e-4, atol=1e-6)
+    assert kept.tolist() == ref.kept
+    assert 0 < len(ref.kept) and (budget == 1.0 and selector != "quadrant") == (len(ref.kept) == n)
+    assert metrics["tokens/kept"] == len(ref.kept) and metrics["tokens/total"] == n
+    assert metrics["loss"] == pytest.approx(ref.loss, rel=1e-4)
+    assert ref.loss > 1e-3  # the models disagree: a zero gradient would not pass for a match
+    for name, want in ref.grads.items():
+        got = grads[name].double()
+        scale = want.norm().item()
+        assert scale > 0, name  # every student parameter takes part in the loss
+        assert (got - want).norm().item() <= 1e-4 * scale, (name, (got - want).norm().item() / scale)
+
+
+def test_the_reference_selection_is_not_the_trivial_one(pairs):
+    """The cases above could pass with a selector that ignores the scores if the kept sets coincided: they do not."""
+    student, teacher = pairs["tied"]
+    batch = make_batch(seed=7)
+    sets = {s: reference_step(student, teacher, batch, make_cfg(s, 0.5, "reverse_kl", 0)).kept
+            for s in ("soft_or", "entropy", "divergence", "quadrant")}
+    assert len({tuple(v) for v in sets.values()}) == 4, sets
+    assert sets["soft_or"] != list(range(12))
