@@ -74,7 +74,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.5])
     parser.add_argument("--jobs", type=int, default=2, help="jobs at a time, one thread each")
-    parser.add_argument("--figure", type=Path, default=Path("docs/reproduce_accuracy.png"),
+    parser.add_argument("--figure", default="docs/reproduce_accuracy.png",
                         help="compact accuracy-vs-budget PNG (empty: none)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -129,10 +129,11 @@ def main() -> int:
     from tip_cli.analyze import analyze, load_runs, save_compact_accuracy
 
     analysis = args.out / "analysis"
-    analyze([args.out / "runs"], analysis, use_wandb=False)
+    run_dirs = [args.out / "runs" / name for name, _ in jobs]  # this grid's runs only, not others left in OUT/runs
+    analyze(run_dirs, analysis, use_wandb=False)
     print((analysis / "by_budget.md").read_text())
-    if str(args.figure):
-        save_compact_accuracy(load_runs([args.out / "runs"]), args.figure)
+    if args.figure:
+        save_compact_accuracy(load_runs(run_dirs), Path(args.figure))
         print(f"figure: {args.figure}")
     print(f"analysis: {analysis}/ (summary.md, by_budget.md, accuracy_vs_budget.png, ...)")
     print(f"wall time: {time.perf_counter() - started:.0f} s ({len(todo)} jobs run, {len(jobs) - len(todo)} skipped)")
