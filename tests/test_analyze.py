@@ -10,8 +10,10 @@ from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from tip_cli.analyze import (
+    BUDGET_COLUMNS,
     COLUMNS,
     analyze,
+    budget_rows,
     load_runs,
     load_token_sample,
     quadrant_shares,
@@ -96,7 +98,7 @@ def table_rows(summary_md: str) -> dict[str, dict[str, str]]:
 def test_analyze_writes_every_file(analysis):
     out, _, files = analysis
     names = ["0_all", "1_entropy_0.2", "2_entropy_0.5", "3_soft_or_0.2", "4_soft_or_0.5"]
-    expected = {"summary.md", "accuracy_vs_budget.png", "cost_vs_budget.png", "curves.png"}
+    expected = {"summary.md", "by_budget.md", "accuracy_vs_budget.png", "cost_vs_budget.png", "curves.png"}
     expected |= {f"token_hist/{n}.png" for n in names} | {f"curves/{n}.png" for n in names}
     assert {str(f.relative_to(out)) for f in files} == expected
     assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == expected
@@ -231,3 +233,29 @@ def test_wandb_gets_the_figures_and_table_offline(tmp_path, monkeypatch, trained
     [table] = media.rglob("summary_*.table.json")
     logged = json.loads(table.read_text())
     assert logged["columns"] == COLUMNS and [row[0] for row in logged["data"]] == ["run"]
+
+
+def test_by_budget_table_groups_seeds_with_mean_min_max(tmp_path):
+    """by_budget.md: one row per (selector, budget) over seeds, full-token first, budgets high to low, uncapped
+    quadrant last; final accuracy as mean [min, max] and the kept-token share per quadrant, against plain sums."""
+    root = tmp_path / "runs"
+    finals = {0: 0.5, 1: 0.7, 2: 0.6}
+    for seed, acc in finals.items():
+        make_run(root / f"all_{seed}", ["selector=all"], accuracy={0: 0.2, 4: acc + 0.1}, sample=False, seed=seed)
+        make_run(root / f"rand_{seed}", ["selector=random", "budget=0.1"], accuracy={0: 0.2, 4: acc - 0.3}, sample=False, seed=seed)
+        make_run(root / f"soft_{seed}", ["selector=soft_or", "budget=0.5"], accuracy={0: 0.2, 4: acc}, sample=False, seed=seed)
+    make_run(root / "q3", ["selector=quadrant", "budget=1.0"], accuracy={0: 0.2, 4: 0.4}, sample=False, kept_frac=0.03)
+    rows = [dict(zip(BUDGET_COLUMNS, r, strict=True)) for r in budget_rows(load_runs([root]))]
+    assert [(r["selector"], r["budget"], r["seeds"]) for r in rows] == [
+        ("all", "", "3"), ("soft_or", "0.5", "3"), ("random", "0.1", "3"), ("quadrant [Q3]", "1", "1")]
+    mean = sum(finals.values()) / 3
+    assert rows[1]["acc final: mean [min, max]"] == f"{mean:.3f} [0.500, 0.700]"
+    assert rows[2]["acc final: mean [min, max]"] == f"{mean - 0.3:.3f} [0.200, 0.400]"
+    assert rows[3]["acc final: mean [min, max]"] == "0.400"  # one seed: no range
+    assert (rows[3]["kept frac"], rows[0]["acc before"]) == ("0.030", "0.200")
+    # make_run logs kept shares 0.7, 0.1, 0.2, 0.0 for Q1..Q4 at every step
+    assert [rows[1][f"Q{q} of kept"] for q in range(1, 5)] == ["0.700", "0.100", "0.200", "0.000"]
+    out = tmp_path / "analysis"
+    analyze([root], out, use_wandb=False)
+    text = (out / "by_budget.md").read_text()
+    assert "| soft_or | 0.5 | 3 |" in text and f"{mean:.3f} [0.500, 0.700]" in text

@@ -11,6 +11,8 @@ Reads each run's `config.yaml`, `metrics.jsonl` (training steps, and the evaluat
   curves/<run>.png         loss, kept fraction, accuracy, quadrant shares and divergence over training, per run
   curves.png               loss, kept fraction, Q3 share and accuracy of every run on one figure
   summary.md               one row per run; the table is also printed
+  by_budget.md             one row per (selector, budget) over seeds: kept-token share per quadrant and the
+                           final accuracy as mean [min, max]; also printed
 
 The x-axis "budget" of the comparison plots is the measured kept fraction, which equals the configured budget
 for budget-driven selectors and is the region's share for mask selectors (quadrant, hard_or, and).
@@ -377,25 +379,36 @@ def _repeats_note(runs: list[Run]) -> str:
     return "; points: mean over repeats (seeds), bars: min to max" if repeated else ""
 
 
-def accuracy_vs_budget(runs: list[Run]) -> Figure:
-    fig = Figure(figsize=(13, 5.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
+def accuracy_vs_budget(runs: list[Run], best: bool = True) -> Figure:
+    """Final (and with best=True, best) accuracy against the kept fraction; best=False gives one compact panel."""
+    fig = Figure(figsize=(13, 5.2) if best else (7.5, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True) if best else [fig.subplots()]
     benchmarks = sorted({r.benchmark for r in runs})
     sizes = sorted({r.num_problems for r in runs if r.num_problems})
     unit = f"{', '.join(benchmarks)} accuracy (fraction correct" + (f", {'/'.join(map(str, sizes))} problems)" if sizes else ")")
-    for ax, metric, title in (
-        (axes[0], lambda r: r.acc_final, "final: at the last evaluation"),
-        (axes[1], lambda r: r.acc_best, "best: highest evaluation after step 0"),
-    ):
+    panels = [(axes[0], lambda r: r.acc_final, "final: at the last evaluation")]
+    if best:
+        panels.append((axes[1], lambda r: r.acc_best, "best: highest evaluation after step 0"))
+    for ax, metric, title in panels:
         if _plot_vs_budget(ax, runs, metric, unit):
             before = [r.acc_before for r in runs if r.acc_before is not None]
             if before:
                 ax.axhline(statistics.fmean(before), color="gray", linestyle=":", linewidth=2, label="student before training")
             ax.legend(fontsize=8, loc="best")
         ax.set_title(title)
-    axes[1].yaxis.set_tick_params(labelleft=True)
-    fig.suptitle("Accuracy vs token budget, per selector" + _repeats_note(runs))
+    if best:
+        axes[1].yaxis.set_tick_params(labelleft=True)
+        fig.suptitle("Accuracy vs token budget, per selector" + _repeats_note(runs))
+    else:
+        fig.suptitle("Final accuracy vs token budget" + _repeats_note(runs), fontsize=10)
     return fig
+
+
+def save_compact_accuracy(runs: list[Run], path: Path) -> Path:
+    """The final-accuracy panel alone, small enough to show in a README (about 600 x 370 pixels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    accuracy_vs_budget(runs, best=False).savefig(path, dpi=80)
+    return path
 
 
 def cost_vs_budget(runs: list[Run]) -> Figure:
@@ -532,6 +545,62 @@ def summary_markdown(runs: list[Run], table: str, figures: list[Path], out: Path
     )
 
 
+# ------------------------------------------------------------------------------- the table over seeds
+
+BUDGET_COLUMNS = ["selector", "budget", "seeds", "kept frac", "Q1 of kept", "Q2 of kept", "Q3 of kept", "Q4 of kept",
+                  "acc before", "acc final: mean [min, max]"]
+
+
+def _spread(values: list[float]) -> str:
+    """mean [min, max] of a group's values; the mean alone for one value; blank for none."""
+    if not values:
+        return ""
+    mean = f"{statistics.fmean(values):.3f}"
+    return mean if len(values) == 1 else f"{mean} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def _mean_of(runs: list[Run], key: str) -> float | None:
+    values = [v for v in (r.mean(key) for r in runs) if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def budget_rows(runs: list[Run]) -> list[list[str]]:
+    """One row per (label, budget), over its repeats (seeds): the kept fraction and each quadrant's share of the
+    kept tokens (means over steps, then over seeds), and the final accuracy as mean [min, max] over seeds.
+    Order: full-token first, then budgets from high to low, then uncapped mask selectors (budget 1.0)."""
+    groups = [(label, budget, group) for label, by_budget in _budget_groups(runs).items() for budget, group in by_budget.items()]
+
+    def order(item):
+        label, budget, group = item
+        full, uncapped = group[0].selector == "all", budget >= 1.0 and group[0].selector != "all"
+        return (not full, uncapped, -budget, label)
+
+    rows = []
+    for label, budget, group in sorted(groups, key=order):
+        finals = [r.acc_final for r in group if r.acc_final is not None]
+        befores = [r.acc_before for r in group if r.acc_before is not None]
+        rows.append([
+            label, "" if group[0].selector == "all" else f"{budget:g}", str(len(group)),
+            _fmt(_mean_of(group, "tokens/kept_frac"), 3),
+            *(_fmt(_mean_of(group, f"tokens/kept_q{q}_frac"), 3) for q in range(1, 5)),
+            _fmt(statistics.fmean(befores) if befores else None, 3), _spread(finals),
+        ])
+    return rows
+
+
+def budget_markdown(runs: list[Run]) -> str:
+    """by_budget.md: the table of budget_rows with what its columns mean."""
+    benchmarks = ", ".join(sorted({r.benchmark for r in runs}))
+    return (
+        f"# Final {benchmarks} accuracy by selector and budget, over seeds\n\n"
+        "kept frac: the fraction of response tokens trained on; Qn of kept: each quadrant's share of the kept "
+        "tokens (Q1 high entropy, high divergence; Q2 high H, low D; Q3 low H, high D: overconfident and wrong; "
+        "Q4 low H, low D), means over steps and seeds; acc before: the student before training; acc final: "
+        "at the last evaluation, mean [min, max] over the seeds. budget is blank for selector=all; for a mask "
+        "selector (quadrant) 1 means uncapped.\n\n" + markdown_table(BUDGET_COLUMNS, budget_rows(runs))
+    )
+
+
 # --------------------------------------------------------------------------------------------------- W&B
 
 
@@ -588,8 +657,10 @@ def analyze(paths: list[Path], out: Path, step: int | None = None, benchmark: st
     table = markdown_table(COLUMNS, rows)
     summary = out / "summary.md"
     summary.write_text(summary_markdown(runs, table, figures, out))
+    by_budget = out / "by_budget.md"
+    by_budget.write_text(budget_markdown(runs))
     if use_wandb is None:
         use_wandb = all(r.cfg.logger.name == "wandb" for r in runs)
     if use_wandb:
         console.print(f"W&B: {log_to_wandb(runs, figures, rows, out)}")
-    return table, [*figures, summary]
+    return table, [*figures, summary, by_budget]
