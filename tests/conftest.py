@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -23,6 +24,22 @@ def micro(tmp_path_factory) -> dict[str, Path]:
             "train": root / "train.jsonl", "test": root / "test.jsonl"}
 
 
+PENALIZING_GENERATION_CONFIG = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "top_k": 20, "temperature": 0.6,
+                                "do_sample": True}
+
+
+@pytest.fixture(scope="session")
+def penalized_student(micro, tmp_path_factory) -> Path:
+    """The micro student with a generation_config.json that would bend sampling away from the model's softmax."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("penalized") / "student"
+    shutil.copytree(micro["student"], out)
+    path = out / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **PENALIZING_GENERATION_CONFIG}))
+    return out
+
+
 @pytest.fixture
 def micro_overrides(micro) -> list[str]:
     """Overrides that point a run at the micro pair with tiny budgets (a step takes well under a second)."""
@@ -31,4 +48,15 @@ def micro_overrides(micro) -> list[str]:
         f"data.path={micro['train']}", f"benchmark.path={micro['test']}",
         "train.steps=2", "train.prompts_per_step=4", "rollout.max_new_tokens=12",
         "benchmark.max_new_tokens=12", "eval.limit=4", "logger=none",
+        "train.device=cpu",  # the tests compare CPU float32 numerics, even on a machine with a GPU
     ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` exercise the CUDA path (`make test-gpu`); without a CUDA device they skip."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make test-gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -174,7 +174,8 @@ def test_tool_tokens_are_never_selected_nor_in_the_loss(tok, micro_agent, select
 def test_agentic_opd_trains_on_the_toy_agent_env(tmp_path, micro_agent):
     cfg = compose_config(["task=toy_agent", f"pair.teacher={micro_agent['teacher']}",
                           f"pair.student={micro_agent['student']}", "train.steps=2", "train.prompts_per_step=3",
-                          "rollout.max_new_tokens=24", "agent.max_turns=3", "eval.limit=3", "logger=none"])
+                          "rollout.max_new_tokens=24", "agent.max_turns=3", "eval.limit=3", "logger=none",
+                          "train.device=cpu"])
     final = trainer.train(cfg, tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]

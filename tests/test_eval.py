@@ -19,7 +19,7 @@ def toy_dir() -> Path:
 
 
 def tip_eval(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tip_cli.cli", "eval", *args, "logger=none", f"out_dir={cwd}"]
+    cmd = [sys.executable, "-m", "tip_cli.cli", "eval", *args, "logger=none", "train.device=cpu", f"out_dir={cwd}"]
     return subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
 
 

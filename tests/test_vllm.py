@@ -99,7 +99,7 @@ def test_three_training_steps_with_the_vllm_engine(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "tip_cli.cli", "train", "rollout=vllm", "rollout.vllm.kv_cache_gb=0.25",
            "train.steps=3", "train.prompts_per_step=4", "train.eval_every=0", "train.save_every=0",
-           "eval.limit=8", "logger=none", f"out_dir={out}"]
+           "eval.limit=8", "logger=none", "train.device=cpu", f"out_dir={out}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TIP_DEBUG": "1"}, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
