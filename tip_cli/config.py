@@ -105,8 +105,9 @@ class ImportanceConfig:
         if self.threshold == "quantile":
             _in_range("importance.h_threshold", self.h_threshold, 0.0, 1.0)
             _in_range("importance.d_threshold", self.d_threshold, 0.0, 1.0)
-        if self.topk is not None and self.topk < 1:
-            raise ConfigError(f"importance.topk={self.topk} must be >= 1 (or null for the full vocabulary)")
+        if self.topk is not None and self.topk < 2:  # renormalised over one token, both sides are 1 and D = 0
+            raise ConfigError(f"importance.topk={self.topk} must be >= 2 (or null for the full vocabulary): "
+                              "renormalised over a single token both distributions are 1, so D would be 0")
         if self.chunk_size < 1:
             raise ConfigError(f"importance.chunk_size={self.chunk_size} must be >= 1")
 
