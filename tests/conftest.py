@@ -40,6 +40,32 @@ def penalized_student(micro, tmp_path_factory) -> Path:
     return out
 
 
+def _sampled_logprobs_match_the_tempered_softmax(model, engine, temperature: float) -> None:
+    """Sampled tokens' log-probs as the engine reports them == log softmax(logits / T) of the model (float64),
+    whatever the checkpoint's generation config sets (the `penalized_student` fixture)."""
+    from tip_cli.rollout import Sampling
+
+    prompts = [[5, 6, 7, 8, 5, 6], [9, 10, 9, 10]]  # repeats: a repetition penalty or n-gram ban would show here
+    out = engine.generate(prompts, Sampling(n=2, temperature=temperature, max_new_tokens=16, logprobs=True, seed=3))
+    checked = 0
+    for i, (resp, lps) in enumerate(zip(out.tokens, out.logprobs, strict=True)):
+        seq = torch.tensor([prompts[i // 2] + resp])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(seq).logits[0].double() / temperature, -1)
+        want = [ref[len(prompts[i // 2]) - 1 + t, tok].item() for t, tok in enumerate(resp)]
+        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                                   atol=2e-4, rtol=0)
+        checked += len(resp)
+    assert checked > 20
+
+
+
+@pytest.fixture(scope="session")
+def tempered_check():
+    """The check an engine passes when its rollouts are pure samples of the model at temperature T."""
+    return _sampled_logprobs_match_the_tempered_softmax
+
+
 @pytest.fixture
 def micro_overrides(micro) -> list[str]:
     """Overrides that point a run at the micro pair with tiny budgets (a step takes well under a second)."""

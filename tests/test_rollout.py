@@ -54,26 +54,7 @@ def test_hf_engine_logprobs_and_stop_tokens(tmp_path):
     assert stopped.tokens[0] == greedy[:cut]
 
 
-def sampled_logprobs_match_the_tempered_softmax(model, engine, temperature: float) -> None:
-    """Sampled tokens' log-probs as the engine reports them == log softmax(logits / T) of the model (float64),
-    whatever the checkpoint's generation config sets (the `penalized_student` fixture)."""
-    from tip_cli.rollout import Sampling
-
-    prompts = [[5, 6, 7, 8, 5, 6], [9, 10, 9, 10]]  # repeats: a repetition penalty or n-gram ban would show here
-    out = engine.generate(prompts, Sampling(n=2, temperature=temperature, max_new_tokens=16, logprobs=True, seed=3))
-    checked = 0
-    for i, (resp, lps) in enumerate(zip(out.tokens, out.logprobs, strict=True)):
-        seq = torch.tensor([prompts[i // 2] + resp])
-        with torch.no_grad():
-            ref = torch.log_softmax(model(seq).logits[0].double() / temperature, -1)
-        want = [ref[len(prompts[i // 2]) - 1 + t, tok].item() for t, tok in enumerate(resp)]
-        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
-                                   atol=2e-4, rtol=0)
-        checked += len(resp)
-    assert checked > 20
-
-
-def test_hf_rollouts_sample_the_tempered_softmax_whatever_the_generation_config(penalized_student):
+def test_hf_rollouts_sample_the_tempered_softmax_whatever_the_generation_config(penalized_student, tempered_check):
     from tip_cli.config import PairConfig
     from tip_cli.models import load_model, load_tokenizer
     from tip_cli.rollout import HFEngine
@@ -81,4 +62,4 @@ def test_hf_rollouts_sample_the_tempered_softmax_whatever_the_generation_config(
     model = load_model(str(penalized_student), PairConfig(), torch.device("cpu"), trainable=False)
     assert model.generation_config.repetition_penalty == 1.3  # the checkpoint asks for it; the engine ignores it
     torch.manual_seed(0)
-    sampled_logprobs_match_the_tempered_softmax(model, HFEngine(model, load_tokenizer(str(penalized_student), PairConfig())), 0.8)
+    tempered_check(model, HFEngine(model, load_tokenizer(str(penalized_student), PairConfig())), 0.8)

@@ -119,12 +119,17 @@ class LossConfig:
     kind: str = "reverse_kl"
     jsd_beta: float = 0.5
     norm: str = "selected"  # selected: mean over kept tokens | total: divide by all response tokens
+    # both models' logits are divided by it in H, D and the loss; null = rollout.temperature (the distribution the
+    # rollouts were sampled from; greedy rollouts, T = 0, use 1)
+    temperature: float | None = None
     chunk_size: int = 256  # rows of [chunk, V] in the loss at once; memory does not grow with the kept count beyond it
 
     def __post_init__(self) -> None:
         _one_of("loss.kind", self.kind, DIVERGENCES)
         _one_of("loss.norm", self.norm, ("selected", "total"))
         _in_range("loss.jsd_beta", self.jsd_beta, 0.0, 1.0)
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"loss.temperature={self.temperature} must be > 0 (or null for rollout.temperature)")
         if self.chunk_size < 1:
             raise ConfigError(f"loss.chunk_size={self.chunk_size} must be >= 1")
 
@@ -259,11 +264,17 @@ class TrainConfig:
     selection_scope: str = "global"  # global: over every rank's tokens, as one process would | local: per rank
     cpu_offload: bool = False  # FSDP2 keeps the student's shards, grads and optimizer state in CPU memory (CUDA only)
     shard_teacher: bool = False  # shard the teacher with FSDP2 too, instead of a full replica per rank
+    # auto = bf16_mixed on CUDA (fp32 master weights and AdamW state, bf16 compute), fp32 on CPU; bf16 = pure bf16
+    precision: str = "auto"
+    max_skipped_steps: int = 3  # consecutive steps with a non-finite H, D or loss (no update) before the run stops
 
     def __post_init__(self) -> None:
         _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("train.selection_scope", self.selection_scope, ("global", "local"))
+        _one_of("train.precision", self.precision, ("auto", "bf16_mixed", "bf16", "fp32"))
+        if self.max_skipped_steps < 1:
+            raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
         if self.steps < 0 or self.prompts_per_step < 1 or self.micro_batch_size < 0:
             raise ConfigError("train: steps >= 0, prompts_per_step >= 1, micro_batch_size >= 0")
         if self.lr <= 0:

@@ -134,14 +134,19 @@ class HFEngine:
         """Nothing to restore."""
 
 
-def make_engine(cfg: RolloutConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str, seed: int = 0):
-    """The rollout engine `cfg.engine` names, generating from `model` (whose weights live at `model_path`)."""
+def make_engine(
+    cfg: RolloutConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str, seed: int = 0,
+    dtype: torch.dtype | None = None,
+):
+    """The rollout engine `cfg.engine` names, generating from `model` (whose weights live at `model_path`); a vLLM
+    engine computes in `dtype` (default: the model's)."""
     if cfg.engine == "hf":
         return HFEngine(model, tokenizer, cfg.batch_size)
     if cfg.engine == "vllm":
         from tip_cli.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, tokenizer, cfg.vllm, model.dtype, seed, eos=model.generation_config.eos_token_id)
+        return VLLMEngine(model_path, tokenizer, cfg.vllm, dtype or model.dtype, seed,
+                          eos=model.generation_config.eos_token_id)
     raise ConfigError(f"rollout.engine={cfg.engine!r} is not valid; expected one of: hf, vllm")
 
 
