@@ -161,9 +161,10 @@ def test_tool_tokens_are_never_selected_nor_in_the_loss(tok, micro_agent, select
     for b, t in positions[kept].tolist():
         assert trajs[b].model_mask[t + 1]  # every kept position predicts a model token
     if selector == "all":  # the loss is the float64 reverse KL averaged over exactly the model tokens
+        t = trainer.distill_temperature(cfg)  # the rollouts' temperature, 0.6 in task=toy_agent
         with torch.no_grad():
-            ls = pair.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double().log_softmax(-1)
-            lt = pair.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double().log_softmax(-1)
+            ls = (pair.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)
+            lt = (pair.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)
         kl = (ls.exp() * (ls - lt)).sum(-1)  # [B, T]
         model_next = torch.zeros_like(batch.target_mask)
         for b, t in enumerate(trajs):

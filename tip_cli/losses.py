@@ -5,7 +5,9 @@ teacher's h_T [K, d_T] (no grad). The loss is
 
     L = scale * sum_k div(softmax(h_S[k] W_S^T), softmax(h_T[k] W_T^T))
 
-with div = reverse KL (default), forward KL or JSD(beta), exact over the shared vocabulary prefix [:V]. The teacher
+with div = reverse KL (default), forward KL or JSD(beta) (beta 0: forward KL, beta 1: reverse KL, as in TRL), exact
+over the shared vocabulary prefix [:V]. At a distillation temperature T the trainer passes h / T for both models, so
+the distributions are softmax(logits / T) (tip_cli.trainer.distill_temperature). The teacher
 side can also be its top-K log-probs from a vLLM engine (`TopKTeacher`): div is then taken over K + 1 buckets.
 The [K, V] logits are never materialised with grad: the forward pass walks K in chunks, computes each chunk's
 loss and its gradients w.r.t. h_S and W_S right away, and frees the chunk's graph. Peak memory of the loss is
