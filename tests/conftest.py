@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -33,6 +34,48 @@ def micro(tmp_path_factory) -> dict[str, Path]:
             "train": root / "train.jsonl", "test": root / "test.jsonl"}
 
 
+PENALIZING_GENERATION_CONFIG = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "top_k": 20, "temperature": 0.6,
+                                "do_sample": True}
+
+
+@pytest.fixture(scope="session")
+def penalized_student(micro, tmp_path_factory) -> Path:
+    """The micro student with a generation_config.json that would bend sampling away from the model's softmax."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("penalized") / "student"
+    shutil.copytree(micro["student"], out)
+    path = out / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **PENALIZING_GENERATION_CONFIG}))
+    return out
+
+
+def _sampled_logprobs_match_the_tempered_softmax(model, engine, temperature: float, atol: float = 2e-4) -> None:
+    """Sampled tokens' log-probs as the engine reports them == log softmax(logits / T) of the model (float64),
+    whatever the checkpoint's generation config sets (the `penalized_student` fixture)."""
+    from tip_cli.rollout import Sampling
+
+    prompts = [[5, 6, 7, 8, 5, 6], [9, 10, 9, 10]]  # repeats: a repetition penalty or n-gram ban would show here
+    out = engine.generate(prompts, Sampling(n=2, temperature=temperature, max_new_tokens=16, logprobs=True, seed=3))
+    checked = 0
+    for i, (resp, lps) in enumerate(zip(out.tokens, out.logprobs, strict=True)):
+        seq = torch.tensor([prompts[i // 2] + resp], device=model.device)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(seq).logits[0].double() / temperature, -1)
+        want = [ref[len(prompts[i // 2]) - 1 + t, tok].item() for t, tok in enumerate(resp)]
+        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                                   atol=atol, rtol=0)
+        checked += len(resp)
+    assert checked > 20
+
+
+
+@pytest.fixture(scope="session")
+def tempered_check():
+    """The check an engine passes when its rollouts are pure samples of the model at temperature T."""
+    return _sampled_logprobs_match_the_tempered_softmax
+
+
 @pytest.fixture
 def micro_overrides(micro) -> list[str]:
     """Overrides that point a run at the micro pair with tiny budgets (a step takes well under a second)."""
@@ -41,4 +84,15 @@ def micro_overrides(micro) -> list[str]:
         f"data.path={micro['train']}", f"benchmark.path={micro['test']}",
         "train.steps=2", "train.prompts_per_step=4", "rollout.max_new_tokens=12",
         "benchmark.max_new_tokens=12", "eval.limit=4", "logger=none",
+        "train.device=cpu",  # the tests compare CPU float32 numerics, even on a machine with a GPU
     ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` exercise the CUDA path (`make test-gpu`); without a CUDA device they skip."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make test-gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

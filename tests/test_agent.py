@@ -161,9 +161,10 @@ def test_tool_tokens_are_never_selected_nor_in_the_loss(tok, micro_agent, select
     for b, t in positions[kept].tolist():
         assert trajs[b].model_mask[t + 1]  # every kept position predicts a model token
     if selector == "all":  # the loss is the float64 reverse KL averaged over exactly the model tokens
+        t = trainer.distill_temperature(cfg)  # the rollouts' temperature, 0.6 in task=toy_agent
         with torch.no_grad():
-            ls = pair.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double().log_softmax(-1)
-            lt = pair.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double().log_softmax(-1)
+            ls = (pair.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)
+            lt = (pair.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)
         kl = (ls.exp() * (ls - lt)).sum(-1)  # [B, T]
         model_next = torch.zeros_like(batch.target_mask)
         for b, t in enumerate(trajs):
@@ -174,7 +175,8 @@ def test_tool_tokens_are_never_selected_nor_in_the_loss(tok, micro_agent, select
 def test_agentic_opd_trains_on_the_toy_agent_env(tmp_path, micro_agent):
     cfg = compose_config(["task=toy_agent", f"pair.teacher={micro_agent['teacher']}",
                           f"pair.student={micro_agent['student']}", "train.steps=2", "train.prompts_per_step=3",
-                          "rollout.max_new_tokens=24", "agent.max_turns=3", "eval.limit=3", "logger=none"])
+                          "rollout.max_new_tokens=24", "agent.max_turns=3", "eval.limit=3", "logger=none",
+                          "train.device=cpu"])
     final = trainer.train(cfg, tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]

@@ -28,23 +28,23 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @needs_shared
 @pytest.mark.parametrize(
-    ("benchmark", "records", "n", "temperature"),
+    ("bench_name", "records", "n", "temperature"),
     [("math500", 500, 1, 0.0), ("aime24", 30, 8, 0.6), ("aime25", 30, 8, 0.6)],
 )
-def test_benchmark_configs_load_the_shared_files(benchmark, records, n, temperature, monkeypatch):
+def test_benchmark_configs_load_the_shared_files(bench_name, records, n, temperature, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs' offline path is relative to where tip runs
-    path = f"../shared/data/{benchmark}.jsonl"
-    cfg = composed([f"benchmark={benchmark}", "benchmark.hf_id=null", f"benchmark.path={path}"]).benchmark
+    path = f"../shared/data/{bench_name}.jsonl"
+    cfg = composed([f"benchmark={bench_name}", "benchmark.hf_id=null", f"benchmark.path={path}"]).benchmark
     assert (cfg.n, cfg.temperature) == (n, temperature)
     problems = load_problems(cfg)
-    rows = read_jsonl(SHARED / f"{benchmark}.jsonl")
+    rows = read_jsonl(SHARED / f"{bench_name}.jsonl")
     assert len(problems) == len(rows) == records
     for p, row in zip(problems, rows, strict=True):
         assert p.id == row["id"]  # math500's unique_id equals its id
         assert (p.problem, p.answer) == (row["problem"], row["answer"])
         assert p.prompt == row["problem"] + INSTRUCTION
         assert "problem" not in p.meta and "answer" not in p.meta
-    if benchmark == "math500":
+    if bench_name == "math500":
         assert {p.meta["subject"] for p in problems} >= {"Algebra", "Geometry", "Precalculus"}
         assert {p.meta["level"] for p in problems} == {1, 2, 3, 4, 5}
 

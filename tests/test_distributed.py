@@ -159,7 +159,10 @@ def one_step(cfg: TipConfig) -> dict:
     distributed.shard(pair, cfg.train)
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.train.lr)
     batch = pack(distributed.my_slice(PROMPTS), distributed.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
+    seen = []  # the dtype the final norm computed in (bf16 under bf16_mixed's FSDP2 policy)
+    hook = pair.student.base_model.norm.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
     metrics, _, kept = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    hook.remove()
     grads = {n: p.grad for n, p in pair.student.named_parameters()}
     grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(), cfg.train.grad_clip))
     optimizer.step()
@@ -171,7 +174,12 @@ def one_step(cfg: TipConfig) -> dict:
     else:
         weights = pair.student.state_dict()
     metrics = distributed.merge_metrics(metrics)
-    return {"metrics": metrics, "kept": kept, "grads": grads, "grad_norm": grad_norm, "weights": weights}
+    policy = None
+    if distributed.active():
+        mp = pair.student._get_fsdp_state()._fsdp_param_group.mp_policy
+        policy = (mp.param_dtype, mp.reduce_dtype)
+    return {"metrics": metrics, "kept": kept, "grads": grads, "grad_norm": grad_norm, "weights": weights,
+            "policy": policy, "compute_dtype": seen[0], "param_dtypes": {p.dtype for p in pair.student.parameters()}}
 
 
 def steps_on_ranks(cfgs: list[TipConfig]) -> list[dict]:
@@ -204,6 +212,21 @@ def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
             # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, float noise in g moves it by a share of lr
             torch.testing.assert_close(got["weights"][name], weight, rtol=1e-5, atol=1e-2 * cfg.train.lr)
         assert max((want["weights"][n] - w).abs().max().item() for n, w in before.items()) > 1e-3  # the step moved them
+
+
+def test_fsdp_bf16_mixed_step_on_two_ranks_uses_the_mixed_precision_policy(tmp_path, micro_overrides):
+    """train.precision=bf16_mixed under FSDP2: bf16 parameters in forward/backward, fp32 reduction and fp32 shards;
+    the step matches one fp32 process within bf16 tolerance."""
+    base = [*micro_overrides, "train.lr=1e-2", "train.grad_clip=0", "selector=all"]
+    (got,) = spawn(steps_on_ranks, tmp_path, [compose_config([*base, "train.precision=bf16_mixed"])])[0]
+    want = one_step(compose_config([*base, "train.precision=fp32"]))
+    assert got["policy"] == (torch.bfloat16, torch.float32) and want["policy"] is None
+    assert got["compute_dtype"] == torch.bfloat16 and want["compute_dtype"] == torch.float32
+    assert got["param_dtypes"] == {torch.float32}  # the sharded master weights (and so AdamW's state) stay fp32
+    assert got["metrics"]["loss"] == pytest.approx(want["metrics"]["loss"], rel=3e-2)
+    g = torch.cat([got["grads"][n].flatten().float() for n in want["grads"]])
+    w = torch.cat([x.flatten() for x in want["grads"].values()])
+    assert ((g - w).norm() / w.norm()).item() < 5e-2 and not torch.equal(g, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

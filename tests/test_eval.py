@@ -23,7 +23,7 @@ def model_dir(micro, tmp_path) -> Path:
 
 
 def tip_eval(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tip_cli.cli", "eval", *args, "logger=none"]
+    cmd = [sys.executable, "-m", "tip_cli.cli", "eval", *args, "logger=none", "train.device=cpu"]
     return subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
 
 

@@ -81,6 +81,28 @@ def test_token_stats_chunk_matches_loop(kind, beta, topk):
         assert d[row].item() == pytest.approx(ref_divergence(ps, pt, kind, beta), abs=1e-5)
 
 
+@pytest.mark.parametrize("beta,kind", [(0.0, "forward_kl"), (0.5, "jsd"), (1.0, "reverse_kl")])
+@pytest.mark.parametrize("topk", [None, 4])
+def test_jsd_divergence_at_its_ends_is_forward_and_reverse_kl(beta, kind, topk):
+    """D with divergence=jsd: beta 0 -> KL(T || S), beta 1 -> KL(S || T) (TRL's convention), never a constant 0."""
+    logp_s, logp_t = log_probs(7), log_probs(8)
+    _, d = token_stats_chunk(logp_s, logp_t, ImportanceConfig(divergence="jsd", jsd_beta=beta, topk=topk))
+    for row in range(5):
+        ps, pt = logp_s[row].exp().tolist(), logp_t[row].exp().tolist()
+        if topk is not None:
+            idx = sorted(range(len(pt)), key=lambda i: -pt[i])[:topk]
+            ps, pt = ref_restrict(ps, idx), ref_restrict(pt, idx)
+        want = ref_divergence(ps, pt, kind, beta)
+        assert want > 1e-3 and d[row].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_topk_below_two_is_a_config_error():
+    from tip_cli.config import ConfigError
+
+    with pytest.raises(ConfigError, match="importance.topk=1 must be >= 2"):
+        ImportanceConfig(topk=1)
+
+
 def test_topk_restriction_changes_divergence_and_full_k_does_not():
     logp_s, logp_t = log_probs(2), log_probs(3)
     full = token_stats_chunk(logp_s, logp_t, ImportanceConfig())[1]

@@ -48,6 +48,19 @@ def test_value_and_gradient_match_plain_formula(kind, beta, chunk):
     assert g_got[1][40:].abs().max() == 0
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_jsd_at_its_ends_is_forward_and_reverse_kl(beta):
+    """TRL's generalized JSD: beta 0 is KL(T || S), beta 1 is KL(S || T), between them the mixture formula."""
+    h_s, w_s, h_t, w_t = make_inputs()
+    got = selected_token_loss(h_s, w_s, h_t, w_t, 40, "jsd", beta, chunk_size=7, normalizer=3.0)
+    kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, "jsd")
+    want = reference_loss(h_s, w_s, h_t, w_t, 40, kind, beta) / 3.0
+    assert want.item() > 1e-3  # not a degenerate zero
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    for a, b in zip(torch.autograd.grad(got, [h_s, w_s]), torch.autograd.grad(want, [h_s, w_s]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_float32_inputs_stay_close_to_float64_reference():
     h_s, w_s, h_t, w_t = make_inputs(k=50, vocab=300)
     f32 = [t.detach().float().requires_grad_(t.requires_grad) for t in (h_s, w_s, h_t, w_t)]

@@ -52,3 +52,14 @@ def test_hf_engine_logprobs_and_stop_tokens(tmp_path):
     greedy = engine.generate(prompts[:1], Sampling(temperature=0.0, max_new_tokens=12)).tokens[0]
     cut = greedy.index(first) + 1 if first in greedy else len(greedy)
     assert stopped.tokens[0] == greedy[:cut]
+
+
+def test_hf_rollouts_sample_the_tempered_softmax_whatever_the_generation_config(penalized_student, tempered_check):
+    from tip_cli.config import PairConfig
+    from tip_cli.models import load_model, load_tokenizer
+    from tip_cli.rollout import HFEngine
+
+    model = load_model(str(penalized_student), PairConfig(), torch.device("cpu"), trainable=False)
+    assert model.generation_config.repetition_penalty == 1.3  # the checkpoint asks for it; the engine ignores it
+    torch.manual_seed(0)
+    tempered_check(model, HFEngine(model, load_tokenizer(str(penalized_student), PairConfig())), 0.8)

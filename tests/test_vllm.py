@@ -86,6 +86,15 @@ def test_weight_sync_makes_the_engine_follow_the_trained_model(student, micro):
     assert engine.generate(prompts, GREEDY).tokens == HFEngine(model, tok).generate(prompts, GREEDY).tokens
 
 
+def test_vllm_rollouts_sample_the_tempered_softmax_whatever_the_generation_config(penalized_student, tempered_check):
+    path = str(penalized_student)
+    model = load_model(path, PairConfig(), torch.device("cpu"), trainable=False)
+    assert model.generation_config.no_repeat_ngram_size == 2  # the checkpoint asks for it; the engine ignores it
+    engine = VLLMEngine(path, load_tokenizer(path, PairConfig()), CFG, torch.float32, seed=0,
+                        eos=model.generation_config.eos_token_id)
+    tempered_check(model, engine, 0.8)
+
+
 def test_topk_teacher_matches_the_full_teacher_distribution(micro):
     path = str(micro["teacher"])
     teacher = load_model(path, PairConfig(), torch.device("cpu"), trainable=False)

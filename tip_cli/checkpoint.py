@@ -175,12 +175,14 @@ def commit_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int = 0) -> Pat
     return final
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 0) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 0, state_dict: dict | None = None
+) -> Path:
     """Write step_N atomically; with keep > 0, delete all but the newest `keep` checkpoints."""
     tmp = staging_dir(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     with storage_errors(run_dir, tmp, cleanup=tmp):
-        write_checkpoint(tmp, step, model, tokenizer, trainer_state)
+        write_checkpoint(tmp, step, model, tokenizer, trainer_state, state_dict)
     return commit_checkpoint(run_dir, tmp, step, keep)
 
 

@@ -113,8 +113,9 @@ class ImportanceConfig:
         if self.threshold == "quantile":
             _in_range("importance.h_threshold", self.h_threshold, 0.0, 1.0)
             _in_range("importance.d_threshold", self.d_threshold, 0.0, 1.0)
-        if self.topk is not None and self.topk < 1:
-            raise ConfigError(f"importance.topk={self.topk} must be >= 1 (or null for the full vocabulary)")
+        if self.topk is not None and self.topk < 2:  # renormalised over one token, both sides are 1 and D = 0
+            raise ConfigError(f"importance.topk={self.topk} must be >= 2 (or null for the full vocabulary): "
+                              "renormalised over a single token both distributions are 1, so D would be 0")
         _check_chunk("importance.chunk_size", self.chunk_size)
 
 
@@ -125,6 +126,9 @@ class LossConfig:
     kind: str = "reverse_kl"
     jsd_beta: float = 0.5
     norm: str = "selected"  # selected: mean over kept tokens | total: divide by all response tokens
+    # both models' logits are divided by it in H, D and the loss; null = rollout.temperature (the distribution the
+    # rollouts were sampled from; greedy rollouts, T = 0, use 1)
+    temperature: float | None = None
     # rows of [chunk, V] in the loss at once; memory does not grow with the kept count beyond it. auto/null: 256 on
     # CPU, about 1 GiB of fp32 logits a block on CUDA (tip_cli.chunks)
     chunk_size: Any = "auto"
@@ -133,6 +137,8 @@ class LossConfig:
         _one_of("loss.kind", self.kind, DIVERGENCES)
         _one_of("loss.norm", self.norm, ("selected", "total"))
         _in_range("loss.jsd_beta", self.jsd_beta, 0.0, 1.0)
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"loss.temperature={self.temperature} must be > 0 (or null for rollout.temperature)")
         _check_chunk("loss.chunk_size", self.chunk_size)
 
 
@@ -287,12 +293,18 @@ class TrainConfig:
     # re-running into a run dir: auto = continue only if the config is the one recorded (tip_cli.rundir);
     # override = continue with this config's values from the newest checkpoint on, recorded in overrides.jsonl
     resume: str = "auto"
+    # auto = bf16_mixed on CUDA (fp32 master weights and AdamW state, bf16 compute), fp32 on CPU; bf16 = pure bf16
+    precision: str = "auto"
+    max_skipped_steps: int = 3  # consecutive steps with a non-finite H, D or loss (no update) before the run stops
 
     def __post_init__(self) -> None:
         _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _one_of("train.resume", self.resume, ("auto", "override"))
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("train.selection_scope", self.selection_scope, ("global", "local"))
+        _one_of("train.precision", self.precision, ("auto", "bf16_mixed", "bf16", "fp32"))
+        if self.max_skipped_steps < 1:
+            raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
         if self.steps < 0 or self.prompts_per_step < 1 or self.micro_batch_size < 0:
             raise ConfigError("train: steps >= 0, prompts_per_step >= 1, micro_batch_size >= 0")
         if self.lr <= 0:

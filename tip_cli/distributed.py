@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tip_cli import importance, selectors
+from tip_cli import importance, precision, selectors
 from tip_cli.checkpoint import (
     Checkpoint,
     commit_checkpoint,
@@ -132,13 +132,14 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def _fully_shard(model, mesh, offload) -> None:
+def _fully_shard(model, mesh, offload, mp_policy=None) -> None:
     """Each decoder layer one FSDP2 unit; the root holds the rest (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    policy = mp_policy or MixedPrecisionPolicy()
     for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=mesh, offload_policy=offload)
-    fully_shard(model, mesh=mesh, offload_policy=offload)
+        fully_shard(layer, mesh=mesh, offload_policy=offload, mp_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=offload, mp_policy=policy)
     # tip runs a model as `base_model(...)` and then reads `lm_head.weight` itself (tip_cli.losses), never through
     # model.forward. FSDP2 gathers the root's parameters only around a forward of the root, so the base model's
     # forward is registered as one: gathered on entry, kept so through the loss (a root does not reshard after
@@ -160,7 +161,9 @@ def shard(pair: Pair, cfg: TrainConfig) -> None:
     if cfg.cpu_offload and pair.device.type != "cuda":
         raise ConfigError("train.cpu_offload=true moves shards off the GPU: it needs CUDA (on CPU they already are)")
     mesh = init_device_mesh(pair.device.type, (world_size(),))
-    _fully_shard(pair.student, mesh, CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy())
+    # bf16_mixed: fp32 shards and AdamW state, bf16 parameters in forward/backward, gradients reduced in fp32
+    policy = precision.resolve(cfg.precision, "auto", pair.device).mp_policy()
+    _fully_shard(pair.student, mesh, CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(), policy)
     for unit in pair.student.modules():
         if isinstance(unit, FSDPModule):
             # each rank's loss is already divided by the global token count, so ranks' gradients add up to the
@@ -264,6 +267,15 @@ def select_tokens(
     return Selection(stats, kept, local, max(1, k if cfg.loss.norm == "selected" else n), metrics)
 
 
+def all_true(flag: bool) -> bool:
+    """Whether `flag` holds on every rank (itself outside torchrun), so that all ranks take the same branch."""
+    if not active():
+        return bool(flag)
+    box = torch.tensor([int(bool(flag))])  # on CPU, as global_count's: the job's group has gloo for CPU tensors
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return bool(box.item())
+
+
 def merge_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """One step's metrics over all ranks: each rank's share of the loss summed; rollout means averaged (ranks hold
     equal row counts); phase times and peak memory the slowest rank's, throughput too. Selection metrics are global
@@ -300,14 +312,27 @@ class NullLogger:
 # Checkpoints
 
 
-def save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, keep: int) -> None:
+def _export(state_dict: dict, dtype: torch.dtype | None) -> dict:
+    """The HF export's tensors in the pair's dtype (fp32 master weights are written as the pair's bf16)."""
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, keep: int,
+         export_dtype: torch.dtype | None = None) -> None:
     """Write checkpoints/step_N atomically. Single process: HF student + optimizer/scheduler (tip_cli.checkpoint).
     Under torchrun: the sharded model and optimizer state as a torch.distributed.checkpoint in step_N/dcp/ (every
     rank writes its shards; the file system must be shared), and rank 0 adds the full student as a HF export (what
-    `tip eval` reads), the tokenizer, and the step, scheduler and world size in trainer_state.pt."""
+    `tip eval` reads), the tokenizer, and the step, scheduler and world size in trainer_state.pt.
+
+    The HF export is written in `export_dtype` (the pair's); when that is narrower than the student's own (fp32 master
+    weights under bf16_mixed), the exact weights go into trainer_state.pt (single process) or dcp/ (torchrun)."""
     if not active():
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        save_checkpoint(run_dir, step, student, tokenizer, state, keep)
+        own = student.state_dict()
+        export = _export(own, export_dtype)
+        if any(export[k].dtype != v.dtype for k, v in own.items()):
+            state["master_weights"] = own
+        save_checkpoint(run_dir, step, student, tokenizer, state, keep, state_dict=export)
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
@@ -321,7 +346,7 @@ def save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, kee
     full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # on rank 0
     if is_main():
         state = {"scheduler": scheduler.state_dict(), "world_size": world_size()}
-        write_checkpoint(tmp, step, student, tokenizer, state, state_dict=full)
+        write_checkpoint(tmp, step, student, tokenizer, state, state_dict=_export(full, export_dtype))
         commit_checkpoint(run_dir, tmp, step, keep)
     dist.barrier()
 
@@ -346,6 +371,8 @@ def resume(ckpt: Checkpoint, student, optimizer, scheduler) -> int:
         dcp.load(loaded, checkpoint_id=ckpt.path / DCP_DIR)
         set_state_dict(student, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     else:
+        if "master_weights" in state:  # the HF export was rounded to the pair's dtype; continue from the exact weights
+            student.load_state_dict(state["master_weights"])
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["step"]

@@ -47,12 +47,15 @@ def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 def jsd(logp_s: torch.Tensor, logp_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
-    """beta * KL(p_T || m) + (1 - beta) * KL(p_S || m), with m = beta * p_T + (1 - beta) * p_S.
+    """beta * KL(p_T || m) + (1 - beta) * KL(p_S || m), with m = beta * p_T + (1 - beta) * p_S, for 0 < beta < 1.
 
-    beta = 0 or 1 makes m equal to one side and the divergence 0.
+    The ends follow TRL's generalized JSD: beta = 0 is the forward KL(p_T || p_S), beta = 1 the reverse
+    KL(p_S || p_T) (the formula itself tends to 0 there, m becoming one side, which would train nothing).
     """
-    if beta <= 0.0 or beta >= 1.0:
-        return torch.zeros(logp_s.shape[:-1], dtype=logp_s.dtype, device=logp_s.device)
+    if beta <= 0.0:
+        return kl(logp_t, logp_s)
+    if beta >= 1.0:
+        return kl(logp_s, logp_t)
     log_m = torch.logaddexp(logp_t + math.log(beta), logp_s + math.log(1.0 - beta))
     return beta * kl(logp_t, log_m) + (1.0 - beta) * kl(logp_s, log_m)
 

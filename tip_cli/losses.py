@@ -5,7 +5,9 @@ teacher's h_T [K, d_T] (no grad). The loss is
 
     L = scale * sum_k div(softmax(h_S[k] W_S^T), softmax(h_T[k] W_T^T))
 
-with div = reverse KL (default), forward KL or JSD(beta), exact over the shared vocabulary prefix [:V]. The teacher
+with div = reverse KL (default), forward KL or JSD(beta) (beta 0: forward KL, beta 1: reverse KL, as in TRL), exact
+over the shared vocabulary prefix [:V]. At a distillation temperature T the trainer passes h / T for both models, so
+the distributions are softmax(logits / T) (tip_cli.trainer.distill_temperature). The teacher
 side can also be its top-K log-probs from a vLLM engine (`TopKTeacher`): div is then taken over K + 1 buckets.
 The [K, V] logits are never materialised with grad: the forward pass walks K in chunks, computes each chunk's
 loss and its gradients w.r.t. h_S and W_S right away, and frees the chunk's graph. Peak memory of the loss is
@@ -161,8 +163,9 @@ def _reverse_kl_chunk(
 class _SelectedTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, scale, sink, log_z_s):
+        acc = torch.promote_types(weight_s.dtype, torch.float32)  # the chunks' head gradients add up in fp32 at least
         grad_h = torch.zeros_like(hidden_s)  # [K, d_S]
-        grad_w = torch.zeros_like(weight_s) if ctx.needs_input_grad[1] else None  # [V', d_S]
+        grad_w = torch.zeros_like(weight_s, dtype=acc) if ctx.needs_input_grad[1] else None  # [V', d_S]
         total = torch.zeros((), dtype=torch.promote_types(hidden_s.dtype, torch.float32), device=hidden_s.device)
         closed_form = kind == "reverse_kl" and isinstance(teacher, DenseTeacher)
         for start in range(0, hidden_s.shape[0], chunk_size):
@@ -226,6 +229,9 @@ def selected_token_loss(
     `log_z_s` [K], the student's log-partition of the K rows from a scoring pass, spares the loss recomputing it.
     """
     teacher = hidden_t if isinstance(hidden_t, DenseTeacher | TopKTeacher) else DenseTeacher(hidden_t, weight_t, vocab)
+    # the lm_head matmuls run in the hidden states' dtype: bf16 hidden states of fp32 master weights (bf16_mixed)
+    # multiply a bf16 copy of the head, whose gradient autograd casts back onto the fp32 weight
+    weight_s = weight_s.to(hidden_s.dtype)
     if hidden_s.shape[0] != len(teacher):
         raise ValueError(f"student rows {hidden_s.shape[0]} != teacher rows {len(teacher)}")
     if hidden_s.shape[0] == 0:

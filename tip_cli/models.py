@@ -20,11 +20,17 @@ _PROBE_CHAT = [{"role": "user", "content": "What is 1 + 1?"}]
 
 
 def resolve_model(ref: str) -> str:
-    """`toy://` or `toy_agent://` + `teacher|student` -> a cached embedded pair (built on first use); else a HF id or path."""
+    """`toy://`, `toy_agent://`, `qwen3_shapes://` or `qwen3_shapes_tiny://` + `teacher|student` -> a cached
+    embedded pair (built on first use); else a HF id or path."""
     if ref.startswith("toy://"):
         from tip_cli.toy import toy_path
 
         return str(toy_path(ref.removeprefix("toy://")))
+    if ref.split("://")[0] in ("qwen3_shapes", "qwen3_shapes_tiny"):
+        from tip_cli.qwen3_shapes import shapes_path
+
+        scheme, kind = ref.split("://", 1)
+        return str(shapes_path(scheme, kind))
     if ref.startswith("toy_agent://"):
         from tip_cli.toy_agent import toy_agent_path
 
@@ -68,8 +74,11 @@ def load_tokenizer(path: str, cfg: PairConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(path: str, cfg: PairConfig, device: torch.device, trainable: bool) -> PreTrainedModel:
-    kwargs = {"dtype": pick_dtype(cfg.dtype, device), "trust_remote_code": cfg.trust_remote_code}
+def load_model(
+    path: str, cfg: PairConfig, device: torch.device, trainable: bool, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """A causal LM on `device` in `dtype` (default: pair.dtype's), frozen unless `trainable`."""
+    kwargs = {"dtype": dtype or pick_dtype(cfg.dtype, device), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
@@ -135,18 +144,21 @@ class Pair:
 
 
 def load_pair(
-    cfg: PairConfig, device: torch.device, student_path: str | None = None, load_teacher: bool = True
+    cfg: PairConfig, device: torch.device, student_path: str | None = None, load_teacher: bool = True,
+    student_dtype: torch.dtype | None = None, teacher_dtype: torch.dtype | None = None,
 ) -> Pair:
     """Load both models and check they can be distilled; `student_path` (a checkpoint) replaces the student.
 
-    With load_teacher=False only the teacher's tokenizer and config are read (its weights stay on disk).
+    With load_teacher=False only the teacher's tokenizer and config are read (its weights stay on disk). The
+    dtypes default to pair.dtype's; the trainer passes its precision's (tip_cli.precision: fp32 master weights
+    for the student under bf16_mixed, the compute dtype for the teacher).
     """
     s_path = student_path or resolve_model(cfg.student)
     t_path = resolve_model(cfg.teacher)
     tok_s, tok_t = load_tokenizer(s_path, cfg), load_tokenizer(t_path, cfg)
-    student = load_model(s_path, cfg, device, trainable=True)
+    student = load_model(s_path, cfg, device, trainable=True, dtype=student_dtype)
     if load_teacher:
-        teacher = load_model(t_path, cfg, device, trainable=False)
+        teacher = load_model(t_path, cfg, device, trainable=False, dtype=teacher_dtype)
         rows_t = teacher.get_output_embeddings().weight.shape[0]
     else:
         teacher, rows_t = None, AutoConfig.from_pretrained(t_path, trust_remote_code=cfg.trust_remote_code).vocab_size

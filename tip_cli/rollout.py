@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tip_cli.config import ConfigError, RolloutConfig
 
@@ -27,7 +27,7 @@ class Sampling:
     top_k: int = 0  # 0 = off
     stop_token_ids: tuple[int, ...] = ()  # extra tokens that end a response (EOS always does); kept in the output
     seed: int | None = None  # vLLM: request i samples with seed + i; HF: the torch RNG, seeded by the trainer
-    logprobs: bool = False  # also return the raw log-prob of each sampled token
+    logprobs: bool = False  # also return each sampled token's log-prob under the sampling distribution
 
 
 @dataclass
@@ -35,7 +35,9 @@ class Generation:
     """`sampling.n` responses per prompt, grouped by prompt: [p0s0, p0s1, ..., p1s0, ...]."""
 
     tokens: list[list[int]]  # response token ids, ending with the stop token when one was produced
-    logprobs: list[list[float]] | None = None  # log p(token) under the unmodified model distribution, per token
+    # log p(token) under the distribution it was sampled from, softmax(logits / T) cut by top_p / top_k (the
+    # model's own log-softmax when greedy), per token
+    logprobs: list[list[float]] | None = None
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,49 +88,64 @@ class HFEngine:
         self.eos_ids = eos_ids(model.generation_config.eos_token_id, tokenizer)
         self._told_cap = False  # the cap to the model's context is reported once per engine
 
+    def generation_config(self, sampling: Sampling) -> GenerationConfig:
+        """The whole generation config, from tip's settings alone: softmax(logits / T) cut by top_p / top_k, or
+        greedy at T = 0. Nothing of the checkpoint's generation_config.json applies (no repetition_penalty,
+        no_repeat_ngram_size, min_length, ...), so the rollouts are samples of the student itself; only its EOS ids
+        are read (they end a turn)."""
+        sample = sampling.temperature > 0
+        return GenerationConfig(
+            do_sample=sample,
+            temperature=sampling.temperature if sample else 1.0,
+            top_p=sampling.top_p if sample else 1.0,
+            top_k=sampling.top_k if sample else 0,  # 0 = off (transformers' own default would be 50)
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=sampling.n,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.eos_ids | set(sampling.stop_token_ids)),
+            return_dict_in_generate=True,
+            output_scores=sampling.logprobs,
+        )
+
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], sampling: Sampling, on_batch: Callable[[int], None] | None = None
     ) -> Generation:
         was_training = self.model.training
         self.model.eval()
-        kwargs = {"do_sample": False}
-        if sampling.temperature > 0:
-            kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                      "top_k": sampling.top_k}
-        stops = self.eos_ids | set(sampling.stop_token_ids)
+        config = self.generation_config(sampling)
+        stops = set(config.eos_token_id)
         per_call = max(1, self.batch_size // sampling.n)
         tokens: list[list[int]] = []
         logprobs: list[list[float]] = []
-        for start in range(0, len(prompts), per_call):
-            ids, mask = left_pad(prompts[start : start + per_call], self.tokenizer.pad_token_id)
-            context = context_length(self.model)
-            max_new = capped_new_tokens(sampling.max_new_tokens, ids.shape[1], context)
-            if max_new < sampling.max_new_tokens and not self._told_cap:  # past it, positions are undefined
-                print(f"note: max_new_tokens={sampling.max_new_tokens} capped at {max_new}: the model's context is "
-                      f"{context} tokens and the longest prompt has {ids.shape[1]}", file=sys.stderr)
-                self._told_cap = True
-            gen = self.model.generate(
-                input_ids=ids.to(self.model.device),
-                attention_mask=mask.to(self.model.device),
-                max_new_tokens=max_new,
-                num_return_sequences=sampling.n,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=sorted(stops),
-                return_dict_in_generate=True,
-                output_logits=sampling.logprobs,
-                **kwargs,
-            )
-            new = gen.sequences[:, ids.shape[1]:]  # [b * n, new]
-            rows = [trim_at_eos(row, stops) for row in new.tolist()]
-            tokens.extend(rows)
-            if sampling.logprobs:
-                raw = torch.stack(gen.logits, 1).float().log_softmax(-1)  # [b * n, new, V]
-                picked = raw.gather(-1, new[:, : raw.shape[1], None]).squeeze(-1)  # [b * n, new]
-                logprobs.extend(picked[i, : len(r)].tolist() for i, r in enumerate(rows))
-            if on_batch:
-                on_batch(len(tokens))
-        self.model.train(was_training)
+        # generate() fills every field left unset from model.generation_config: a neutral one in its place for the call
+        own, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        try:
+            for start in range(0, len(prompts), per_call):
+                ids, mask = left_pad(prompts[start : start + per_call], self.tokenizer.pad_token_id)
+                context = context_length(self.model)
+                max_new = capped_new_tokens(sampling.max_new_tokens, ids.shape[1], context)
+                if max_new < sampling.max_new_tokens and not self._told_cap:  # past it, positions are undefined
+                    print(f"note: max_new_tokens={sampling.max_new_tokens} capped at {max_new}: the model's context "
+                          f"is {context} tokens and the longest prompt has {ids.shape[1]}", file=sys.stderr)
+                    self._told_cap = True
+                config.max_new_tokens = max_new
+                gen = self.model.generate(
+                    input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                    generation_config=config,
+                )
+                new = gen.sequences[:, ids.shape[1]:]  # [b * n, new]
+                rows = [trim_at_eos(row, stops) for row in new.tolist()]
+                tokens.extend(rows)
+                if sampling.logprobs:  # the scores the sampler drew from: logits / T, -inf outside top_p / top_k
+                    dist = torch.stack(gen.scores, 1).float().log_softmax(-1)  # [b * n, new, V]
+                    picked = dist.gather(-1, new[:, : dist.shape[1], None]).squeeze(-1)  # [b * n, new]
+                    logprobs.extend(picked[i, : len(r)].tolist() for i, r in enumerate(rows))
+                if on_batch:
+                    on_batch(len(tokens))
+        finally:
+            self.model.generation_config = own
+            self.model.train(was_training)
         return Generation(tokens, logprobs if sampling.logprobs else None)
 
     def sync_weights(self, model: PreTrainedModel) -> None:
@@ -141,14 +158,19 @@ class HFEngine:
         """Nothing to restore."""
 
 
-def make_engine(cfg: RolloutConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str, seed: int = 0):
-    """The rollout engine `cfg.engine` names, generating from `model` (whose weights live at `model_path`)."""
+def make_engine(
+    cfg: RolloutConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str, seed: int = 0,
+    dtype: torch.dtype | None = None,
+):
+    """The rollout engine `cfg.engine` names, generating from `model` (whose weights live at `model_path`); a vLLM
+    engine computes in `dtype` (default: the model's)."""
     if cfg.engine == "hf":
         return HFEngine(model, tokenizer, cfg.batch_size)
     if cfg.engine == "vllm":
         from tip_cli.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, tokenizer, cfg.vllm, model.dtype, seed, eos=model.generation_config.eos_token_id)
+        return VLLMEngine(model_path, tokenizer, cfg.vllm, dtype or model.dtype, seed,
+                          eos=model.generation_config.eos_token_id)
     raise ConfigError(f"rollout.engine={cfg.engine!r} is not valid; expected one of: hf, vllm")
 
 

@@ -167,4 +167,8 @@ def select(
         raise ValueError(f"budget={budget} must be in (0, 1]; 1.0 keeps every token")
     if len(stats) == 0:
         return torch.empty(0, dtype=torch.long, device=stats.entropy.device)
+    bad = int((~torch.isfinite(stats.entropy) | ~torch.isfinite(stats.divergence)).sum())
+    if bad:  # NaN ranks nowhere: min-max scores, thresholds and sorts would silently fall back to position order
+        raise ValueError(f"{bad} of {len(stats)} tokens have a non-finite entropy or divergence; selection needs "
+                         "finite scores (the trainer skips such a step before selecting)")
     return SELECTORS[cfg.name](stats, cfg, budget, generator)

@@ -23,10 +23,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tip_cli import distributed, importance, rundir, selectors
-from tip_cli.checkpoint import Checkpoint, storage_errors
+from tip_cli import distributed, importance, precision, rundir, selectors
+from tip_cli.checkpoint import Checkpoint, latest_checkpoint, storage_errors
 from tip_cli.chunks import chunk_rows
-from tip_cli.config import TipConfig
+from tip_cli.config import ConfigError, TipConfig
 from tip_cli.data import Problem, load_problems
 from tip_cli.evaluation import EnvBenchmark, evaluate_benchmark, load_benchmark
 from tip_cli.evaluation import console as eval_console
@@ -89,9 +89,39 @@ def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_s
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def valid_hidden(model, batch: Batch) -> torch.Tensor:
-    """Final hidden states at the response positions, row-major over [B, T]: [N, d]."""
-    return final_hidden(model, batch.input_ids, batch.attention_mask)[batch.target_mask]
+def valid_hidden(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """Final hidden states at the response positions, row-major over [B, T], divided by `temperature`: [N, d].
+
+    (h / T) W^T = logits / T, so every log-prob built from them (H, D, the loss) is that of softmax(logits / T).
+    """
+    hidden = final_hidden(model, batch.input_ids, batch.attention_mask)[batch.target_mask]
+    return hidden if temperature == 1.0 else hidden / temperature
+
+
+def student_hidden(pair: Pair, batch: Batch, temperature: float, prec: precision.Precision) -> torch.Tensor:
+    """`valid_hidden` of the student in the compute dtype: its forward under bf16 autocast when bf16_mixed (fp32
+    master weights); the lm_head matmuls of scoring and the loss then follow the hidden states' dtype."""
+    with prec.autocast(pair.device, pair.student):
+        return valid_hidden(pair.student, batch, temperature).to(prec.compute)
+
+
+def distill_temperature(cfg: TipConfig) -> float:
+    """The T of softmax(logits / T) that H, D and the loss compare, for both models: loss.temperature when set, else
+    the distribution the rollouts were sampled from (rollout.temperature; 1 for greedy rollouts), as TRL's
+    distillation losses do."""
+    if cfg.loss.temperature is not None:
+        return cfg.loss.temperature
+    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+
+def _finite(*xs: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in xs)
+
+
+def skipped_step(n_tokens: int) -> tuple[dict, None, torch.Tensor]:
+    """distill_step's result when H or D is not finite: no loss, no selection (a selector must never rank NaN)."""
+    n = float(distributed.global_count(n_tokens))
+    return {"loss": math.nan, "tokens/total": n, "tokens/kept": 0.0, "tokens/kept_frac": 0.0}, None, torch.zeros(0)
 
 
 def micro_slices(batch: Batch, micro: int) -> list[tuple[Batch, int, int]]:
@@ -114,7 +144,8 @@ def score(
     Also returns each row's student log-partition [N] and the teacher carrying its own (a dense teacher), so that
     the loss on the kept rows need not compute them again.
     """
-    w_s, chunk = head_weight(pair.student), chunk_rows(cfg.importance.chunk_size, pair.vocab, h_s.device)
+    w_s = head_weight(pair.student).to(h_s.dtype)  # the compute dtype
+    chunk = chunk_rows(cfg.importance.chunk_size, pair.vocab, h_s.device)
     ent, div, z_s, z_t = [], [], [], []
     for i in range(0, h_s.shape[0], chunk):
         rows = slice(i, i + chunk)
@@ -140,15 +171,18 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_targets(pair: Pair, batch: Batch, parts: list[tuple[Batch, int, int]], scorer=None) -> Teacher:
-    """The teacher's view of the N response positions: its hidden states, or top-K log-probs from `scorer`."""
+def teacher_targets(
+    pair: Pair, batch: Batch, parts: list[tuple[Batch, int, int]], scorer=None, temperature: float = 1.0
+) -> Teacher:
+    """The teacher's view of the N response positions: its hidden states (divided by `temperature`), or top-K
+    log-probs from `scorer` (at T = 1 only: tip_cli.trainer.check_temperature)."""
     if scorer is not None:  # a VLLMTeacher
         lengths = batch.attention_mask.sum(1).tolist()
         seqs = [row[:n] for row, n in zip(batch.input_ids.tolist(), lengths, strict=True)]
         positions = [m.nonzero()[:, 0].tolist() for m in batch.target_mask.cpu()]
         ids, logp = scorer.topk_logprobs(seqs, positions)
         return TopKTeacher(ids.to(pair.device), logp.to(pair.device))
-    hidden = torch.cat([valid_hidden(pair.teacher, mb) for mb, _, _ in parts])  # [N, d_T]
+    hidden = torch.cat([valid_hidden(pair.teacher, mb, temperature) for mb, _, _ in parts])  # [N, d_T]
     return DenseTeacher(hidden, head_weight(pair.teacher), pair.vocab)
 
 
@@ -165,24 +199,32 @@ def distill_step(
     several, a no-grad scoring pass runs first, because the budget is global over the whole rollout batch. When the
     selector keeps every token anyway (selectors.keeps_all), there is no scoring pass: the loss pass computes each
     row's H and D from the log-probs it has in hand, and selection runs afterwards, for the statistics only.
+
+    H, D and the loss compare softmax(logits / T) of both models, T = distill_temperature(cfg). The student's passes
+    compute under the run's precision (tip_cli.precision: bf16 autocast under bf16_mixed). When H or D is not
+    finite the step stops before selection (stats None, loss NaN) and the trainer skips its update.
     """
+    prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, pair.device)
+    temp = distill_temperature(cfg)
     micro = cfg.train.micro_batch_size or batch.input_ids.shape[0]
     parts = micro_slices(batch, micro)
     with timed("time/teacher", metrics):
-        teacher = teacher_targets(pair, batch, parts, scorer)
+        teacher = teacher_targets(pair, batch, parts, scorer, temp)
     seq_id = batch.target_mask.nonzero()[:, 0]  # [N]
     if selectors.keeps_all(cfg.selector, cfg.budget):
-        return _full_token_step(pair, batch, parts, teacher, seq_id, cfg, generator, metrics)
+        return _full_token_step(pair, batch, parts, teacher, seq_id, cfg, generator, metrics, temp, prec)
     fused = len(parts) == 1
     with timed("time/train", metrics):
-        h_fused = valid_hidden(pair.student, batch) if fused else None  # [N, d_S], with grad
+        h_fused = student_hidden(pair, batch, temp, prec) if fused else None  # [N, d_S], with grad
     with timed("time/select", metrics):
         if fused:
             h_s_scores = h_fused.detach()
         else:
             with torch.no_grad():
-                h_s_scores = torch.cat([valid_hidden(pair.student, mb) for mb, _, _ in parts])
+                h_s_scores = torch.cat([student_hidden(pair, mb, temp, prec) for mb, _, _ in parts])
         ent, div, log_z_s, teacher = score(h_s_scores, teacher, pair, cfg)
+        if not distributed.all_true(_finite(ent, div)):  # every rank skips together
+            return skipped_step(ent.numel())
         # stats, selection and the loss normaliser over every rank's tokens under torchrun; this batch's otherwise
         sel = distributed.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator)
         kept = sel.local.to(pair.device)  # [K_r], indices into this batch's N tokens
@@ -194,7 +236,7 @@ def distill_step(
             local = kept[(kept >= lo) & (kept < hi)]
             if local.numel() == 0 and not distributed.active():  # sharded ranks run every forward and backward alike
                 continue
-            h_s = h_fused if fused else valid_hidden(pair.student, mb)
+            h_s = h_fused if fused else student_hidden(pair, mb, temp, prec)
             loss = selected_token_loss(
                 h_s[local - lo], head_weight(pair.student), teacher.rows(local), None, pair.vocab,
                 cfg.loss.kind, cfg.loss.jsd_beta, chunk_rows(cfg.loss.chunk_size, pair.vocab, pair.device), normalizer,
@@ -207,7 +249,7 @@ def distill_step(
 
 def _full_token_step(
     pair: Pair, batch: Batch, parts: list[tuple[Batch, int, int]], teacher: Teacher, seq_id: torch.Tensor,
-    cfg: TipConfig, generator: torch.Generator, metrics: dict,
+    cfg: TipConfig, generator: torch.Generator, metrics: dict, temp: float, prec: precision.Precision,
 ) -> tuple[dict, importance.TokenStats, torch.Tensor]:
     """distill_step when every token is kept: one loss pass over all N rows that also yields their (H, D)."""
     normalizer = max(1, distributed.global_count(int(seq_id.numel())))  # N = K: either loss.norm divides by it
@@ -216,7 +258,7 @@ def _full_token_step(
     with timed("time/train", metrics):
         for mb, lo, hi in parts:
             loss = selected_token_loss(
-                valid_hidden(pair.student, mb), head_weight(pair.student), teacher.rows(slice(lo, hi)), None,
+                student_hidden(pair, mb, temp, prec), head_weight(pair.student), teacher.rows(slice(lo, hi)), None,
                 pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, chunk_rows(cfg.loss.chunk_size, pair.vocab, pair.device),
                 normalizer, sink,
             )
@@ -224,11 +266,35 @@ def _full_token_step(
             loss_total += loss.item()
     with timed("time/select", metrics):
         ent, div = sink.tensors() if sink.parts else (torch.zeros(0, device=pair.device),) * 2
+        if not distributed.all_true(_finite(ent, div)):
+            return skipped_step(ent.numel())
         sel = distributed.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator)
     if sel.kept.numel() != len(sel.stats):
         raise RuntimeError(f"selector {cfg.selector.name} at budget {cfg.budget} kept {sel.kept.numel()} of "
                            f"{len(sel.stats)} tokens, but the loss was built on all of them")
     return {"loss": loss_total, **sel.metrics}, sel.stats, sel.kept.cpu()
+
+
+class NonFiniteStepsError(ValueError):
+    """train.max_skipped_steps steps in a row had a non-finite H, D, loss or gradient (the CLI prints it in a line)."""
+
+
+def non_finite_message(step: int, skipped: int, last) -> str:
+    where = last.path if last else "none (no checkpoint was written before)"
+    return (f"step {step}: {skipped} steps in a row had a non-finite entropy, divergence, loss or gradient, so none "
+            f"of them updated the student (train.max_skipped_steps); last good checkpoint: {where}. Try a lower "
+            "train.lr or train.precision=bf16_mixed / fp32, and check the models' logits for inf")
+
+
+def check_temperature(cfg: TipConfig) -> None:
+    """A vLLM top-K teacher (in process or a server) returns log-probs at T = 1, which cannot be re-tempered
+    without the rest of the vocabulary."""
+    if cfg.teacher.backend in ("vllm_topk", "vllm_server") and distill_temperature(cfg) != 1.0:
+        raise ConfigError(
+            f"teacher.backend={cfg.teacher.backend} scores at temperature 1, but H, D and the loss would compare "
+            f"softmax(logits / {distill_temperature(cfg)}) (rollout.temperature={cfg.rollout.temperature}); "
+            "set loss.temperature=1 or use teacher.backend=hf"
+        )
 
 
 def save_token_sample(run_dir: Path, step: int, stats: importance.TokenStats, kept: torch.Tensor, limit: int) -> None:
@@ -265,6 +331,7 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
     problems = None if cfg.data.env else load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
     bench = load_benchmark(cfg)
+    check_temperature(cfg)
     # the run dir's contract (tip_cli.rundir): one writer, the recorded config, the newest verified checkpoint
     plan = rundir.open_run(cfg, run_dir, console)
     if plan.complete is not None:
@@ -281,8 +348,10 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
 def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint | None,
            problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> dict:
     """`train` in a run dir it holds, from `ckpt` (None: from the start), on the problems (None with data.env)."""
+    prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, device)
+    precision.warn_pure_bf16(prec, cfg.train.lr)
     pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None,
-                     load_teacher=cfg.teacher.backend == "hf")
+                     load_teacher=cfg.teacher.backend == "hf", student_dtype=prec.master, teacher_dtype=prec.pair)
     student, tok = pair.student, pair.tokenizer
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
@@ -291,12 +360,12 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
     if cfg.teacher.backend == "vllm_topk":
         from tip_cli.vllm_engine import VLLMTeacher
 
-        scorer = VLLMTeacher(pair.teacher_path, cfg.teacher.vllm, student.dtype, cfg.teacher.topk, cfg.seed)
+        scorer = VLLMTeacher(pair.teacher_path, cfg.teacher.vllm, prec.pair, cfg.teacher.topk, cfg.seed)
     elif cfg.teacher.backend == "vllm_server":  # the same top-K from running `vllm serve` replicas
         from tip_cli.teacher_server import ServerTeacher
 
         scorer = ServerTeacher.connect(cfg.teacher, tok, pair.vocab, run_dir)
-    engine = make_engine(cfg.rollout, student, tok, pair.student_path, cfg.seed)
+    engine = make_engine(cfg.rollout, student, tok, pair.student_path, cfg.seed, dtype=prec.compute)
     tasks = None  # with data.env: tool-use episodes (tip_cli.agent) instead of single-turn prompts
     if cfg.data.env:
         from tip_cli import agent
@@ -316,9 +385,11 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
     if distributed.is_main():
         logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)), start, run_dir.name)
     r = cfg.rollout
+    skipped = skipped_total = 0  # consecutive and all steps without an update (non-finite H, D or loss)
 
     def run_eval(step: int) -> dict:
-        with distributed.gathered(student):  # every rank evaluates (generation is collective); rank 0 logs
+        # every rank evaluates (generation is collective); rank 0 logs
+        with distributed.gathered(student), prec.autocast(device, student):
             result, _ = evaluate_benchmark(student, tok, cfg, bench, engine=engine)
         metrics = {f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}
         logger.log(metrics, step)
@@ -341,7 +412,7 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
                 idx = distributed.my_slice(prompt_indices(n_prompts, cfg.train.prompts_per_step, step, cfg.seed))
                 sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
                                     seed=distributed.rank_seed(cfg.seed * 1_000_003 + step))
-                with timed("time/rollout", m), distributed.gathered(student):
+                with timed("time/rollout", m), distributed.gathered(student), prec.autocast(device, student):
                     if tasks is not None:
                         trajs = tasks.rollout(engine, idx, sampling)
                     else:
@@ -356,7 +427,13 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
                 m.update(step_metrics)
                 with timed("time/train", m):
                     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or math.inf)
-                    if m["tokens/kept"] > 0:
+                    # a non-finite H, D, loss or gradient on any rank: no update (AdamW would spread the NaN)
+                    good = distributed.all_true(stats is not None and math.isfinite(m["loss"])
+                                                and math.isfinite(float(grad_norm)))
+                    skipped = 0 if good else skipped + 1
+                    skipped_total += 0 if good else 1
+                    m["train/skipped_steps"] = float(skipped_total)
+                    if good and m["tokens/kept"] > 0:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     m["optim/lr"] = scheduler.get_last_lr()[0]
@@ -377,14 +454,19 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
             m["perf/peak_mem_gb"] = peak_memory_gb(device)
             m = distributed.merge_metrics(m)
             logger.log(m, step)
-            if distributed.is_main() and cfg.train.token_sample_every and (step == 1 or step % cfg.train.token_sample_every == 0):
+            if skipped:
+                console.print(f"[yellow]step {step}: non-finite H, D, loss or gradient; no update[/] "
+                              f"({skipped} in a row; {cfg.train.max_skipped_steps} stop the run)")
+                if skipped >= cfg.train.max_skipped_steps:
+                    raise NonFiniteStepsError(non_finite_message(step, skipped, latest_checkpoint(run_dir)))
+            elif distributed.is_main() and cfg.train.token_sample_every and (step == 1 or step % cfg.train.token_sample_every == 0):
                 save_token_sample(run_dir, step, stats, kept, cfg.train.token_sample_size)
-            info = f"loss {m['loss']:.4f}  kept {m['tokens/kept_frac']:.2f}  Q3 {m['tokens/q3_frac']:.2f}  {m['perf/tokens_per_s']:.0f} tok/s"
+            info = f"loss {m['loss']:.4f}  kept {m['tokens/kept_frac']:.2f}  Q3 {m.get('tokens/q3_frac', 0.0):.2f}  {m['perf/tokens_per_s']:.0f} tok/s"
             bar.update(task, completed=step, info=info)
             if not console.is_terminal:
                 console.print(f"step {step}/{cfg.train.steps}  {info}")
             if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-                distributed.save(run_dir, step, student, tok, optimizer, scheduler, cfg.train.keep_checkpoints)
+                distributed.save(run_dir, step, student, tok, optimizer, scheduler, cfg.train.keep_checkpoints, prec.pair)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                 run_eval(step)
     final = run_eval(cfg.train.steps)

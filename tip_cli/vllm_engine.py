@@ -46,6 +46,11 @@ def engine_kwargs(path: str, cfg: VLLMConfig, dtype: torch.dtype, seed: int, max
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "enable_prefix_caching": cfg.enable_prefix_caching,
         "max_logprobs": max_logprobs,
+        # sampling comes from tip's settings alone, never the checkpoint's generation_config.json (EOS aside)
+        "generation_config": "vllm",
+        # a sampled token's log-prob under the distribution it was drawn from (logits / T, top_p / top_k applied),
+        # as the HF engine reports it
+        "logprobs_mode": "processed_logprobs",
     }
     if cfg.max_model_len is not None:
         kwargs["max_model_len"] = cfg.max_model_len
@@ -98,11 +103,17 @@ class VLLMEngine:
         self._weights_awake = False
 
     def _params(self, sampling: Sampling, seed: int | None):
+        """Every sampling field set from tip's settings: softmax(logits / T) cut by top_p / top_k, no penalties."""
         return self._vllm.SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
+            min_tokens=0,
             max_tokens=sampling.max_new_tokens,
             stop_token_ids=sorted(self.eos_ids | set(sampling.stop_token_ids)),
             seed=seed,

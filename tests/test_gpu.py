@@ -1,0 +1,97 @@
+"""The CUDA path (`make test-gpu`, `pytest -m gpu`): a bf16_mixed step, HF rollouts, a one-rank NCCL FSDP2 step and
+the memory benchmark at a small shape. Every test here is marked `gpu` and skips without a CUDA device."""
+
+import importlib.util
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tip_cli import distributed, precision, trainer
+from tip_cli.cli import compose_config
+from tip_cli.config import PairConfig
+from tip_cli.models import load_model, load_pair, load_tokenizer
+from tip_cli.rollout import HFEngine, pack
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
+RESPONSES = [[20, 21, 22, 40, 41], [23, 42, 43], [24, 25, 26, 27], [28, 29, 44]]
+
+
+def cuda_step(cfg, lr: float) -> dict:
+    """One distill_step + AdamW step on CUDA under cfg.train.precision (sharded when a process group is joined)."""
+    device = torch.device("cuda")
+    prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, device)
+    pair = load_pair(cfg.pair, device, student_dtype=prec.master, teacher_dtype=prec.pair)
+    distributed.shard(pair, cfg.train)
+    before = [p.detach().clone() for p in pair.student.parameters()]
+    optimizer = torch.optim.AdamW(pair.student.parameters(), lr=lr, weight_decay=0.0)
+    batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id).to(device)
+    metrics, _, _ = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    optimizer.step()
+    after = list(pair.student.parameters())
+    changed = sum(int((a.detach() != b).sum()) for a, b in zip(after, before, strict=True))
+    return {"loss": metrics["loss"], "changed": changed / sum(p.numel() for p in after), "prec": prec,
+            "dtypes": {p.dtype for p in after}, "pair": pair}
+
+
+def test_bf16_mixed_step_on_cuda_moves_every_weight_at_lr_1e_6(micro_overrides):
+    cuda = compose_config([*micro_overrides, "train.device=cuda", "train.precision=auto", "selector=all"])
+    got = cuda_step(cuda, 1e-6)
+    assert got["prec"].mode == "bf16_mixed" and got["dtypes"] == {torch.float32}
+    assert got["pair"].teacher.dtype == torch.bfloat16
+    assert got["changed"] >= 0.99, got["changed"]
+    cpu = compose_config([*micro_overrides, "selector=all"])
+    pair = load_pair(cpu.pair, torch.device("cpu"))
+    batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
+    ref, _, _ = trainer.distill_step(pair, batch, cpu, torch.Generator().manual_seed(0), {})
+    assert got["loss"] == pytest.approx(ref["loss"], rel=3e-2)
+
+
+def test_hf_rollouts_on_cuda_sample_the_tempered_softmax(penalized_student, tempered_check):
+    model = load_model(str(penalized_student), PairConfig(dtype="float32"), torch.device("cuda"), trainable=False)
+    torch.manual_seed(0)
+    tempered_check(model, HFEngine(model, load_tokenizer(str(penalized_student), PairConfig())), 0.8, atol=1e-3)
+
+
+def test_one_rank_nccl_fsdp2_step(micro_overrides, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_config([*micro_overrides, "train.device=cuda", "train.precision=bf16_mixed", "selector=soft_or"])
+    distributed.setup("cuda")
+    try:
+        assert torch.distributed.get_backend() in ("nccl", "cuda:nccl,cpu:gloo")
+        got = cuda_step(cfg, 1e-6)
+        mp = got["pair"].student._get_fsdp_state()._fsdp_param_group.mp_policy
+        assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+        assert torch.isfinite(torch.tensor(got["loss"])) and got["changed"] >= 0.99
+    finally:
+        distributed.teardown()
+
+
+def test_memory_bench_at_a_small_shape_on_cuda(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory_gpu", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_memory_gpu"] = module
+    spec.loader.exec_module(module)
+    out = tmp_path / "bench.json"
+    env = os.environ.copy()
+    try:
+        module.main(["--device", "cuda", "--vocab", "32768", "--seq", "256", "--prompt", "8", "--warmup", "1",
+                     "--steps", "1", "--modes", "naive,tip", "--chunks", "full", "--budgets", "0.1",
+                     "--selectors", "soft_or", "--out", str(out)])
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"naive", "tip"} and all(r["peak_mb"] > 0 for r in rows)
