@@ -93,7 +93,7 @@ def test_multirun_expands_every_job():
 def test_help_lists_groups_and_options():
     for args in ([], ["train", "--help"], ["eval", "--help"], ["config", "--help"]):
         out = runner.invoke(app, args or ["--help"]).output
-        assert "selector: all, and, divergence, entropy" in out and "pair: llama3, qwen2_5, qwen3, toy" in out
+        assert "selector: all, and, divergence, entropy" in out and "pair: llama3, qwen2_5, qwen3, qwen3_shapes, qwen3_shapes_tiny, toy" in out
 
 
 def test_config_command_prints_the_composed_config():

@@ -217,7 +217,7 @@ def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
 def test_fsdp_bf16_mixed_step_on_two_ranks_uses_the_mixed_precision_policy(tmp_path, micro_overrides):
     """train.precision=bf16_mixed under FSDP2: bf16 parameters in forward/backward, fp32 reduction and fp32 shards;
     the step matches one fp32 process within bf16 tolerance."""
-    base = [*micro_overrides, "train.lr=1e-2", "train.grad_clip=0", "selector=all"]
+    base = [*micro_overrides, "train.lr=1e-2", "train.grad_clip=1e9", "selector=all"]  # no clipping: raw grads
     (got,) = spawn(steps_on_ranks, tmp_path, [compose_config([*base, "train.precision=bf16_mixed"])])[0]
     want = one_step(compose_config([*base, "train.precision=fp32"]))
     assert got["policy"] == (torch.bfloat16, torch.float32) and want["policy"] is None
