@@ -11,13 +11,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tip_cli import distributed, importance, selectors, trainer
+from tip_cli import distributed, trainer
 from tip_cli.checkpoint import Checkpoint, list_checkpoints
 from tip_cli.cli import compose_config
 from tip_cli.config import ConfigError, ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
-from tip_cli.losses import selected_token_loss
+from tip_cli.losses import DenseTeacher, LossSpec, selected_token_loss
 from tip_cli.models import enable_checkpointing, load_pair
 from tip_cli.rollout import pack
+from tip_cli.selection import quadrants as importance
+from tip_cli.selection import selectors
 from tip_cli.tracking import read_jsonl
 
 WORLD = 2
@@ -74,7 +76,7 @@ def synthetic_batch() -> dict[str, torch.Tensor]:
 
 def loss_and_grad(data, rows: torch.Tensor, normalizer: int) -> tuple[float, torch.Tensor]:
     w_s = data["w_s"].clone().requires_grad_()
-    loss = selected_token_loss(data["h_s"][rows], w_s, data["h_t"][rows], data["w_t"], V, normalizer=normalizer)
+    loss = selected_token_loss(data["h_s"][rows], w_s, DenseTeacher(data["h_t"][rows], data["w_t"], V), LossSpec(V, normalizer=normalizer))
     loss.backward()
     return loss.item(), w_s.grad
 

@@ -1,4 +1,4 @@
-"""importance.py against plain-Python float64 references: the two axes, normalisation, quadrants, metrics."""
+"""selection/ (scores, normalize, quadrants) against plain-Python float64 references: the two axes, normalisation, quadrants, metrics."""
 
 import math
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from tip_cli.config import ImportanceConfig
-from tip_cli.importance import compute_stats, normalize, stats_metrics, token_stats_chunk
+from tip_cli.selection.normalize import normalize
+from tip_cli.selection.quadrants import compute_stats, stats_metrics
+from tip_cli.selection.scores import token_stats_chunk
 
 # ---------- references (plain Python, float64) ----------
 

@@ -8,9 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from tip_cli.selection.quadrants import AxisSpec
+    from tip_cli.selection.scores import ScoreSpec
+    from tip_cli.selection.selectors import SelectorSpec
+from tip_cli.selection.options import (
+    CAP_BY,
+    DIVERGENCES,
+    MODES,
+    NORMS,
+    QUADRANTS,
+    SCOPES,
+    SELECTORS,
+    THRESHOLDS,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("task", "pair", "selector", "benchmark", "data", "rollout", "train", "logger")
@@ -56,10 +71,6 @@ class PairConfig:
         _one_of("pair.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
-SELECTORS = ("all", "random", "entropy", "divergence", "soft_or", "hard_or", "and", "quadrant")
-QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
-
-
 @dataclass
 class SelectorConfig:
     """Which tokens enter the loss (SPEC section 5)."""
@@ -73,9 +84,9 @@ class SelectorConfig:
 
     def __post_init__(self) -> None:
         _one_of("selector.name", self.name, SELECTORS)
-        _one_of("selector.mode", self.mode, ("topk", "sample"))
-        _one_of("selector.cap_by", self.cap_by, ("divergence", "entropy", "soft_or"))
-        _one_of("selector.scope", self.scope, ("batch", "per_sequence"))
+        _one_of("selector.mode", self.mode, MODES)
+        _one_of("selector.cap_by", self.cap_by, CAP_BY)
+        _one_of("selector.scope", self.scope, SCOPES)
         if self.alpha <= 0:
             raise ConfigError(f"selector.alpha={self.alpha} must be > 0")
         for q in self.quadrants:
@@ -83,8 +94,11 @@ class SelectorConfig:
         if self.name == "quadrant" and not self.quadrants:
             raise ConfigError("selector=quadrant needs at least one quadrant, e.g. selector.quadrants=[Q3]")
 
+    def spec(self) -> SelectorSpec:
+        """The method's plain, frozen view of this group (tip_cli.selection.selectors)."""
+        from tip_cli.selection.selectors import SelectorSpec  # torch: loaded by the step, not by validation
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+        return SelectorSpec(self.name, self.mode, self.alpha, tuple(self.quadrants), self.cap_by, self.scope)
 
 
 @dataclass
@@ -105,8 +119,8 @@ class ImportanceConfig:
 
     def __post_init__(self) -> None:
         _one_of("importance.divergence", self.divergence, DIVERGENCES)
-        _one_of("importance.norm", self.norm, ("minmax", "rank", "quantile_clip"))
-        _one_of("importance.threshold", self.threshold, ("quantile", "absolute"))
+        _one_of("importance.norm", self.norm, NORMS)
+        _one_of("importance.threshold", self.threshold, THRESHOLDS)
         _in_range("importance.jsd_beta", self.jsd_beta, 0.0, 1.0)
         if not 0.0 <= self.clip_lo < self.clip_hi <= 1.0:
             raise ConfigError(f"importance.clip_lo/clip_hi = {self.clip_lo}/{self.clip_hi}; need 0 <= lo < hi <= 1")
@@ -117,6 +131,18 @@ class ImportanceConfig:
             raise ConfigError(f"importance.topk={self.topk} must be >= 2 (or null for the full vocabulary): "
                               "renormalised over a single token both distributions are 1, so D would be 0")
         _check_chunk("importance.chunk_size", self.chunk_size)
+
+    def score_spec(self) -> ScoreSpec:
+        """How D is taken (tip_cli.selection.scores)."""
+        from tip_cli.selection.scores import ScoreSpec
+
+        return ScoreSpec(self.divergence, self.jsd_beta, self.topk)
+
+    def axis_spec(self) -> AxisSpec:
+        """How H and D are normalised and split (tip_cli.selection.quadrants)."""
+        from tip_cli.selection.quadrants import AxisSpec
+
+        return AxisSpec(self.norm, self.clip_lo, self.clip_hi, self.threshold, self.h_threshold, self.d_threshold)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tip_cli import distributed, importance, precision, rundir, selectors
+from tip_cli import distributed, precision, rundir
 from tip_cli.checkpoint import Checkpoint, latest_checkpoint, storage_errors
 from tip_cli.chunks import chunk_rows
 from tip_cli.config import ConfigError, TipConfig
@@ -31,8 +31,15 @@ from tip_cli.data import Problem, load_problems
 from tip_cli.evaluation import EnvBenchmark, evaluate_benchmark, load_benchmark
 from tip_cli.evaluation import console as eval_console
 from tip_cli.grading import grade
-from tip_cli.importance import token_stats_chunk
-from tip_cli.losses import DenseTeacher, StatsSink, Teacher, TopKTeacher, scored_logprobs, selected_token_loss
+from tip_cli.losses import (
+    DenseTeacher,
+    LossSpec,
+    StatsSink,
+    Teacher,
+    TopKTeacher,
+    scored_logprobs,
+    selected_token_loss,
+)
 from tip_cli.models import (
     Pair,
     enable_checkpointing,
@@ -42,6 +49,9 @@ from tip_cli.models import (
     render_prompt,
 )
 from tip_cli.rollout import Batch, Sampling, eos_ids, make_engine, pack
+from tip_cli.selection import selectors
+from tip_cli.selection.quadrants import TokenStats
+from tip_cli.selection.scores import token_stats_chunk
 from tip_cli.tracking import MetricsLogger, peak_memory_gb, read_jsonl, timed
 
 console = Console()
@@ -154,10 +164,10 @@ def score(
         if isinstance(teacher, DenseTeacher):
             logp_t, log_z_t = teacher.scored_target(rows)
             z_t.append(log_z_t)
-            h, d = token_stats_chunk(logp_s, logp_t, cfg.importance, consume=True)
+            h, d = token_stats_chunk(logp_s, logp_t, cfg.importance.score_spec(), consume=True)
             del logp_t
         else:
-            h, d = teacher.stats(logp_s, rows, cfg.importance)
+            h, d = teacher.stats(logp_s, rows, cfg.importance.score_spec())
         ent.append(h)
         div.append(d)
         del logp_s  # before the next chunk's logits, so that two chunks' blocks are never alive together
@@ -186,9 +196,15 @@ def teacher_targets(
     return DenseTeacher(hidden, head_weight(pair.teacher), pair.vocab)
 
 
+def loss_spec(cfg: TipConfig, pair: Pair, normalizer: float) -> LossSpec:
+    """The loss group of `cfg` as the method's plain arguments, over the pair's shared vocabulary."""
+    chunk = chunk_rows(cfg.loss.chunk_size, pair.vocab, pair.device)
+    return LossSpec(pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, chunk, normalizer)
+
+
 def distill_step(
     pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict, scorer=None
-) -> tuple[dict, importance.TokenStats, torch.Tensor]:
+) -> tuple[dict, TokenStats, torch.Tensor]:
     """Teacher scoring, selection, and the loss's backward for one rollout batch.
 
     Returns the step's statistics, the per-token stats [N] and the kept indices [K]; under torchrun, those of the
@@ -211,7 +227,7 @@ def distill_step(
     with timed("time/teacher", metrics):
         teacher = teacher_targets(pair, batch, parts, scorer, temp)
     seq_id = batch.target_mask.nonzero()[:, 0]  # [N]
-    if selectors.keeps_all(cfg.selector, cfg.budget):
+    if selectors.keeps_all(cfg.selector.spec(), cfg.budget):
         return _full_token_step(pair, batch, parts, teacher, seq_id, cfg, generator, metrics, temp, prec)
     fused = len(parts) == 1
     with timed("time/train", metrics):
@@ -238,9 +254,8 @@ def distill_step(
                 continue
             h_s = h_fused if fused else student_hidden(pair, mb, temp, prec)
             loss = selected_token_loss(
-                h_s[local - lo], head_weight(pair.student), teacher.rows(local), None, pair.vocab,
-                cfg.loss.kind, cfg.loss.jsd_beta, chunk_rows(cfg.loss.chunk_size, pair.vocab, pair.device), normalizer,
-                log_z_s=log_z_s[local],
+                h_s[local - lo], head_weight(pair.student), teacher.rows(local), loss_spec(cfg, pair, normalizer),
+                log_z=log_z_s[local],
             )
             loss.backward()
             loss_total += loss.item()
@@ -250,17 +265,16 @@ def distill_step(
 def _full_token_step(
     pair: Pair, batch: Batch, parts: list[tuple[Batch, int, int]], teacher: Teacher, seq_id: torch.Tensor,
     cfg: TipConfig, generator: torch.Generator, metrics: dict, temp: float, prec: precision.Precision,
-) -> tuple[dict, importance.TokenStats, torch.Tensor]:
+) -> tuple[dict, TokenStats, torch.Tensor]:
     """distill_step when every token is kept: one loss pass over all N rows that also yields their (H, D)."""
     normalizer = max(1, distributed.global_count(int(seq_id.numel())))  # N = K: either loss.norm divides by it
-    sink = StatsSink(cfg.importance, [])
+    sink = StatsSink(cfg.importance.score_spec(), [])
     loss_total = 0.0
     with timed("time/train", metrics):
         for mb, lo, hi in parts:
             loss = selected_token_loss(
-                student_hidden(pair, mb, temp, prec), head_weight(pair.student), teacher.rows(slice(lo, hi)), None,
-                pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, chunk_rows(cfg.loss.chunk_size, pair.vocab, pair.device),
-                normalizer, sink,
+                student_hidden(pair, mb, temp, prec), head_weight(pair.student), teacher.rows(slice(lo, hi)),
+                loss_spec(cfg, pair, normalizer), sink,
             )
             loss.backward()
             loss_total += loss.item()
@@ -297,7 +311,7 @@ def check_temperature(cfg: TipConfig) -> None:
         )
 
 
-def save_token_sample(run_dir: Path, step: int, stats: importance.TokenStats, kept: torch.Tensor, limit: int) -> None:
+def save_token_sample(run_dir: Path, step: int, stats: TokenStats, kept: torch.Tensor, limit: int) -> None:
     """Per-token (H, D, quadrant, kept) of one rollout batch, at most `limit` tokens drawn uniformly, for analysis."""
     n = len(stats)
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(step))[:limit].sort().values if n > limit else torch.arange(n)
