@@ -48,7 +48,7 @@ from tip_cli import toy, trainer
 from tip_cli.chunks import chunk_rows
 from tip_cli.cli import compose_config
 from tip_cli.models import Pair, enable_checkpointing, head_weight, pick_device
-from tip_cli.rollout import Batch, pack
+from tip_cli.rollout.batch import Batch, pack
 from tip_cli.toy import ModelSpec
 
 FULL = "full"  # loss chunk >= N: the loss holds all K kept rows at once (its O(K x V) regime)

@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
-from tip_cli import agent, trainer
+from tip_cli import trainer
 from tip_cli.cli import compose_config
 from tip_cli.config import AgentConfig, ConfigError, DatasetConfig, PairConfig
-from tip_cli.envs import ToolCall
+from tip_cli.envs.base import ToolCall
 from tip_cli.envs.toy_agent import ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
-from tip_cli.models import load_pair
-from tip_cli.rollout import Generation, Sampling
+from tip_cli.pairs import load_pair
+from tip_cli.rollout import agent
+from tip_cli.rollout.batch import Generation, Sampling
 from tip_cli.toy_agent import build_micro_agent_pair, make_tokenizer
 from tip_cli.tracking import read_jsonl
 

@@ -16,8 +16,9 @@ from tip_cli.checkpoint import Checkpoint, list_checkpoints
 from tip_cli.cli import compose_config
 from tip_cli.config import ConfigError, ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
 from tip_cli.losses import DenseTeacher, LossSpec, selected_token_loss
-from tip_cli.models import enable_checkpointing, load_pair
-from tip_cli.rollout import pack
+from tip_cli.models import enable_checkpointing
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
 from tip_cli.selection import quadrants as importance
 from tip_cli.selection import selectors
 from tip_cli.tracking import read_jsonl

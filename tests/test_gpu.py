@@ -14,8 +14,10 @@ import torch
 from tip_cli import distributed, precision, trainer
 from tip_cli.cli import compose_config
 from tip_cli.config import PairConfig
-from tip_cli.models import load_model, load_pair, load_tokenizer
-from tip_cli.rollout import HFEngine, pack
+from tip_cli.models import load_model, load_tokenizer
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
+from tip_cli.rollout.hf import HFEngine
 
 pytestmark = pytest.mark.gpu
 

@@ -8,8 +8,8 @@ import torch
 from tip_cli import trainer
 from tip_cli.cli import compose_config
 from tip_cli.config import ConfigError, ImportanceConfig, SelectorConfig
-from tip_cli.models import load_pair
-from tip_cli.rollout import pack
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
 from tip_cli.selection import selectors
 from tip_cli.selection.quadrants import compute_stats
 from tip_cli.tracking import read_jsonl

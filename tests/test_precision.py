@@ -10,8 +10,8 @@ from safetensors import safe_open
 from tip_cli import precision, trainer
 from tip_cli.checkpoint import STATE_FILE
 from tip_cli.cli import compose_config
-from tip_cli.models import load_pair
-from tip_cli.rollout import pack
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
 
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
 RESPONSES = [[20, 21, 22, 40, 41], [23, 42, 43], [24, 25, 26, 27], [28, 29, 44]]

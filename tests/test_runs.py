@@ -25,7 +25,8 @@ from tip_cli.analyze import load_runs
 from tip_cli.cli import app, compose_config
 from tip_cli.config import ConfigError
 from tip_cli.evaluation import run_eval_command
-from tip_cli.rollout import HFEngine, Sampling
+from tip_cli.rollout.batch import Sampling
+from tip_cli.rollout.hf import HFEngine
 from tip_cli.tracking import MetricsLogger, read_jsonl
 
 FAST = ["train.eval_before=false", "train.eval_every=0", "train.token_sample_every=0"]

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tip_cli import trainer
 from tip_cli.cli import compose_config
 from tip_cli.config import ConfigError
-from tip_cli.models import enable_checkpointing, load_pair
-from tip_cli.rollout import pack
+from tip_cli.models import enable_checkpointing
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
 from tip_cli.tracking import read_jsonl
 
 SPEC_METRICS = [

@@ -13,9 +13,10 @@ pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CP
 
 from tip_cli.config import PairConfig, VLLMConfig  # noqa: E402
 from tip_cli.models import load_model, load_tokenizer  # noqa: E402
-from tip_cli.rollout import HFEngine, Sampling  # noqa: E402
+from tip_cli.rollout.batch import Sampling  # noqa: E402
+from tip_cli.rollout.hf import HFEngine  # noqa: E402
+from tip_cli.rollout.vllm import VLLMEngine, VLLMTeacher  # noqa: E402
 from tip_cli.toy import chat_prompt  # noqa: E402
-from tip_cli.vllm_engine import VLLMEngine, VLLMTeacher  # noqa: E402
 
 CFG = VLLMConfig(kv_cache_gb=0.25)
 GREEDY = Sampling(n=1, temperature=0.0, max_new_tokens=40, logprobs=True)

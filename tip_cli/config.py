@@ -168,6 +168,9 @@ class LossConfig:
         _check_chunk("loss.chunk_size", self.chunk_size)
 
 
+ENVS = ("toy_agent", "deepplanning_shopping", "deepplanning_travel")  # tip_cli.envs.REGISTRY
+
+
 @dataclass
 class DatasetConfig:
     """A prompt source: a local JSONL/JSON/Parquet path, `toy://train|test`, or a HF dataset id (path wins)."""
@@ -193,8 +196,6 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         if self.env is not None:
-            from tip_cli.envs import ENVS
-
             _one_of(f"{self.name}.env", self.env, ENVS)
         if self.path is None and self.hf_id is None and self.env is None:
             raise ConfigError(f"dataset {self.name!r}: set path= (a local file; it wins when both are set) or hf_id=")
@@ -206,7 +207,7 @@ class DatasetConfig:
 
 @dataclass
 class AgentConfig:
-    """Multi-turn tool-use rollouts (tip_cli.agent), used when data.env / benchmark.env name an environment."""
+    """Multi-turn tool-use rollouts (tip_cli.rollout.agent), used when data.env / benchmark.env name an environment."""
 
     max_turns: int = 50  # model turns per episode
     max_tokens: int = 32768  # cap on the whole sequence (prompt, model turns, tool results)

@@ -120,7 +120,8 @@ def build(scheme: str, root: Path) -> None:
 
 def shapes_path(scheme: str, kind: str) -> Path:
     """`qwen3_shapes[_tiny]://teacher|student`: the model dir in the cache, built on first use."""
-    from tip_cli.toy import build_atomically, cache_root
+    from tip_cli.cache import cache_root
+    from tip_cli.toy import build_atomically
 
     if scheme not in SCHEMES or kind not in ("teacher", "student"):
         raise ConfigError(f"{scheme}://{kind} is not a model; expected one of "

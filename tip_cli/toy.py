@@ -32,8 +32,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from tip_cli.cache import cache_root
+from tip_cli.envs.toy_agent import NAMES
 from tip_cli.grading import grade
-from tip_cli.rollout import HFEngine, Sampling
+from tip_cli.rollout.batch import Sampling
+from tip_cli.rollout.hf import HFEngine
 
 TOY_VERSION = "toy-v2"
 KINDS = ("teacher", "student", "train", "test")
@@ -41,13 +44,6 @@ KINDS = ("teacher", "student", "train", "test")
 # ---------------------------------------------------------------------------------------------------------------------
 # The task
 
-NAMES = [  # (name, pronoun)
-    tuple(w.split("/"))
-    for w in (
-        "Ann/she Ben/he Cara/she Dan/he Eva/she Finn/he Gina/she Hugo/he Iris/she Jack/he "
-        "Kate/she Leo/he Mia/she Nick/he Olga/she Paul/he Rosa/she Sam/he Tina/she Omar/he"
-    ).split()
-]
 OBJECTS = "apples pears marbles stickers coins books pencils cookies shells cards stamps balloons".split()
 GAIN = [
     "buys {k} more",
@@ -331,11 +327,6 @@ STUDENT_SFT = dict(steps=800, batch_size=32, lr=3e-3)  # a cap; the dev check be
 # then the misreading is confident, while the arithmetic still slips on about a quarter of the problems, so its
 # accuracy on the true answers is near 0.75 x 0.42 (0.42: the share of seed-0 test problems without a misread verb).
 STUDENT_MISREAD_TARGET, STUDENT_CHECK_EVERY = 0.75, 50
-
-
-def cache_root() -> Path:
-    """Where built pairs live: $TIP_CACHE, else ~/.cache/tip."""
-    return Path(os.environ.get("TIP_CACHE", "~/.cache/tip")).expanduser()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -6,7 +6,7 @@ chat template that renders tool results Qwen-style (consecutive tool messages in
 `<tool_response>` tags). The teacher is SFT-trained on correct transcripts; the student, smaller, on transcripts
 with a systematic error: for two-item purchases it adds quantities and prices ("3 + 4 + 2 + 7") where the teacher
 multiplies ("3 * 4 + 2 * 7"), so it is confidently wrong at the operator tokens the teacher contradicts. Transcripts
-are built by the same code the rollouts use (tip_cli.agent), and SFT trains only on the model-turn tokens.
+are built by the same code the rollouts use (tip_cli.rollout.agent), and SFT trains only on the model-turn tokens.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from tip_cli import agent
+from tip_cli.cache import cache_root
 from tip_cli.config import AgentConfig, DatasetConfig, PairConfig
-from tip_cli.envs import Task
+from tip_cli.envs.base import Task
 from tip_cli.envs.toy_agent import SPLITS, ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
-from tip_cli.rollout import HFEngine, Sampling, eos_ids
-from tip_cli.toy import ModelSpec, build_atomically, cache_root, new_model, save_model, sft, train_tokenizer
+from tip_cli.rollout import agent
+from tip_cli.rollout.batch import Sampling, eos_ids
+from tip_cli.rollout.hf import HFEngine
+from tip_cli.toy import ModelSpec, build_atomically, new_model, save_model, sft, train_tokenizer
 
 TOY_AGENT_VERSION = "toy-agent-v1"
 TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -72,7 +74,7 @@ def turns(task: Task, misread: bool = False) -> list[str]:
 
 
 def transcript(tok: PreTrainedTokenizerFast, task: Task, misread: bool = False) -> tuple[list[int], list[bool]]:
-    """Token ids of a whole solved episode and its model-token mask, assembled as tip_cli.agent's rollout does."""
+    """Token ids of a whole solved episode and its model-token mask, assembled as tip_cli.rollout.agent's rollout does."""
     pair = PairConfig()
     ep = ToyAgentEpisode(task)
     ids = agent.render_chat(tok, ep.messages, ep.tools, pair)

@@ -1,7 +1,7 @@
 """The OPD training loop: rollout -> teacher scoring -> token selection -> selected-token loss -> step.
 
 One step, for a batch of prompts:
-  1. the student samples responses (the rollout engine); with data.env, tool-use episodes (tip_cli.agent) whose
+  1. the student samples responses (the rollout engine); with data.env, tool-use episodes (tip_cli.rollout.agent) whose
      tool results are masked out, so steps 2-4 see only the student's own tokens;
   2. the teacher runs on the same tokens; we keep its final hidden states at the N response positions [N, d_T]
      (its [N, V] log-probs are recomputed chunk by chunk where needed, never stored), or, with
@@ -45,10 +45,11 @@ from tip_cli.models import (
     enable_checkpointing,
     final_hidden,
     head_weight,
-    load_pair,
     render_prompt,
 )
-from tip_cli.rollout import Batch, Sampling, eos_ids, make_engine, pack
+from tip_cli.pairs import load_pair, resolve_model
+from tip_cli.rollout import make_engine
+from tip_cli.rollout.batch import Batch, Sampling, eos_ids, pack
 from tip_cli.selection import selectors
 from tip_cli.selection.quadrants import TokenStats
 from tip_cli.selection.scores import token_stats_chunk
@@ -372,7 +373,7 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
     distributed.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
     scorer = None
     if cfg.teacher.backend == "vllm_topk":
-        from tip_cli.vllm_engine import VLLMTeacher
+        from tip_cli.rollout.vllm import VLLMTeacher
 
         scorer = VLLMTeacher(pair.teacher_path, cfg.teacher.vllm, prec.pair, cfg.teacher.topk, cfg.seed)
     elif cfg.teacher.backend == "vllm_server":  # the same top-K from running `vllm serve` replicas
@@ -380,11 +381,13 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
 
         scorer = ServerTeacher.connect(cfg.teacher, tok, pair.vocab, run_dir)
     engine = make_engine(cfg.rollout, student, tok, pair.student_path, cfg.seed, dtype=prec.compute)
-    tasks = None  # with data.env: tool-use episodes (tip_cli.agent) instead of single-turn prompts
+    tasks = None  # with data.env: tool-use episodes (tip_cli.rollout.agent) instead of single-turn prompts
     if cfg.data.env:
-        from tip_cli import agent
+        from tip_cli.envs import make_env
+        from tip_cli.rollout import agent
 
-        tasks = agent.TaskSource(cfg, tok, eos_ids(student.generation_config.eos_token_id, tok))
+        stop_ids = eos_ids(student.generation_config.eos_token_id, tok)
+        tasks = agent.TaskSource(cfg, tok, stop_ids, make_env(cfg.data, cfg.pair, resolve_model))
     else:
         prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
     n_prompts = len(tasks) if tasks is not None else len(prompts)

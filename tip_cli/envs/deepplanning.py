@@ -38,7 +38,7 @@ def missing(cfg: DatasetConfig, what: str, looked: list[Path], reason: str = "")
 
 
 def cache_dir() -> Path:
-    from tip_cli.toy import cache_root
+    from tip_cli.cache import cache_root
 
     return cache_root() / "deepplanning"
 

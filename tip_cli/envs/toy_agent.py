@@ -14,8 +14,7 @@ import re
 from typing import Any
 
 from tip_cli.config import ConfigError, DatasetConfig, PairConfig
-from tip_cli.envs import Environment, Episode, Task, tool_schema
-from tip_cli.toy import NAMES
+from tip_cli.envs.base import Environment, Episode, Resolve, Task, tool_schema
 
 TOOLS = [
     tool_schema("lookup", "The price of one item in this shop.", item="the item, e.g. apples"),
@@ -25,6 +24,15 @@ TOOLS = [
 SPLITS = {"train": (0, 2000), "test": (2000, 2200)}  # task index ranges of one seeded draw: disjoint by construction
 MAX_QTY, MAX_PRICE = 5, 9
 ITEMS = ("apples", "pears", "coins", "books")  # few, so a tiny model learns to look up the ones the question names
+
+
+NAMES = [  # (name, pronoun)
+    tuple(w.split("/"))
+    for w in (
+        "Ann/she Ben/he Cara/she Dan/he Eva/she Finn/he Gina/she Hugo/he Iris/she Jack/he "
+        "Kate/she Leo/he Mia/she Nick/he Olga/she Paul/he Rosa/she Sam/he Tina/she Omar/he"
+    ).split()
+]
 
 
 def generate_tasks(n: int, seed: int, start: int = 0) -> list[Task]:
@@ -89,7 +97,7 @@ class ToyAgentEpisode(Episode):
 class ToyAgentEnv(Environment):
     """`path: toy_agent://train|test` (seed from the path's `?seed=N`, default 0)."""
 
-    def __init__(self, cfg: DatasetConfig, pair: PairConfig | None = None):
+    def __init__(self, cfg: DatasetConfig, pair: PairConfig | None = None, resolve: Resolve | None = None):
         path = cfg.path or ""
         found = re.fullmatch(r"toy_agent://(\w+)(?:\?seed=(\d+))?", path)
         if not found or found.group(1) not in SPLITS:

@@ -24,8 +24,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tip_cli.config import AgentConfig, ConfigError, PairConfig, TipConfig
-from tip_cli.envs import Environment, Episode, Task, ToolCall, make_env
-from tip_cli.rollout import Batch, Sampling
+from tip_cli.envs.base import Environment, Episode, Task, ToolCall
+from tip_cli.rollout.batch import Batch, Sampling
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.S)
@@ -199,9 +199,8 @@ def rollout_metrics(trajs: list[Trajectory], env: Environment) -> dict[str, floa
 class TaskSource:
     """An environment's tasks as a training-prompt source: `rollout(engine, indices, sampling)` runs their episodes."""
 
-    def __init__(self, cfg: TipConfig, tok: PreTrainedTokenizerBase, stop_ids: set[int]):
-        self.cfg, self.tok, self.stop_ids = cfg, tok, stop_ids
-        self.env = make_env(cfg.data, cfg.pair)
+    def __init__(self, cfg: TipConfig, tok: PreTrainedTokenizerBase, stop_ids: set[int], env: Environment):
+        self.cfg, self.tok, self.stop_ids, self.env = cfg, tok, stop_ids, env
         self.tasks = self.env.tasks()
         if not self.tasks:
             raise ValueError(f"data.env={cfg.data.env}: no tasks in split {cfg.data.split!r}")
