@@ -22,7 +22,7 @@ from tip_cli.config import PairConfig, VLLMConfig
 from tip_cli.models import load_model, load_tokenizer, pick_device
 from tip_cli.rollout.batch import Sampling
 from tip_cli.rollout.hf import HFEngine
-from tip_cli.toy import chat_prompt, toy_path
+from tip_cli.toy.arith import chat_prompt, toy_path
 
 
 def toy_prompts(tok, n: int) -> list[list[int]]:

@@ -23,7 +23,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def micro(tmp_path_factory) -> dict[str, Path]:
-    from tip_cli.toy import build_micro_pair, generate_problems
+    from tip_cli.toy.arith import build_micro_pair, generate_problems
 
     root = tmp_path_factory.mktemp("micro")
     teacher, student = build_micro_pair(root, seed=0)

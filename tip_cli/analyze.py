@@ -161,7 +161,7 @@ def load_run(path: Path, name: str, benchmark: str | None = None) -> Run:
 
 
 def split_at_overrides(run: Run) -> list[Run]:
-    """A run continued with `train.resume=override` (its overrides.jsonl, tip_cli.rundir) as one Run per config it
+    """A run continued with `train.resume=override` (its overrides.jsonl, tip_cli.train.rundir) as one Run per config it
     ran under: the steps after an override's step belong to its new values, those up to it to the old ones."""
     changes = read_jsonl(run.path / "overrides.jsonl")
     if not changes:

@@ -114,7 +114,7 @@ class ImportanceConfig:
     threshold: str = "quantile"  # quantile (per batch) | absolute (nats)
     h_threshold: float = 0.5  # the median by default
     d_threshold: float = 0.5
-    # rows of [chunk, V] logits scored at once (256 x 152k fp32 = 155 MB a block); auto/null: tip_cli.chunks
+    # rows of [chunk, V] logits scored at once (256 x 152k fp32 = 155 MB a block); auto/null: tip_cli.train.chunks
     chunk_size: Any = "auto"
 
     def __post_init__(self) -> None:
@@ -156,7 +156,7 @@ class LossConfig:
     # rollouts were sampled from; greedy rollouts, T = 0, use 1)
     temperature: float | None = None
     # rows of [chunk, V] in the loss at once; memory does not grow with the kept count beyond it. auto/null: 256 on
-    # CPU, about 1 GiB of fp32 logits a block on CUDA (tip_cli.chunks)
+    # CPU, about 1 GiB of fp32 logits a block on CUDA (tip_cli.train.chunks)
     chunk_size: Any = "auto"
 
     def __post_init__(self) -> None:
@@ -265,7 +265,7 @@ class TeacherConfig:
     vllm_topk: a vLLM engine returns the teacher's top-K prompt log-probs at every position; D and the loss are
     computed over those K tokens plus one tail bucket holding the remaining mass (an approximation that lets the
     teacher run in its own engine, e.g. on another GPU).
-    vllm_server: the same top-K log-probs from running `vllm serve` replicas at `url` (tip_cli.teacher_server).
+    vllm_server: the same top-K log-probs from running `vllm serve` replicas at `url` (tip_cli.teacher.server).
     """
 
     backend: str = "hf"  # hf | vllm_topk | vllm_server
@@ -313,11 +313,11 @@ class TrainConfig:
     token_sample_size: int = 20000  # tokens kept per sample (drawn uniformly from the rollout batch)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    # under torchrun (tip_cli.distributed): where normalisation, quadrant thresholds and the budget are computed
+    # under torchrun (tip_cli.train.parallel): where normalisation, quadrant thresholds and the budget are computed
     selection_scope: str = "global"  # global: over every rank's tokens, as one process would | local: per rank
     cpu_offload: bool = False  # FSDP2 keeps the student's shards, grads and optimizer state in CPU memory (CUDA only)
     shard_teacher: bool = False  # shard the teacher with FSDP2 too, instead of a full replica per rank
-    # re-running into a run dir: auto = continue only if the config is the one recorded (tip_cli.rundir);
+    # re-running into a run dir: auto = continue only if the config is the one recorded (tip_cli.train.rundir);
     # override = continue with this config's values from the newest checkpoint on, recorded in overrides.jsonl
     resume: str = "auto"
     # auto = bf16_mixed on CUDA (fp32 master weights and AdamW state, bf16 compute), fp32 on CPU; bf16 = pure bf16

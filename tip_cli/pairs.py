@@ -16,16 +16,16 @@ def resolve_model(ref: str) -> str:
     """`toy://`, `toy_agent://`, `qwen3_shapes://` or `qwen3_shapes_tiny://` + `teacher|student` -> a cached
     embedded pair (built on first use); else a HF id or path."""
     if ref.startswith("toy://"):
-        from tip_cli.toy import toy_path
+        from tip_cli.toy.arith import toy_path
 
         return str(toy_path(ref.removeprefix("toy://")))
     if ref.split("://")[0] in ("qwen3_shapes", "qwen3_shapes_tiny"):
-        from tip_cli.qwen3_shapes import shapes_path
+        from tip_cli.toy.qwen3_shapes import shapes_path
 
         scheme, kind = ref.split("://", 1)
         return str(shapes_path(scheme, kind))
     if ref.startswith("toy_agent://"):
-        from tip_cli.toy_agent import toy_agent_path
+        from tip_cli.toy.agent_pair import toy_agent_path
 
         return str(toy_agent_path(ref.removeprefix("toy_agent://")))
     if (ref.startswith((".", "/", "~")) or Path(ref).exists()) and not Path(ref).expanduser().exists():
@@ -40,7 +40,7 @@ def load_pair(
     """Load both models and check they can be distilled; `student_path` (a checkpoint) replaces the student.
 
     With load_teacher=False only the teacher's tokenizer and config are read (its weights stay on disk). The
-    dtypes default to pair.dtype's; the trainer passes its precision's (tip_cli.precision: fp32 master weights
+    dtypes default to pair.dtype's; the trainer passes its precision's (tip_cli.train.precision: fp32 master weights
     for the student under bf16_mixed, the compute dtype for the teacher).
     """
     s_path = student_path or resolve_model(cfg.student)

@@ -2,7 +2,7 @@
 
 "Ann buys 3 apples and 2 pears. How much does she pay?" Each task has its own price list (hidden from the model), so
 the answer needs `lookup(item)` for every item and, for the total, `calculator(expression)`; the final answer is
-`\\boxed{N}`. Small enough for a tiny model to learn on CPU (tip_cli.toy_agent builds the pair).
+`\\boxed{N}`. Small enough for a tiny model to learn on CPU (tip_cli.toy.agent_pair builds the pair).
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ from typing import Any
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from tip_cli import distributed
 from tip_cli.checkpoint import (
     Checkpoint,
     list_checkpoints,
@@ -38,6 +37,7 @@ from tip_cli.checkpoint import (
 )
 from tip_cli.config import TipConfig
 from tip_cli.tracking import read_jsonl
+from tip_cli.train import parallel
 
 LOCK_FILE = "tip.lock"
 OVERRIDES_FILE = "overrides.jsonl"
@@ -195,12 +195,12 @@ def open_run(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
     """Check the run dir against `cfg` and take it: rank 0 decides and locks, every rank gets the decision (and
     raises rank 0's error, so that no rank waits on the others)."""
     plan, error = None, None
-    if distributed.is_main():
+    if parallel.is_main():
         try:
             plan = _decide(cfg, run_dir, console)
         except Exception as err:  # every rank must learn of it
             error = err
-    decided, failed = distributed.broadcast((None if plan is None else (plan.checkpoint, plan.complete), error))
+    decided, failed = parallel.broadcast((None if plan is None else (plan.checkpoint, plan.complete), error))
     if error is not None:
         raise error
     if failed is not None:

@@ -6,7 +6,7 @@ of the paper's pair, on one GPU; `pair=qwen3_shapes_tiny` keeps the vocabulary, 
 shrinks depth and width, for a CPU test in seconds. The models are random, so accuracy stays near 0: the point is
 the shapes (the [N, 151936] logits, a 36-layer 8B teacher beside a 28-layer 1.7B student), not what they learn.
 
-The tokenizer is synthetic: the toy pair's byte-level BPE (tip_cli.toy, lossless on any text) padded with
+The tokenizer is synthetic: the toy pair's byte-level BPE (tip_cli.toy.arith, lossless on any text) padded with
 unreachable reserved entries to 151,936 ids, since no PyPI package ships Qwen3's own tokenizer files.
 
 Shapes are Qwen3's config.json values: hidden 2048 / 4096, layers 28 / 36, heads 16 / 32, KV heads 8 / 8,
@@ -78,7 +78,7 @@ def qwen3_config(shape: Shape, tokenizer: PreTrainedTokenizerFast) -> Qwen3Confi
 def synthetic_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     """The toy byte-level BPE and ChatML template, its vocabulary padded to `vocab` ids with reserved entries that
     no text maps to (like the unused rows of Qwen's own 151,936-row embedding)."""
-    from tip_cli.toy import CHAT_TEMPLATE, generate_problems, train_tokenizer
+    from tip_cli.toy.arith import CHAT_TEMPLATE, generate_problems, train_tokenizer
 
     base = train_tokenizer(generate_problems(500, seed=0))
     spec = json.loads(base.backend_tokenizer.to_str())
@@ -121,7 +121,7 @@ def build(scheme: str, root: Path) -> None:
 def shapes_path(scheme: str, kind: str) -> Path:
     """`qwen3_shapes[_tiny]://teacher|student`: the model dir in the cache, built on first use."""
     from tip_cli.cache import cache_root
-    from tip_cli.toy import build_atomically
+    from tip_cli.toy.arith import build_atomically
 
     if scheme not in SCHEMES or kind not in ("teacher", "student"):
         raise ConfigError(f"{scheme}://{kind} is not a model; expected one of "

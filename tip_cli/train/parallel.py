@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tip_cli import precision
 from tip_cli.checkpoint import (
     Checkpoint,
     commit_checkpoint,
@@ -38,6 +37,7 @@ from tip_cli.checkpoint import (
 from tip_cli.config import ConfigError, TipConfig, TrainConfig
 from tip_cli.models import Pair, pick_device
 from tip_cli.selection import quadrants, selectors
+from tip_cli.train import precision
 
 DCP_DIR = "dcp"  # inside checkpoints/step_N/: the sharded model + optimizer state (torch.distributed.checkpoint)
 

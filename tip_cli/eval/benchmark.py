@@ -19,8 +19,8 @@ from transformers import AutoConfig, GenerationConfig
 from tip_cli.checkpoint import MANIFEST, Checkpoint, is_run_checkpoint, list_checkpoints, verify
 from tip_cli.config import DatasetConfig, EvalConfig, PairConfig, TipConfig
 from tip_cli.data import Problem, load_problems
+from tip_cli.eval.metrics import summarize
 from tip_cli.grading import grade
-from tip_cli.metrics import summarize
 from tip_cli.models import load_model, load_tokenizer, pick_device, pick_dtype, render_prompt
 from tip_cli.pairs import resolve_model
 from tip_cli.rollout.batch import Sampling

@@ -26,7 +26,7 @@ from tip_cli.envs.toy_agent import SPLITS, ToyAgentEnv, ToyAgentEpisode, calcula
 from tip_cli.rollout import agent
 from tip_cli.rollout.batch import Sampling, eos_ids
 from tip_cli.rollout.hf import HFEngine
-from tip_cli.toy import ModelSpec, build_atomically, new_model, save_model, sft, train_tokenizer
+from tip_cli.toy.arith import ModelSpec, build_atomically, new_model, save_model, sft, train_tokenizer
 
 TOY_AGENT_VERSION = "toy-agent-v1"
 TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
