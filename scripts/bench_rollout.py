@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tip_cli.config import PairConfig, VLLMConfig
+from tip_cli.config.schema import PairConfig, VLLMConfig
 from tip_cli.models import load_model, load_tokenizer, pick_device
 from tip_cli.rollout.batch import Sampling
 from tip_cli.rollout.hf import HFEngine

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tip_cli.cli import compose_config
-from tip_cli.config import AgentConfig, ConfigError, DatasetConfig, PairConfig
+from tip_cli.config.schema import AgentConfig, ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import ToolCall
 from tip_cli.envs.toy_agent import ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
 from tip_cli.pairs import load_pair

@@ -7,7 +7,8 @@ import datasets
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tip_cli.config import CONF_DIR, DatasetConfig, register, validate
+from tip_cli.config.compose import CONF_DIR, register, validate
+from tip_cli.config.schema import DatasetConfig
 from tip_cli.data import Problem, load_problems
 
 REPO = CONF_DIR.parent

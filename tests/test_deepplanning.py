@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tip_cli.cli import compose_config
-from tip_cli.config import DatasetConfig
+from tip_cli.config.schema import DatasetConfig
 from tip_cli.envs.base import ToolCall
 from tip_cli.envs.deepplanning import DatabaseMissing
 from tip_cli.envs.shopping import ShoppingEnv, score_cart

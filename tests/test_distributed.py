@@ -13,7 +13,14 @@ import torch.multiprocessing as mp
 
 from tip_cli.checkpoint import Checkpoint, list_checkpoints
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError, ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
+from tip_cli.config.schema import (
+    ConfigError,
+    ImportanceConfig,
+    LossConfig,
+    SelectorConfig,
+    TipConfig,
+    TrainConfig,
+)
 from tip_cli.losses import DenseTeacher, LossSpec, selected_token_loss
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tip_cli.cli import compose_config
-from tip_cli.config import PairConfig
+from tip_cli.config.schema import PairConfig
 from tip_cli.models import load_model, load_tokenizer
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack

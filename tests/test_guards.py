@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError, ImportanceConfig, SelectorConfig
+from tip_cli.config.schema import ConfigError, ImportanceConfig, SelectorConfig
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
 from tip_cli.selection import selectors

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tip_cli.config import ImportanceConfig
+from tip_cli.config.schema import ImportanceConfig
 from tip_cli.losses import DenseTeacher, LossSpec, TopKTeacher, selected_token_loss
 
 

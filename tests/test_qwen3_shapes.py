@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError
+from tip_cli.config.schema import ConfigError
 from tip_cli.toy import qwen3_shapes
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tip_cli.cli import compose_config
-from tip_cli.config import CONF_DIR
+from tip_cli.config.compose import CONF_DIR
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop
 

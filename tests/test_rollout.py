@@ -28,7 +28,7 @@ def test_pack_marks_positions_that_predict_response_tokens():
 
 
 def test_hf_engine_logprobs_and_stop_tokens(tmp_path):
-    from tip_cli.config import PairConfig
+    from tip_cli.config.schema import PairConfig
     from tip_cli.models import load_model, load_tokenizer
     from tip_cli.rollout.batch import Sampling
     from tip_cli.rollout.hf import HFEngine
@@ -56,7 +56,7 @@ def test_hf_engine_logprobs_and_stop_tokens(tmp_path):
 
 
 def test_hf_rollouts_sample_the_tempered_softmax_whatever_the_generation_config(penalized_student, tempered_check):
-    from tip_cli.config import PairConfig
+    from tip_cli.config.schema import PairConfig
     from tip_cli.models import load_model, load_tokenizer
     from tip_cli.rollout.hf import HFEngine
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from tip_cli import checkpoint
 from tip_cli.analyze import load_runs
 from tip_cli.cli import app, compose_config
-from tip_cli.config import ConfigError
+from tip_cli.config.schema import ConfigError
 from tip_cli.eval.benchmark import run_eval_command
 from tip_cli.rollout.batch import Sampling
 from tip_cli.rollout.hf import HFEngine
@@ -301,7 +301,7 @@ def test_bad_data_and_sampling_fail_before_any_model_loads(tmp_path, micro_overr
 
 
 def test_generation_is_capped_at_the_models_context(micro, capsys):
-    from tip_cli.config import PairConfig
+    from tip_cli.config.schema import PairConfig
     from tip_cli.models import load_model, load_tokenizer
 
     tok = load_tokenizer(str(micro["student"]), PairConfig())

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tip_cli.config import ImportanceConfig, SelectorConfig
+from tip_cli.config.schema import ImportanceConfig, SelectorConfig
 from tip_cli.selection.quadrants import compute_stats
 from tip_cli.selection.selectors import SELECTORS, budget_count, select
 

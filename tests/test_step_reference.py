@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tip_cli.config import ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
+from tip_cli.config.schema import ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
 from tip_cli.models import Pair
 from tip_cli.rollout.batch import Batch, pack
 from tip_cli.train.loop import distill_step

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError, PairConfig
+from tip_cli.config.schema import ConfigError, PairConfig
 from tip_cli.models import load_model, load_tokenizer
 from tip_cli.teacher.server import ServerTeacher, TeacherServerError
 from tip_cli.toy.arith import build_micro_pair

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError
+from tip_cli.config.schema import ConfigError
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack

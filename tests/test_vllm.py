@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CPU) or `pip install -e .[vllm]`")
 
-from tip_cli.config import PairConfig, VLLMConfig  # noqa: E402
+from tip_cli.config.schema import PairConfig, VLLMConfig  # noqa: E402
 from tip_cli.models import load_model, load_tokenizer  # noqa: E402
 from tip_cli.rollout.batch import Sampling  # noqa: E402
 from tip_cli.rollout.hf import HFEngine  # noqa: E402

@@ -18,7 +18,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from tip_cli.config import CONF_DIR, GROUPS, ConfigError, TipConfig, group_options, register, validate
+from tip_cli.config.compose import CONF_DIR, GROUPS, group_options, register, validate
+from tip_cli.config.schema import ConfigError, TipConfig
 
 console = Console(stderr=True)
 

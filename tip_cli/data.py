@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tip_cli.config import DatasetConfig
+from tip_cli.config.schema import DatasetConfig
 
 if TYPE_CHECKING:
     import datasets

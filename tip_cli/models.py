@@ -13,7 +13,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tip_cli.config import ConfigError, PairConfig
+from tip_cli.config.schema import ConfigError, PairConfig
 
 _PROBE_CHAT = [{"role": "user", "content": "What is 1 + 1?"}]
 

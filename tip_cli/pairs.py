@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from tip_cli.config import PairConfig
+from tip_cli.config.schema import PairConfig
 from tip_cli.models import Pair, load_model, load_tokenizer, shared_vocab
 
 

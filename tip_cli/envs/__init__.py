@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tip_cli.config import ENVS, ConfigError, DatasetConfig, PairConfig
+from tip_cli.config.schema import ENVS, ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import Environment, Resolve
 from tip_cli.envs.shopping import ShoppingEnv
 from tip_cli.envs.toy_agent import ToyAgentEnv

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from tip_cli.config import DatasetConfig
+from tip_cli.config.schema import DatasetConfig
 
 HF_REPO = "Qwen/DeepPlanning"
 

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tip_cli.config import ConfigError, DatasetConfig, PairConfig
+from tip_cli.config.schema import ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import Environment, Episode, Resolve, Task, dumps
 from tip_cli.envs.deepplanning import find_database, load_json, missing
 

@@ -13,7 +13,7 @@ import random
 import re
 from typing import Any
 
-from tip_cli.config import ConfigError, DatasetConfig, PairConfig
+from tip_cli.config.schema import ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import Environment, Episode, Resolve, Task, tool_schema
 
 TOOLS = [

@@ -17,7 +17,7 @@ from rich.table import Table
 from transformers import AutoConfig, GenerationConfig
 
 from tip_cli.checkpoint import MANIFEST, Checkpoint, is_run_checkpoint, list_checkpoints, verify
-from tip_cli.config import DatasetConfig, EvalConfig, PairConfig, TipConfig
+from tip_cli.config.schema import DatasetConfig, EvalConfig, PairConfig, TipConfig
 from tip_cli.data import Problem, load_problems
 from tip_cli.eval.metrics import summarize
 from tip_cli.grading import grade
@@ -25,7 +25,7 @@ from tip_cli.models import load_model, load_tokenizer, pick_device, pick_dtype, 
 from tip_cli.pairs import resolve_model
 from tip_cli.rollout.batch import Sampling
 from tip_cli.rollout.hf import HFEngine
-from tip_cli.tracking import wandb_mode
+from tip_cli.tracking import init_wandb
 
 console = Console()
 
@@ -126,8 +126,7 @@ def print_metrics(title: str, metrics: dict[str, float]) -> None:
 def _log_wandb(cfg: TipConfig, out_dir: Path, metrics: dict[str, float], records: list[dict], step: int) -> None:
     import wandb
 
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=wandb_mode(cfg.logger.mode),
-                     dir=str(out_dir), job_type="eval", config=_settings(cfg), reinit="finish_previous")
+    run = init_wandb(cfg.logger, out_dir, job_type="eval", config=_settings(cfg), reinit="finish_previous")
     name = cfg.benchmark.name
     run.log({f"eval/{name}/{k}": v for k, v in metrics.items()} | {"step": step})
     if cfg.benchmark.env:  # agent episodes (tip_cli.rollout.agent.records)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tip_cli.config import ConfigError, RolloutConfig
+from tip_cli.config.schema import ConfigError, RolloutConfig
 from tip_cli.rollout.hf import HFEngine
 
 

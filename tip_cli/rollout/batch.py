@@ -75,15 +75,22 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
 
 
+def pack_masked(seqs: list[list[int]], predicts: list[list[bool]], pad_id: int) -> Batch:
+    """One right-padded row per sequence; target_mask[b, t] = predicts[b][t], whether position t predicts a token
+    the loss covers (predicts[b] has len(seqs[b]) - 1 entries). Single-turn and tool-use rollouts both pack here."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, T]
+    attn = torch.zeros((len(seqs), width), dtype=torch.bool)  # [B, T]
+    target = torch.zeros((len(seqs), width), dtype=torch.bool)  # [B, T]
+    for b, (seq, mask) in enumerate(zip(seqs, predicts, strict=True)):
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attn[b, : len(seq)] = True
+        target[b, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    return Batch(ids, attn, target)
+
+
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
     """One row per (prompt, response) pair; the loss positions are those that predict a response token."""
     seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.bool)
-    target = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, : len(p) + len(r)] = True
-        target[i, len(p) - 1 : len(p) + len(r) - 1] = True
-    return Batch(ids, attn, target)
+    predicts = [[False] * (len(p) - 1) + [True] * len(r) for p, r in zip(prompts, responses, strict=True)]
+    return pack_masked(seqs, predicts, pad_id)

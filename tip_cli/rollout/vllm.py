@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tip_cli.config import ConfigError, VLLMConfig
+from tip_cli.config.schema import ConfigError, VLLMConfig
 from tip_cli.rollout.batch import Generation, Sampling, eos_ids, trim_at_eos
 
 INSTALL_HINT = "install it with `pip install -e .[vllm]` (GPU) or `make setup-vllm` (CPU)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tip_cli.config import VLLMConfig
+from tip_cli.config.schema import VLLMConfig
 from tip_cli.rollout.vllm import engine_kwargs, import_vllm
 
 

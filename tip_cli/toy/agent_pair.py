@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from tip_cli.cache import cache_root
-from tip_cli.config import AgentConfig, DatasetConfig, PairConfig
+from tip_cli.config.schema import AgentConfig, DatasetConfig, PairConfig
 from tip_cli.envs.base import Task
 from tip_cli.envs.toy_agent import SPLITS, ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
 from tip_cli.rollout import agent
 from tip_cli.rollout.batch import Sampling, eos_ids
 from tip_cli.rollout.hf import HFEngine
-from tip_cli.toy.arith import ModelSpec, build_atomically, new_model, save_model, sft, train_tokenizer
+from tip_cli.toy.arith import ModelSpec, cached_build, new_model, save_model, sft, train_tokenizer
 
 TOY_AGENT_VERSION = "toy-agent-v1"
 TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -156,11 +155,9 @@ def build_micro_agent_pair(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
 
 def build_toy_agent(seed: int = 0, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Build (or find) the pair in `cache_root()/toy-agent-v1-seed{seed}`: teacher/, student/, build.json."""
-    final = cache_root() / f"{TOY_AGENT_VERSION}-seed{seed}"
-    if (final / "build.json").exists() and not force:
-        return final
-    info = build_atomically(final, lambda out: _build_into(out, seed, log))
-    log(f"[toy-agent] built {final} in {info['seconds']:.0f}s")
+    final, info = cached_build(f"{TOY_AGENT_VERSION}-seed{seed}", lambda out: _build_into(out, seed, log), force)
+    if info is not None:
+        log(f"[toy-agent] built {final} in {info['seconds']:.0f}s")
     return final
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tip_cli.checkpoint import Checkpoint, latest_checkpoint, storage_errors
-from tip_cli.config import ConfigError, TipConfig
+from tip_cli.config.compose import to_container
+from tip_cli.config.schema import ConfigError, TipConfig
 from tip_cli.data import Problem, load_problems
 from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark, load_benchmark
 from tip_cli.eval.benchmark import console as eval_console
@@ -498,7 +498,7 @@ def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoin
         console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})", soft_wrap=True)
     logger = parallel.NullLogger()
     if parallel.is_main():
-        logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)), start, run_dir.name)
+        logger = MetricsLogger(run_dir, cfg.logger, to_container(cfg), start, run_dir.name)
     return Run(cfg, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, start)
 
 

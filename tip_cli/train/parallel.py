@@ -34,7 +34,7 @@ from tip_cli.checkpoint import (
     staging_dir,
     write_checkpoint,
 )
-from tip_cli.config import ConfigError, TipConfig, TrainConfig
+from tip_cli.config.schema import ConfigError, TipConfig, TrainConfig
 from tip_cli.models import Pair, pick_device
 from tip_cli.selection import quadrants, selectors
 from tip_cli.train import precision

@@ -1,16 +1,13 @@
-"""Structured configs: one dataclass per Hydra group, validated at start-up.
+"""The config schema: one plain dataclass per config group, whose `__post_init__` checks choices and ranges.
 
-Hydra merges `conf/<group>/<option>.yaml` into these typed nodes, so an unknown key or a wrong type fails at
-composition; `validate` then instantiates the dataclasses, whose `__post_init__` checks choices and ranges.
+Hydra merges `conf/<group>/<option>.yaml` into these typed nodes (tip_cli.config.compose), so an unknown key or a
+wrong type fails at composition; instantiating the dataclasses then runs every check.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:
     from tip_cli.selection.quadrants import AxisSpec
@@ -26,9 +23,6 @@ from tip_cli.selection.options import (
     SELECTORS,
     THRESHOLDS,
 )
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("task", "pair", "selector", "benchmark", "data", "rollout", "train", "logger")
 
 
 class ConfigError(ValueError):
@@ -404,21 +398,3 @@ class TipConfig:
         if self.rollout.samples_per_prompt > 1 and self.rollout.temperature <= 0:
             raise ConfigError(f"rollout.samples_per_prompt={self.rollout.samples_per_prompt} at rollout.temperature=0 "
                               "(greedy) would all be the same: set rollout.temperature > 0, or samples_per_prompt=1")
-
-
-def register() -> None:
-    """Put the schema into Hydra's ConfigStore; conf/config.yaml lists it first in its defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="tip_schema", node=TipConfig)
-
-
-def validate(cfg: DictConfig) -> TipConfig:
-    """Instantiate the dataclasses (running every `__post_init__` check) and return the typed config."""
-    node = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    return OmegaConf.to_object(node)  # type: ignore[return-value]
-
-
-def group_options(group: str) -> list[str]:
-    """The options of a config group, read from conf/<group>/*.yaml."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
