@@ -49,7 +49,7 @@ from tip_cli.models import Pair, enable_checkpointing, head_weight, pick_device
 from tip_cli.rollout.batch import Batch, pack
 from tip_cli.toy import arith
 from tip_cli.toy.arith import ModelSpec
-from tip_cli.train import loop
+from tip_cli.train import step as train_step
 from tip_cli.train.chunks import chunk_rows
 
 FULL = "full"  # loss chunk >= N: the loss holds all K kept rows at once (its O(K x V) regime)
@@ -281,7 +281,7 @@ def tip_runner(cfg):
         nonlocal step
         step += 1
         generator = torch.Generator().manual_seed(step)
-        loss_fn = loop.selected_token_loss
+        loss_fn = train_step.selected_token_loss
 
         def marked(*args, **kwargs):
             if "pre_loss_peak" not in times:
@@ -289,11 +289,11 @@ def tip_runner(cfg):
                 meter.reset()
             return loss_fn(*args, **kwargs)
 
-        loop.selected_token_loss = marked  # a probe only: the call goes through unchanged
+        train_step.selected_token_loss = marked  # a probe only: the call goes through unchanged
         try:
-            stats, _, kept = loop.distill_step(pair, batch, cfg, generator, times)
+            stats, _, kept = train_step.distill_step(pair, batch, cfg, generator, times)
         finally:
-            loop.selected_token_loss = loss_fn
+            train_step.selected_token_loss = loss_fn
         times["kept"] = int(kept.numel())
         return stats["loss"]
 
@@ -335,9 +335,9 @@ def liger_loss(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
     liger-kernel >= 0.8 takes `shift_labels` (positions to ignore) as a fifth argument; None = every row counts."""
     from liger_kernel.transformers import LigerFusedLinearJSD
 
-    h_s = loop.valid_hidden(pair.student, batch)  # [N, d_S]
+    h_s = train_step.valid_hidden(pair.student, batch)  # [N, d_S]
     with torch.no_grad():
-        h_t = loop.valid_hidden(pair.teacher, batch)  # [N, d_T]
+        h_t = train_step.valid_hidden(pair.teacher, batch)  # [N, d_T]
     v = pair.vocab
     jsd = LigerFusedLinearJSD(jsd_beta=1.0)
     loss = jsd(h_s, head_weight(pair.student)[:v], h_t, head_weight(pair.teacher)[:v], None)

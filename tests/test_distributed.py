@@ -29,6 +29,7 @@ from tip_cli.selection import quadrants as importance
 from tip_cli.selection import selectors
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop, parallel
+from tip_cli.train import step as train_step
 
 WORLD = 2
 RANK_TIMEOUT_S = 240
@@ -171,7 +172,7 @@ def one_step(cfg: TipConfig) -> dict:
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     seen = []  # the dtype the final norm computed in (bf16 under bf16_mixed's FSDP2 policy)
     hook = pair.student.base_model.norm.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-    metrics, _, kept = loop.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, _, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
     hook.remove()
     grads = {n: p.grad for n, p in pair.student.named_parameters()}
     grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(), cfg.train.grad_clip))

@@ -13,6 +13,7 @@ from tip_cli.selection import selectors
 from tip_cli.selection.quadrants import compute_stats
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop
+from tip_cli.train import step as train_step
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Non-finite steps
@@ -23,7 +24,7 @@ def test_an_inf_logit_skips_the_step_counts_it_and_stops_the_run_after_the_limit
     in a row stops the run, naming the step and the last good checkpoint (step 1)."""
     cfg = compose_config([*micro_overrides, "train.steps=6", "train.save_every=1", "train.eval_before=false",
                           "train.max_skipped_steps=3", "train.lr=1e-2"])
-    real = loop.teacher_targets
+    real = train_step.teacher_targets
     calls = {"n": 0}
 
     def inf_from_step_2(*args, **kwargs):
@@ -33,7 +34,7 @@ def test_an_inf_logit_skips_the_step_counts_it_and_stops_the_run_after_the_limit
             teacher.hidden[0, 0] = math.inf  # one row's logits become +-inf: its log-softmax is NaN
         return teacher
 
-    monkeypatch.setattr(loop, "teacher_targets", inf_from_step_2)
+    monkeypatch.setattr(train_step, "teacher_targets", inf_from_step_2)
     weights = {}
     real_save = loop.parallel.save
 
@@ -87,10 +88,10 @@ RESPONSES = [[20, 21, 22, 40], [23, 42], [24, 25, 26, 27, 30]]
 def test_h_d_and_loss_use_softmax_of_logits_over_t(micro_overrides, overrides, temperature, selector):
     cfg = compose_config([*micro_overrides, *overrides, f"selector={selector}", "budget=0.5",
                           "importance.threshold=quantile"])
-    assert loop.distill_temperature(cfg) == temperature
+    assert train_step.distill_temperature(cfg) == temperature
     pair = load_pair(cfg.pair, torch.device("cpu"))
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    metrics, stats, kept = loop.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
     with torch.no_grad():  # float64 reference: both models' full logits, divided by T
         kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         ls = (pair.student(**kw).logits.double()[batch.target_mask] / temperature).log_softmax(-1)  # [N, V]
@@ -111,6 +112,6 @@ def test_a_top_k_vllm_teacher_refuses_a_temperature_other_than_one():
     cfg = compose_config(["rollout.temperature=0.6", "loss.temperature=null"])
     cfg.teacher.backend = "vllm_topk"
     with pytest.raises(ConfigError, match="loss.temperature=1"):
-        loop.check_temperature(cfg)
+        train_step.check_temperature(cfg)
     cfg.loss.temperature = 1.0
-    loop.check_temperature(cfg)
+    train_step.check_temperature(cfg)

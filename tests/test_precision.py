@@ -12,6 +12,7 @@ from tip_cli.cli import compose_config
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
 from tip_cli.train import loop, precision
+from tip_cli.train import step as train_step
 
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
 RESPONSES = [[20, 21, 22, 40, 41], [23, 42, 43], [24, 25, 26, 27], [28, 29, 44]]
@@ -25,7 +26,7 @@ def step_once(micro_overrides, mode: str, lr: float, extra=()) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"), student_dtype=prec.master, teacher_dtype=prec.pair)
     before = {n: p.detach().clone() for n, p in pair.student.named_parameters()}
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    metrics, _, _ = loop.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, _, _ = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
     grads = {n: p.grad.detach().clone() for n, p in pair.student.named_parameters()}
     torch.optim.AdamW(pair.student.parameters(), lr=lr, weight_decay=0.0).step()
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in pair.student.named_parameters())

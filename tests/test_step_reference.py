@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from tip_cli.config.schema import ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
 from tip_cli.models import Pair
 from tip_cli.rollout.batch import Batch, pack
-from tip_cli.train.loop import distill_step
+from tip_cli.train.step import distill_step
 
 SMALL_V, LARGE_V = 80, 96  # two lm_head sizes: the loss uses the shared prefix [:SMALL_V]
 

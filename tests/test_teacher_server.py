@@ -22,10 +22,11 @@ from tip_cli.models import load_model, load_tokenizer
 from tip_cli.teacher.server import ServerTeacher, TeacherServerError
 from tip_cli.toy.arith import build_micro_pair
 from tip_cli.train import loop
+from tip_cli.train import step as train_step
 
 TOPK = 5
 START_TIMEOUT_S = 600
-TEACHER_TARGETS = loop.teacher_targets  # the real one, whatever a test has patched in
+TEACHER_TARGETS = train_step.teacher_targets  # the real one, whatever a test has patched in
 
 
 def _free_port() -> int:
@@ -113,7 +114,7 @@ def _overrides(micro_overrides, out: Path, *extra: str) -> list[str]:
 
 
 def _record_teacher(monkeypatch) -> list:
-    """Spy on loop.teacher_targets: the real function, its (ids, log-probs) kept per step."""
+    """Spy on train_step.teacher_targets: the real function, its (ids, log-probs) kept per step."""
     seen = []
 
     def spy(*args, **kwargs):
@@ -121,7 +122,7 @@ def _record_teacher(monkeypatch) -> list:
         seen.append((out.ids.clone(), out.logp.clone()))
         return out
 
-    monkeypatch.setattr(loop, "teacher_targets", spy)
+    monkeypatch.setattr(train_step, "teacher_targets", spy)
     return seen
 
 
@@ -220,7 +221,7 @@ def test_a_killed_server_is_retried_then_the_run_stops_naming_the_url_and_checkp
             server.kill()
         return TEACHER_TARGETS(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "teacher_targets", kill_before_step_two)
+    monkeypatch.setattr(train_step, "teacher_targets", kill_before_step_two)
     out = tmp_path / "run"
     cfg = compose_config(_overrides(micro_overrides, out, "teacher.backend=vllm_server", f"teacher.url={url}",
                                     "train.steps=3", "train.save_every=1", "teacher.retries=2", "teacher.backoff_s=0.2"))

@@ -17,6 +17,7 @@ from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop
+from tip_cli.train import step as train_step
 
 SPEC_METRICS = [
     "step", "loss", "tokens/total", "tokens/kept", "tokens/kept_frac",
@@ -49,7 +50,7 @@ def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_o
 
 def grads_after_step(pair, batch, cfg) -> list[torch.Tensor]:
     pair.student.zero_grad(set_to_none=True)
-    metrics, stats, kept = loop.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
     assert metrics["tokens/kept"] == kept.numel() == round(0.5 * len(stats))
     return [p.grad.clone() for p in pair.student.parameters()]
 
@@ -161,11 +162,11 @@ def test_full_token_step_takes_its_stats_from_the_loss_pass(micro_overrides, mon
 
     def step():
         pair.student.zero_grad(set_to_none=True)
-        metrics, stats, kept = loop.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+        metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
         return metrics, stats, kept, [p.grad.clone() for p in pair.student.parameters()]
 
     fused = step()
-    monkeypatch.setattr(loop.selectors, "keeps_all", lambda *a: False)
+    monkeypatch.setattr(train_step.selectors, "keeps_all", lambda *a: False)
     scored = step()
     assert fused[2].tolist() == scored[2].tolist() == list(range(9))
     torch.testing.assert_close(fused[1].entropy, scored[1].entropy, rtol=1e-5, atol=1e-6)
