@@ -68,6 +68,7 @@ bench-rollout: setup-vllm
 lint: setup
 	$(VENV)/bin/ruff check tip_cli tests scripts
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports --no-cache
+	PYTHONPATH=$(CURDIR) $(PY) scripts/import_cycles.py tip_cli
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

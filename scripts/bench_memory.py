@@ -44,12 +44,13 @@ from pathlib import Path
 
 import torch
 
-from tip_cli import toy, trainer
-from tip_cli.chunks import chunk_rows
 from tip_cli.cli import compose_config
 from tip_cli.models import Pair, enable_checkpointing, head_weight, pick_device
-from tip_cli.rollout import Batch, pack
-from tip_cli.toy import ModelSpec
+from tip_cli.rollout.batch import Batch, pack
+from tip_cli.toy import arith
+from tip_cli.toy.arith import ModelSpec
+from tip_cli.train import step as train_step
+from tip_cli.train.chunks import chunk_rows
 
 FULL = "full"  # loss chunk >= N: the loss holds all K kept rows at once (its O(K x V) regime)
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: big buffers via mmap, returned to the OS on free
@@ -58,8 +59,8 @@ MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: big buffers via mmap, r
 QWEN3_VOCAB = 151_936
 # Random-init model presets (Qwen3 architecture). The Qwen3 rows are the published configs' sizes.
 MODELS: dict[str, ModelSpec] = {
-    "toy-student": toy.STUDENT,
-    "toy-teacher": toy.TEACHER,
+    "toy-student": arith.STUDENT,
+    "toy-teacher": arith.TEACHER,
     # Qwen3-1.7B / Qwen3-8B scaled down 8x in width (and the vocabulary 37x), so that the lm_head and loss are about
     # the same share of the step's FLOPs as at the real shapes (12% vs 11%, step_flops), unlike the toy pair (92%)
     "small-student": ModelSpec(hidden=256, layers=6, heads=4, kv_heads=2, intermediate=768),
@@ -105,8 +106,8 @@ def resolve_shape(shape: str) -> tuple[ModelSpec, ModelSpec, Preset]:
 @dataclass(frozen=True)
 class Bench:
     vocab: int = QWEN3_VOCAB
-    student: ModelSpec = toy.STUDENT
-    teacher: ModelSpec = toy.TEACHER
+    student: ModelSpec = arith.STUDENT
+    teacher: ModelSpec = arith.TEACHER
     shape: str = "toy"
     model: str | None = None  # HF id or path of the student (the random pair when None)
     teacher_model: str | None = None  # defaults to `model`
@@ -280,7 +281,7 @@ def tip_runner(cfg):
         nonlocal step
         step += 1
         generator = torch.Generator().manual_seed(step)
-        loss_fn = trainer.selected_token_loss
+        loss_fn = train_step.selected_token_loss
 
         def marked(*args, **kwargs):
             if "pre_loss_peak" not in times:
@@ -288,11 +289,11 @@ def tip_runner(cfg):
                 meter.reset()
             return loss_fn(*args, **kwargs)
 
-        trainer.selected_token_loss = marked  # a probe only: the call goes through unchanged
+        train_step.selected_token_loss = marked  # a probe only: the call goes through unchanged
         try:
-            stats, _, kept = trainer.distill_step(pair, batch, cfg, generator, times)
+            stats, _, kept = train_step.distill_step(pair, batch, cfg, generator, times)
         finally:
-            trainer.selected_token_loss = loss_fn
+            train_step.selected_token_loss = loss_fn
         times["kept"] = int(kept.numel())
         return stats["loss"]
 
@@ -334,9 +335,9 @@ def liger_loss(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
     liger-kernel >= 0.8 takes `shift_labels` (positions to ignore) as a fifth argument; None = every row counts."""
     from liger_kernel.transformers import LigerFusedLinearJSD
 
-    h_s = trainer.valid_hidden(pair.student, batch)  # [N, d_S]
+    h_s = train_step.valid_hidden(pair.student, batch)  # [N, d_S]
     with torch.no_grad():
-        h_t = trainer.valid_hidden(pair.teacher, batch)  # [N, d_T]
+        h_t = train_step.valid_hidden(pair.teacher, batch)  # [N, d_T]
     v = pair.vocab
     jsd = LigerFusedLinearJSD(jsd_beta=1.0)
     loss = jsd(h_s, head_weight(pair.student)[:v], h_t, head_weight(pair.teacher)[:v], None)

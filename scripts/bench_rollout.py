@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from tip_cli.config import PairConfig, VLLMConfig
+from tip_cli.config.schema import PairConfig, VLLMConfig
 from tip_cli.models import load_model, load_tokenizer, pick_device
-from tip_cli.rollout import HFEngine, Sampling
-from tip_cli.toy import chat_prompt, toy_path
+from tip_cli.rollout.batch import Sampling
+from tip_cli.rollout.hf import HFEngine
+from tip_cli.toy.arith import chat_prompt, toy_path
 
 
 def toy_prompts(tok, n: int) -> list[list[int]]:
@@ -63,7 +64,7 @@ def main() -> None:
     ]
     sampling = Sampling(n=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     results = {"hf": measure(HFEngine(model, tok, args.hf_batch), prompts, sampling, args.repeats)}
-    from tip_cli.vllm_engine import VLLMEngine
+    from tip_cli.rollout.vllm import VLLMEngine
 
     start = time.perf_counter()
     engine = VLLMEngine(path, tok, VLLMConfig(), model.dtype, eos=model.generation_config.eos_token_id)

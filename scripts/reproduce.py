@@ -82,7 +82,7 @@ def main() -> int:
     from omegaconf import OmegaConf
 
     from tip_cli.cli import compose_config
-    from tip_cli.config import ConfigError
+    from tip_cli.config.schema import ConfigError
 
     jobs, todo = grid(args.budgets, args.seeds), []
     for name, overrides in jobs:

@@ -23,7 +23,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def micro(tmp_path_factory) -> dict[str, Path]:
-    from tip_cli.toy import build_micro_pair, generate_problems
+    from tip_cli.toy.arith import build_micro_pair, generate_problems
 
     root = tmp_path_factory.mktemp("micro")
     teacher, student = build_micro_pair(root, seed=0)
@@ -53,7 +53,7 @@ def penalized_student(micro, tmp_path_factory) -> Path:
 def _sampled_logprobs_match_the_tempered_softmax(model, engine, temperature: float, atol: float = 2e-4) -> None:
     """Sampled tokens' log-probs as the engine reports them == log softmax(logits / T) of the model (float64),
     whatever the checkpoint's generation config sets (the `penalized_student` fixture)."""
-    from tip_cli.rollout import Sampling
+    from tip_cli.rollout.batch import Sampling
 
     prompts = [[5, 6, 7, 8, 5, 6], [9, 10, 9, 10]]  # repeats: a repetition penalty or n-gram ban would show here
     out = engine.generate(prompts, Sampling(n=2, temperature=temperature, max_new_tokens=16, logprobs=True, seed=3))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tip_cli.chunks import CPU_ROWS, auto_rows, chunk_rows
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError
+from tip_cli.config.schema import ConfigError
+from tip_cli.train.chunks import CPU_ROWS, auto_rows, chunk_rows
 
 GiB = 2**30
 

@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tip_cli.cli import _job_overrides, app, compose_config
-from tip_cli.config import CONF_DIR, GROUPS, ConfigError, group_options
+from tip_cli.config.compose import CONF_DIR, GROUPS, group_options
+from tip_cli.config.schema import ConfigError
 
 runner = CliRunner()
 

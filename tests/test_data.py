@@ -7,7 +7,8 @@ import datasets
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tip_cli.config import CONF_DIR, DatasetConfig, register, validate
+from tip_cli.config.compose import CONF_DIR, register, validate
+from tip_cli.config.schema import DatasetConfig
 from tip_cli.data import Problem, load_problems
 
 REPO = CONF_DIR.parent
@@ -191,14 +192,14 @@ def test_unknown_file_type_and_bad_template(tmp_path):
 
 
 def test_toy_source_goes_through_toy_path(tmp_path, monkeypatch):
-    import tip_cli.toy
+    import tip_cli.toy.arith
 
     (tmp_path / "test.jsonl").write_text(
         json.dumps({"id": "toy-0", "problem": "Ann has 2.", "answer": "2"}) + "\n"
     )
     kinds = []
     monkeypatch.setattr(
-        tip_cli.toy,
+        tip_cli.toy.arith,
         "toy_path",
         lambda kind, seed=0: kinds.append(kind) or tmp_path / f"{kind}.jsonl",
         raising=False,

@@ -1,4 +1,4 @@
-"""Scale-out (tip_cli.distributed) on CPU with gloo: 2 ranks spawned with torch.multiprocessing, each compared with one
+"""Scale-out (tip_cli.train.parallel) on CPU with gloo: 2 ranks spawned with torch.multiprocessing, each compared with one
 process holding the whole batch: the kept token set and the loss, one FSDP2 training step, and a sharded checkpoint's
 save -> kill -> resume."""
 
@@ -11,14 +11,25 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tip_cli import distributed, importance, selectors, trainer
 from tip_cli.checkpoint import Checkpoint, list_checkpoints
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError, ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
-from tip_cli.losses import selected_token_loss
-from tip_cli.models import enable_checkpointing, load_pair
-from tip_cli.rollout import pack
+from tip_cli.config.schema import (
+    ConfigError,
+    ImportanceConfig,
+    LossConfig,
+    SelectorConfig,
+    TipConfig,
+    TrainConfig,
+)
+from tip_cli.losses import DenseTeacher, LossSpec, selected_token_loss
+from tip_cli.models import enable_checkpointing
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
+from tip_cli.selection import quadrants as importance
+from tip_cli.selection import selectors
 from tip_cli.tracking import read_jsonl
+from tip_cli.train import loop, parallel
+from tip_cli.train import step as train_step
 
 WORLD = 2
 RANK_TIMEOUT_S = 240
@@ -74,21 +85,21 @@ def synthetic_batch() -> dict[str, torch.Tensor]:
 
 def loss_and_grad(data, rows: torch.Tensor, normalizer: int) -> tuple[float, torch.Tensor]:
     w_s = data["w_s"].clone().requires_grad_()
-    loss = selected_token_loss(data["h_s"][rows], w_s, data["h_t"][rows], data["w_t"], V, normalizer=normalizer)
+    loss = selected_token_loss(data["h_s"][rows], w_s, DenseTeacher(data["h_t"][rows], data["w_t"], V), LossSpec(V, normalizer=normalizer))
     loss.backward()
     return loss.item(), w_s.grad
 
 
 def select_on_ranks() -> dict[str, list[dict]]:
     """Every case under both selection scopes, on this rank's three sequences."""
-    distributed.setup("cpu")
-    data, r = synthetic_batch(), distributed.rank()
+    parallel.setup("cpu")
+    data, r = synthetic_batch(), parallel.rank()
     lo = sum(SEQ_LENS[: 3 * r])
     mine = slice(lo, lo + sum(SEQ_LENS[3 * r : 3 * r + 3]))
     out: dict[str, list[dict]] = {"global": [], "local": []}
     for scope, case in ((scope, case) for scope in out for case in CASES):
         cfg = TipConfig(train=TrainConfig(selection_scope=scope), **case)
-        sel = distributed.select_tokens(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - 3 * r, 3,
+        sel = parallel.select_tokens(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - 3 * r, 3,
                                         cfg, torch.Generator().manual_seed(7))
         local = {k: v[mine] if k in ("h_s", "h_t") else v for k, v in data.items()}
         loss, grad = loss_and_grad(local, sel.local, sel.normalizer)
@@ -96,7 +107,7 @@ def select_on_ranks() -> dict[str, list[dict]]:
         torch.distributed.all_reduce(totals)  # what FSDP's summed reduce-scatter does with the gradients
         out[scope].append({"kept": sel.kept, "mine": sel.local + lo, "normalizer": sel.normalizer, "metrics": sel.metrics,
                     "loss": totals[0].item(), "grad": totals[1:].view_as(grad)})
-    distributed.teardown()
+    parallel.teardown()
     return out
 
 
@@ -156,26 +167,26 @@ def one_step(cfg: TipConfig) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"))
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(pair.student)
-    distributed.shard(pair, cfg.train)
+    parallel.shard(pair, cfg.train)
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.train.lr)
-    batch = pack(distributed.my_slice(PROMPTS), distributed.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
+    batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     seen = []  # the dtype the final norm computed in (bf16 under bf16_mixed's FSDP2 policy)
     hook = pair.student.base_model.norm.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-    metrics, _, kept = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, _, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
     hook.remove()
     grads = {n: p.grad for n, p in pair.student.named_parameters()}
     grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(), cfg.train.grad_clip))
     optimizer.step()
-    if distributed.active():
+    if parallel.active():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         grads = {n: g.full_tensor() for n, g in grads.items()}
         weights = get_model_state_dict(pair.student, options=StateDictOptions(full_state_dict=True))
     else:
         weights = pair.student.state_dict()
-    metrics = distributed.merge_metrics(metrics)
+    metrics = parallel.merge_metrics(metrics)
     policy = None
-    if distributed.active():
+    if parallel.active():
         mp = pair.student._get_fsdp_state()._fsdp_param_group.mp_policy
         policy = (mp.param_dtype, mp.reduce_dtype)
     return {"metrics": metrics, "kept": kept, "grads": grads, "grad_norm": grad_norm, "weights": weights,
@@ -183,9 +194,9 @@ def one_step(cfg: TipConfig) -> dict:
 
 
 def steps_on_ranks(cfgs: list[TipConfig]) -> list[dict]:
-    distributed.setup("cpu")
+    parallel.setup("cpu")
     out = [one_step(cfg) for cfg in cfgs]
-    distributed.teardown()
+    parallel.teardown()
     return out
 
 
@@ -234,7 +245,7 @@ def test_fsdp_bf16_mixed_step_on_two_ranks_uses_the_mixed_precision_policy(tmp_p
 
 
 def dies_in_step(pack, step: int | None):
-    """trainer.pack, raising in the given step (before that step's checkpoint)."""
+    """loop.pack, raising in the given step (before that step's checkpoint)."""
     calls = {"n": 0}
 
     def pack_or_die(*args, **kwargs):
@@ -247,13 +258,13 @@ def dies_in_step(pack, step: int | None):
 
 
 def train_on_ranks(cfg: TipConfig, runs: list[tuple[Path, int | None]]) -> None:
-    """trainer.train into each run dir in turn, in one process group; a run given a step dies there, and with it
+    """loop.train into each run dir in turn, in one process group; a run given a step dies there, and with it
     this process, so the next spawn starts afresh, as after a kill."""
     torch.distributed.init_process_group("gloo")  # train() joins it rather than making one per run
-    real_pack = trainer.pack
+    real_pack = loop.pack
     for run_dir, die_in in runs:
-        trainer.pack = dies_in_step(real_pack, die_in)
-        trainer.train(cfg, run_dir)
+        loop.pack = dies_in_step(real_pack, die_in)
+        loop.train(cfg, run_dir)
     torch.distributed.destroy_process_group()
 
 
@@ -279,12 +290,12 @@ def test_sharded_checkpoint_save_kill_resume_continues_the_run(tmp_path, micro_o
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
     with pytest.raises(ConfigError, match="2 torchrun ranks"):  # a sharded checkpoint resumes under torchrun only
-        distributed.resume(Checkpoint(3, crashed / "checkpoints" / "step_3"), None, None, None)
+        parallel.resume(Checkpoint(3, crashed / "checkpoints" / "step_3"), None, None, None)
 
 
 def test_launch_checks():
     with pytest.raises(ConfigError, match="selection_scope"):
         TrainConfig(selection_scope="everywhere")
     with pytest.raises(ConfigError, match="torchrun"):
-        distributed.check(TipConfig(train=TrainConfig(cpu_offload=True)))
-    assert distributed.my_slice([3, 1, 2]) == [3, 1, 2] and distributed.rank_seed(5) == 5
+        parallel.check(TipConfig(train=TrainConfig(cpu_offload=True)))
+    assert parallel.my_slice([3, 1, 2]) == [3, 1, 2] and parallel.rank_seed(5) == 5

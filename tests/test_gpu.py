@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tip_cli import distributed, precision, trainer
 from tip_cli.cli import compose_config
-from tip_cli.config import PairConfig
-from tip_cli.models import load_model, load_pair, load_tokenizer
-from tip_cli.rollout import HFEngine, pack
+from tip_cli.config.schema import PairConfig
+from tip_cli.models import load_model, load_tokenizer
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
+from tip_cli.rollout.hf import HFEngine
+from tip_cli.train import parallel, precision
+from tip_cli.train import step as train_step
 
 pytestmark = pytest.mark.gpu
 
@@ -28,11 +31,11 @@ def cuda_step(cfg, lr: float) -> dict:
     device = torch.device("cuda")
     prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, device)
     pair = load_pair(cfg.pair, device, student_dtype=prec.master, teacher_dtype=prec.pair)
-    distributed.shard(pair, cfg.train)
+    parallel.shard(pair, cfg.train)
     before = [p.detach().clone() for p in pair.student.parameters()]
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=lr, weight_decay=0.0)
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id).to(device)
-    metrics, _, _ = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, _, _ = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
     optimizer.step()
     after = list(pair.student.parameters())
     changed = sum(int((a.detach() != b).sum()) for a, b in zip(after, before, strict=True))
@@ -49,7 +52,7 @@ def test_bf16_mixed_step_on_cuda_moves_every_weight_at_lr_1e_6(micro_overrides):
     cpu = compose_config([*micro_overrides, "selector=all"])
     pair = load_pair(cpu.pair, torch.device("cpu"))
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    ref, _, _ = trainer.distill_step(pair, batch, cpu, torch.Generator().manual_seed(0), {})
+    ref, _, _ = train_step.distill_step(pair, batch, cpu, torch.Generator().manual_seed(0), {})
     assert got["loss"] == pytest.approx(ref["loss"], rel=3e-2)
 
 
@@ -67,7 +70,7 @@ def test_one_rank_nccl_fsdp2_step(micro_overrides, monkeypatch):
                            LOCAL_RANK="0").items():
         monkeypatch.setenv(key, value)
     cfg = compose_config([*micro_overrides, "train.device=cuda", "train.precision=bf16_mixed", "selector=soft_or"])
-    distributed.setup("cuda")
+    parallel.setup("cuda")
     try:
         assert torch.distributed.get_backend() in ("nccl", "cuda:nccl,cpu:gloo")
         got = cuda_step(cfg, 1e-6)
@@ -75,7 +78,7 @@ def test_one_rank_nccl_fsdp2_step(micro_overrides, monkeypatch):
         assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
         assert torch.isfinite(torch.tensor(got["loss"])) and got["changed"] >= 0.99
     finally:
-        distributed.teardown()
+        parallel.teardown()
 
 
 def test_memory_bench_at_a_small_shape_on_cuda(tmp_path):

@@ -5,13 +5,15 @@ import math
 import pytest
 import torch
 
-from tip_cli import selectors, trainer
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError, ImportanceConfig, SelectorConfig
-from tip_cli.importance import compute_stats
-from tip_cli.models import load_pair
-from tip_cli.rollout import pack
+from tip_cli.config.schema import ConfigError, ImportanceConfig, SelectorConfig
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
+from tip_cli.selection import selectors
+from tip_cli.selection.quadrants import compute_stats
 from tip_cli.tracking import read_jsonl
+from tip_cli.train import loop
+from tip_cli.train import step as train_step
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Non-finite steps
@@ -22,7 +24,7 @@ def test_an_inf_logit_skips_the_step_counts_it_and_stops_the_run_after_the_limit
     in a row stops the run, naming the step and the last good checkpoint (step 1)."""
     cfg = compose_config([*micro_overrides, "train.steps=6", "train.save_every=1", "train.eval_before=false",
                           "train.max_skipped_steps=3", "train.lr=1e-2"])
-    real = trainer.teacher_targets
+    real = train_step.teacher_targets
     calls = {"n": 0}
 
     def inf_from_step_2(*args, **kwargs):
@@ -32,17 +34,17 @@ def test_an_inf_logit_skips_the_step_counts_it_and_stops_the_run_after_the_limit
             teacher.hidden[0, 0] = math.inf  # one row's logits become +-inf: its log-softmax is NaN
         return teacher
 
-    monkeypatch.setattr(trainer, "teacher_targets", inf_from_step_2)
+    monkeypatch.setattr(train_step, "teacher_targets", inf_from_step_2)
     weights = {}
-    real_save = trainer.distributed.save
+    real_save = loop.parallel.save
 
     def save_and_keep(run_dir, step, student, *args, **kwargs):
         weights[step] = {n: p.detach().clone() for n, p in student.named_parameters()}
         real_save(run_dir, step, student, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.distributed, "save", save_and_keep)
-    with pytest.raises(trainer.NonFiniteStepsError) as info:
-        trainer.train(cfg, tmp_path)
+    monkeypatch.setattr(loop.parallel, "save", save_and_keep)
+    with pytest.raises(loop.NonFiniteStepsError) as info:
+        loop.train(cfg, tmp_path)
     message = str(info.value)
     assert message.startswith("step 4: 3 steps in a row") and "train.max_skipped_steps" in message
     # skipped steps change nothing, so their checkpoints hold step 1's weights: the newest is the last good one
@@ -56,7 +58,7 @@ def test_an_inf_logit_skips_the_step_counts_it_and_stops_the_run_after_the_limit
 
 
 def test_skipped_steps_stop_with_a_one_line_cli_error_naming_the_checkpoint():
-    msg = trainer.non_finite_message(7, 3, None)
+    msg = loop.non_finite_message(7, 3, None)
     assert msg.startswith("step 7: 3 steps in a row") and "no checkpoint was written" in msg and "\n" not in msg
 
 
@@ -86,10 +88,10 @@ RESPONSES = [[20, 21, 22, 40], [23, 42], [24, 25, 26, 27, 30]]
 def test_h_d_and_loss_use_softmax_of_logits_over_t(micro_overrides, overrides, temperature, selector):
     cfg = compose_config([*micro_overrides, *overrides, f"selector={selector}", "budget=0.5",
                           "importance.threshold=quantile"])
-    assert trainer.distill_temperature(cfg) == temperature
+    assert train_step.distill_temperature(cfg) == temperature
     pair = load_pair(cfg.pair, torch.device("cpu"))
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    metrics, stats, kept = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
     with torch.no_grad():  # float64 reference: both models' full logits, divided by T
         kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         ls = (pair.student(**kw).logits.double()[batch.target_mask] / temperature).log_softmax(-1)  # [N, V]
@@ -110,6 +112,6 @@ def test_a_top_k_vllm_teacher_refuses_a_temperature_other_than_one():
     cfg = compose_config(["rollout.temperature=0.6", "loss.temperature=null"])
     cfg.teacher.backend = "vllm_topk"
     with pytest.raises(ConfigError, match="loss.temperature=1"):
-        trainer.check_temperature(cfg)
+        train_step.check_temperature(cfg)
     cfg.loss.temperature = 1.0
-    trainer.check_temperature(cfg)
+    train_step.check_temperature(cfg)

@@ -40,3 +40,11 @@ def test_an_acyclic_package_passes(tmp_path):
     write_package(tmp_path, {"a": "from cyc import b\n", "b": "def f():\n    from cyc import c\n", "c": ""})
     done = run(tmp_path)
     assert done.returncode == 0 and "no import cycles in cyc" in done.stdout, done.stdout + done.stderr
+
+
+def test_tip_cli_has_no_import_cycle():
+    """tip_cli itself: no cycle among its modules, function-level imports and package __init__ included."""
+    repo = SCRIPT.parents[1]
+    out = subprocess.run([sys.executable, str(SCRIPT), "tip_cli"], cwd=repo, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,12 +1,14 @@
-"""importance.py against plain-Python float64 references: the two axes, normalisation, quadrants, metrics."""
+"""selection/ (scores, normalize, quadrants) against plain-Python float64 references: the two axes, normalisation, quadrants, metrics."""
 
 import math
 
 import pytest
 import torch
 
-from tip_cli.config import ImportanceConfig
-from tip_cli.importance import compute_stats, normalize, stats_metrics, token_stats_chunk
+from tip_cli.config.schema import ImportanceConfig
+from tip_cli.selection.normalize import normalize
+from tip_cli.selection.quadrants import compute_stats, stats_metrics
+from tip_cli.selection.scores import token_stats_chunk
 
 # ---------- references (plain Python, float64) ----------
 
@@ -97,7 +99,7 @@ def test_jsd_divergence_at_its_ends_is_forward_and_reverse_kl(beta, kind, topk):
 
 
 def test_topk_below_two_is_a_config_error():
-    from tip_cli.config import ConfigError
+    from tip_cli.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="importance.topk=1 must be >= 2"):
         ImportanceConfig(topk=1)

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from tip_cli.config import ImportanceConfig
-from tip_cli.losses import TopKTeacher, selected_token_loss
+from tip_cli.config.schema import ImportanceConfig
+from tip_cli.losses import DenseTeacher, LossSpec, TopKTeacher, selected_token_loss
 
 
 def reference_loss(h_s, w_s, h_t, w_t, vocab, kind, beta):
@@ -37,7 +37,7 @@ def make_inputs(k=23, d_s=12, d_t=20, vocab=40, pad_s=5, pad_t=2, seed=0):
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_value_and_gradient_match_plain_formula(kind, beta, chunk):
     h_s, w_s, h_t, w_t = make_inputs()
-    got = selected_token_loss(h_s, w_s, h_t, w_t, 40, kind, beta, chunk_size=chunk, normalizer=7.0)
+    got = selected_token_loss(h_s, w_s, DenseTeacher(h_t, w_t, 40), LossSpec(40, kind, beta, chunk, 7.0))
     want = reference_loss(h_s, w_s, h_t, w_t, 40, kind, beta) / 7.0
     g_got = torch.autograd.grad(got, [h_s, w_s])
     g_want = torch.autograd.grad(want, [h_s, w_s])
@@ -52,7 +52,7 @@ def test_value_and_gradient_match_plain_formula(kind, beta, chunk):
 def test_jsd_at_its_ends_is_forward_and_reverse_kl(beta):
     """TRL's generalized JSD: beta 0 is KL(T || S), beta 1 is KL(S || T), between them the mixture formula."""
     h_s, w_s, h_t, w_t = make_inputs()
-    got = selected_token_loss(h_s, w_s, h_t, w_t, 40, "jsd", beta, chunk_size=7, normalizer=3.0)
+    got = selected_token_loss(h_s, w_s, DenseTeacher(h_t, w_t, 40), LossSpec(40, "jsd", beta, 7, 3.0))
     kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, "jsd")
     want = reference_loss(h_s, w_s, h_t, w_t, 40, kind, beta) / 3.0
     assert want.item() > 1e-3  # not a degenerate zero
@@ -64,7 +64,7 @@ def test_jsd_at_its_ends_is_forward_and_reverse_kl(beta):
 def test_float32_inputs_stay_close_to_float64_reference():
     h_s, w_s, h_t, w_t = make_inputs(k=50, vocab=300)
     f32 = [t.detach().float().requires_grad_(t.requires_grad) for t in (h_s, w_s, h_t, w_t)]
-    got = selected_token_loss(*f32, 300, chunk_size=16)
+    got = selected_token_loss(f32[0], f32[1], DenseTeacher(f32[2], f32[3], 300), LossSpec(300, chunk=16))
     want = reference_loss(h_s, w_s, h_t, w_t, 300, "reverse_kl", 0.5)
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
     torch.testing.assert_close(torch.autograd.grad(got, f32[0])[0].double(), torch.autograd.grad(want, h_s)[0], rtol=1e-3, atol=1e-5)
@@ -73,10 +73,10 @@ def test_float32_inputs_stay_close_to_float64_reference():
 def test_frozen_head_and_empty_selection():
     h_s, w_s, h_t, w_t = make_inputs()
     frozen = w_s.detach()
-    loss = selected_token_loss(h_s, frozen, h_t, w_t, 40)
+    loss = selected_token_loss(h_s, frozen, DenseTeacher(h_t, w_t, 40), LossSpec(40))
     (grad,) = torch.autograd.grad(loss, [h_s])
     assert grad.abs().sum() > 0
-    empty = selected_token_loss(h_s[:0], w_s, h_t[:0], w_t, 40)
+    empty = selected_token_loss(h_s[:0], w_s, DenseTeacher(h_t[:0], w_t, 40), LossSpec(40))
     empty.backward()
     assert empty.item() == 0.0 and w_s.grad.abs().sum() == 0
 
@@ -104,7 +104,7 @@ def test_topk_teacher_loss_matches_bucket_formula(kind, k):
     h_s, w_s, h_t, w_t = make_inputs()
     logq = torch.log_softmax(h_t @ w_t[:40].T, -1)
     teacher = TopKTeacher(*reversed(logq.topk(k, dim=-1)))  # (ids, log-probs), as a vLLM engine returns them
-    got = selected_token_loss(h_s, w_s, teacher, None, 40, kind, chunk_size=6, normalizer=3.0)
+    got = selected_token_loss(h_s, w_s, teacher, LossSpec(40, kind, chunk=6, normalizer=3.0))
     want = topk_reference(h_s, w_s, h_t, w_t, 40, k, kind) / 3.0
     assert got.item() == pytest.approx(want.item(), rel=1e-9)
     for a, b in zip(torch.autograd.grad(got, [h_s, w_s]), torch.autograd.grad(want, [h_s, w_s]), strict=True):
@@ -117,7 +117,7 @@ def test_topk_divergence_never_exceeds_the_full_one_and_h_is_full_vocab():
     logp = torch.log_softmax((h_s @ w_s[:40].T).detach(), -1)
     logq = torch.log_softmax(0.2 * h_t @ w_t[:40].T, -1)  # flat enough that no tail falls under the 1e-6 floor
     full_h = -(logp.exp() * logp).sum(-1)
-    from tip_cli.divergence import kl
+    from tip_cli.selection.scores import kl
 
     full = kl(logp, logq)
     for k in (1, 4, 39):
@@ -130,13 +130,13 @@ def test_topk_divergence_never_exceeds_the_full_one_and_h_is_full_vocab():
 
 def test_zero_loss_when_student_equals_teacher():
     h_s, w_s, _, _ = make_inputs()
-    loss = selected_token_loss(h_s, w_s, h_s.detach(), w_s.detach(), 40)
+    loss = selected_token_loss(h_s, w_s, DenseTeacher(h_s.detach(), w_s.detach(), 40), LossSpec(40))
     assert abs(loss.item()) < 1e-12
 
 
 MEMORY_SCRIPT = """
 import json, sys, torch
-from tip_cli.losses import selected_token_loss
+from tip_cli.losses import DenseTeacher, LossSpec, selected_token_loss
 
 def status_mb(key):  # VmRSS (now) or VmHWM (peak since the last reset), from the kernel
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
@@ -150,7 +150,7 @@ h_t, w_t = torch.randn(n, d), torch.randn(vocab, d) * 0.1
 kept = torch.randperm(n)[:k]
 open("/proc/self/clear_refs", "w").write("5")  # peak := now, so import-time peaks do not hide the loss's
 base = status_mb("VmRSS")
-loss = selected_token_loss(hidden[kept], w_s, h_t[kept], w_t, vocab, chunk_size=chunk, normalizer=k)
+loss = selected_token_loss(hidden[kept], w_s, DenseTeacher(h_t[kept], w_t, vocab), LossSpec(vocab, chunk=chunk, normalizer=k))
 loss.backward()
 print(json.dumps({"delta_mb": status_mb("VmHWM") - base}))
 """
@@ -186,7 +186,7 @@ def test_stats_from_the_loss_pass_match_brute_force(kind, divergence, topk):
     h_s, w_s, h_t, w_t = make_inputs()
     cfg = ImportanceConfig(divergence=divergence, topk=topk)
     sink = StatsSink(cfg, [])
-    selected_token_loss(h_s, w_s, h_t, w_t, 40, kind, chunk_size=6, sink=sink)
+    selected_token_loss(h_s, w_s, DenseTeacher(h_t, w_t, 40), LossSpec(40, kind, chunk=6), sink=sink)
     ent, div = sink.tensors()
     logp = torch.log_softmax((h_s @ w_s[:40].T).detach(), -1)
     logq = torch.log_softmax(h_t @ w_t[:40].T, -1)
@@ -205,8 +205,8 @@ def test_stats_from_the_loss_pass_match_brute_force(kind, divergence, topk):
 
 def test_upstream_gradient_scales_the_loss_gradient():
     h_s, w_s, h_t, w_t = make_inputs()
-    one = torch.autograd.grad(selected_token_loss(h_s, w_s, h_t, w_t, 40), [h_s, w_s])
-    three = torch.autograd.grad(3.0 * selected_token_loss(h_s, w_s, h_t, w_t, 40), [h_s, w_s])
+    one = torch.autograd.grad(selected_token_loss(h_s, w_s, DenseTeacher(h_t, w_t, 40), LossSpec(40)), [h_s, w_s])
+    three = torch.autograd.grad(3.0 * selected_token_loss(h_s, w_s, DenseTeacher(h_t, w_t, 40), LossSpec(40)), [h_s, w_s])
     for a, b in zip(one, three, strict=True):
         torch.testing.assert_close(3.0 * a, b)
 
@@ -221,10 +221,10 @@ def test_log_partitions_from_a_scoring_pass_give_the_same_loss_and_gradients():
     _, z_t = scored_logprobs(h_t, w_t, 40)
     kept = torch.tensor([0, 3, 4, 9, 17, 22])
     teacher = DenseTeacher(h_t, w_t, 40, z_t).rows(kept)
-    got = selected_token_loss(h_s[kept], w_s, teacher, None, 40, chunk_size=4, normalizer=6.0, log_z_s=z_s[kept])
+    got = selected_token_loss(h_s[kept], w_s, teacher, LossSpec(40, chunk=4, normalizer=6.0), log_z=z_s[kept])
     want = reference_loss(h_s[kept], w_s, h_t[kept], w_t, 40, "reverse_kl", 0.5) / 6.0
     assert got.item() == pytest.approx(want.item(), rel=1e-10)
     for a, b in zip(torch.autograd.grad(got, [h_s, w_s]), torch.autograd.grad(want, [h_s, w_s]), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    wrong = selected_token_loss(h_s[kept], w_s, teacher, None, 40, normalizer=6.0, log_z_s=z_s[kept] + 0.1)
+    wrong = selected_token_loss(h_s[kept], w_s, teacher, LossSpec(40, normalizer=6.0), log_z=z_s[kept] + 0.1)
     assert wrong.item() != pytest.approx(want.item(), rel=1e-6)  # the partitions really are used

@@ -5,7 +5,7 @@ from math import comb
 
 import pytest
 
-from tip_cli.metrics import majority_vote, pass_at_k, summarize
+from tip_cli.eval.metrics import majority_vote, pass_at_k, summarize
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tip_cli import precision, trainer
 from tip_cli.checkpoint import STATE_FILE
 from tip_cli.cli import compose_config
-from tip_cli.models import load_pair
-from tip_cli.rollout import pack
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
+from tip_cli.train import loop, precision
+from tip_cli.train import step as train_step
 
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
 RESPONSES = [[20, 21, 22, 40, 41], [23, 42, 43], [24, 25, 26, 27], [28, 29, 44]]
@@ -25,7 +26,7 @@ def step_once(micro_overrides, mode: str, lr: float, extra=()) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"), student_dtype=prec.master, teacher_dtype=prec.pair)
     before = {n: p.detach().clone() for n, p in pair.student.named_parameters()}
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    metrics, _, _ = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, _, _ = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
     grads = {n: p.grad.detach().clone() for n, p in pair.student.named_parameters()}
     torch.optim.AdamW(pair.student.parameters(), lr=lr, weight_decay=0.0).step()
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in pair.student.named_parameters())
@@ -82,7 +83,7 @@ def test_auto_precision_by_device():
 def test_export_keeps_the_pair_dtype_and_resume_continues_from_the_master_weights(tmp_path, micro_overrides):
     base = [*micro_overrides, "train.precision=bf16_mixed", "pair.dtype=bfloat16", "train.save_every=1",
             "train.eval_before=false", "train.token_sample_every=0", "train.lr=1e-6"]
-    trainer.train(compose_config([*base, "train.steps=1"]), tmp_path)
+    loop.train(compose_config([*base, "train.steps=1"]), tmp_path)
     ckpt = tmp_path / "checkpoints" / "step_1"
     with safe_open(ckpt / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
@@ -92,12 +93,12 @@ def test_export_keeps_the_pair_dtype_and_resume_continues_from_the_master_weight
     cfg = compose_config([*base, "train.steps=2"])
     pair = load_pair(cfg.pair, torch.device("cpu"), student_path=str(ckpt), student_dtype=torch.float32)
     rounded = {n: p.detach().clone() for n, p in pair.student.named_parameters()}
-    from tip_cli import distributed
     from tip_cli.checkpoint import latest_checkpoint
+    from tip_cli.train import parallel
 
     opt = torch.optim.AdamW(pair.student.parameters(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    assert distributed.resume(latest_checkpoint(tmp_path), pair.student, opt, sched) == 1
+    assert parallel.resume(latest_checkpoint(tmp_path), pair.student, opt, sched) == 1
     for n, p in pair.student.named_parameters():
         assert torch.equal(p.detach(), master[n])
     assert any(not torch.equal(rounded[n], master[n]) for n in rounded)  # the export alone would have lost bits

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tip_cli import trainer
 from tip_cli.cli import compose_config
-from tip_cli.config import CONF_DIR
+from tip_cli.config.compose import CONF_DIR
 from tip_cli.tracking import read_jsonl
+from tip_cli.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -78,7 +78,7 @@ def test_a_selector_at_a_low_budget_keeps_more_signal_than_random(tmp_path, micr
     kept_vs_all = {}
     for selector, mode in (("random", "sample"), ("soft_or", "topk"), ("divergence", "topk")):
         run_dir = tmp_path / selector
-        trainer.train(compose_config([*common, f"selector={selector}", f"selector.mode={mode}"]), run_dir)
+        loop.train(compose_config([*common, f"selector={selector}", f"selector.mode={mode}"]), run_dir)
         steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
         assert [r["step"] for r in steps] == [1, 2, 3]
         assert all(0 < r["tokens/kept_frac"] <= 0.15 for r in steps)

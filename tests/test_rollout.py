@@ -2,7 +2,7 @@
 
 import torch
 
-from tip_cli.rollout import left_pad, pack, trim_at_eos
+from tip_cli.rollout.batch import left_pad, pack, trim_at_eos
 
 
 def test_trim_keeps_the_first_eos():
@@ -28,10 +28,11 @@ def test_pack_marks_positions_that_predict_response_tokens():
 
 
 def test_hf_engine_logprobs_and_stop_tokens(tmp_path):
-    from tip_cli.config import PairConfig
+    from tip_cli.config.schema import PairConfig
     from tip_cli.models import load_model, load_tokenizer
-    from tip_cli.rollout import HFEngine, Sampling
-    from tip_cli.toy import build_micro_pair
+    from tip_cli.rollout.batch import Sampling
+    from tip_cli.rollout.hf import HFEngine
+    from tip_cli.toy.arith import build_micro_pair
 
     _, path = build_micro_pair(tmp_path)
     model = load_model(str(path), PairConfig(), torch.device("cpu"), trainable=False)
@@ -55,9 +56,9 @@ def test_hf_engine_logprobs_and_stop_tokens(tmp_path):
 
 
 def test_hf_rollouts_sample_the_tempered_softmax_whatever_the_generation_config(penalized_student, tempered_check):
-    from tip_cli.config import PairConfig
+    from tip_cli.config.schema import PairConfig
     from tip_cli.models import load_model, load_tokenizer
-    from tip_cli.rollout import HFEngine
+    from tip_cli.rollout.hf import HFEngine
 
     model = load_model(str(penalized_student), PairConfig(), torch.device("cpu"), trainable=False)
     assert model.generation_config.repetition_penalty == 1.3  # the checkpoint asks for it; the engine ignores it

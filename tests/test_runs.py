@@ -20,13 +20,15 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from tip_cli import checkpoint, rundir, trainer
+from tip_cli import checkpoint
 from tip_cli.analyze import load_runs
 from tip_cli.cli import app, compose_config
-from tip_cli.config import ConfigError
-from tip_cli.evaluation import run_eval_command
-from tip_cli.rollout import HFEngine, Sampling
+from tip_cli.config.schema import ConfigError
+from tip_cli.eval.benchmark import run_eval_command
+from tip_cli.rollout.batch import Sampling
+from tip_cli.rollout.hf import HFEngine
 from tip_cli.tracking import MetricsLogger, read_jsonl
+from tip_cli.train import loop, rundir
 
 FAST = ["train.eval_before=false", "train.eval_every=0", "train.token_sample_every=0"]
 
@@ -40,7 +42,7 @@ def finished(micro, tmp_path_factory) -> tuple[Path, list[str]]:
         "benchmark.max_new_tokens=12", "eval.limit=4", "logger=none", *FAST, "train.save_every=1",
     ]
     run = tmp_path_factory.mktemp("finished") / "run"
-    trainer.train(compose_config(overrides), run)
+    loop.train(compose_config(overrides), run)
     return run, overrides
 
 
@@ -51,7 +53,7 @@ def run_copy(finished, tmp_path: Path) -> tuple[Path, list[str]]:
 
 def refuse_models(monkeypatch) -> None:
     """From here on, loading a model fails the test: for what must fail (or finish) before any model loads."""
-    monkeypatch.setattr(trainer, "load_pair", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loop, "load_pair", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -96,7 +98,7 @@ def test_changed_config_rerun_stops_before_loading_models_listing_each_change(fi
     refuse_models(monkeypatch)
     changed = compose_config([*overrides, "train.steps=4", "selector=all", "train.lr=1e-3"])
     with pytest.raises(rundir.RunDirError) as err:
-        trainer.train(changed, run)
+        loop.train(changed, run)
     message = str(err.value)
     assert "selector.name: 'soft_or' -> 'all'" in message and "train.lr: 0.0001 -> 0.001" in message
     assert "train.steps" not in message  # growing steps under a constant schedule is a continuation
@@ -106,7 +108,7 @@ def test_changed_config_rerun_stops_before_loading_models_listing_each_change(fi
 
 def test_override_takes_effect_is_recorded_and_analyze_splits_the_run(finished, tmp_path):
     run, overrides = run_copy(finished, tmp_path)
-    trainer.train(compose_config([*overrides, "train.steps=4", "selector=all", "train.lr=1e-3",
+    loop.train(compose_config([*overrides, "train.steps=4", "selector=all", "train.lr=1e-3",
                                   "train.resume=override"]), run)
     rows = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
     assert [rows[s]["optim/lr"] for s in (1, 2, 3, 4)] == [1e-4, 1e-4, 1e-3, 1e-3]
@@ -123,7 +125,7 @@ def test_finished_run_rerun_unchanged_writes_nothing(finished, tmp_path, monkeyp
     final = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/toy/accuracy" in r][-1]
     before = snapshot(run)
     refuse_models(monkeypatch)
-    again = trainer.train(compose_config([*overrides, "train.save_every=7"]), run)  # cadence is harmless
+    again = loop.train(compose_config([*overrides, "train.save_every=7"]), run)  # cadence is harmless
     assert snapshot(run) == before
     assert again["accuracy"] == final["eval/toy/accuracy"]
     assert "is complete" in capsys.readouterr().out
@@ -144,8 +146,8 @@ def test_second_writer_is_refused_naming_holder_and_a_dead_holders_lock_is_taken
             os.write(ready_w, b"x")
             time.sleep(120)
 
-        trainer.pack = stuck
-        trainer.train(cfg, tmp_path)
+        loop.pack = stuck
+        loop.train(cfg, tmp_path)
 
     pid = os.fork()
     if pid == 0:
@@ -156,14 +158,14 @@ def test_second_writer_is_refused_naming_holder_and_a_dead_holders_lock_is_taken
     try:
         os.read(ready_r, 1)
         with pytest.raises(rundir.RunDirError) as err:
-            trainer.train(cfg, tmp_path)
+            loop.train(cfg, tmp_path)
         assert f"host {socket.gethostname()}, PID {pid}" in str(err.value)
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert str(pid) in (tmp_path / rundir.LOCK_FILE).read_text()
     capsys.readouterr()
-    trainer.train(cfg, tmp_path)
+    loop.train(cfg, tmp_path)
     assert f"PID {pid}" in capsys.readouterr().out  # the stale lock was taken over, and said so
     assert [s for s, _ in losses(tmp_path)] == [1]
 
@@ -183,7 +185,7 @@ def test_truncated_latest_checkpoint_falls_back_in_resume_and_eval(finished, tmp
     out = capsys.readouterr().out.replace("\n", " ")
     assert "skipping checkpoint" in out and "step_2" in out and "truncated" in out
 
-    trainer.train(compose_config(overrides), run)  # resumes from step 1 and redoes step 2
+    loop.train(compose_config(overrides), run)  # resumes from step 1 and redoes step 2
     out = capsys.readouterr().out.replace("\n", " ")
     assert "skipping checkpoint" in out and "(step 1)" in out
     redone = weights(run, 2)
@@ -191,7 +193,7 @@ def test_truncated_latest_checkpoint_falls_back_in_resume_and_eval(finished, tmp
     for step in (1, 2):  # with no good checkpoint left, starting over would overwrite them: refused
         (run / "checkpoints" / f"step_{step}" / checkpoint.MANIFEST).unlink()
     with pytest.raises(rundir.RunDirError, match="none of its 2 checkpoint"):
-        trainer.train(compose_config([*overrides, "train.steps=3"]), run)
+        loop.train(compose_config([*overrides, "train.steps=3"]), run)
 
 
 def test_torn_metrics_line_is_dropped_on_resume_and_analyze_names_the_file(finished, tmp_path, capsys):
@@ -225,7 +227,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_cleans_up(tmp_path, micro
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     with pytest.raises(checkpoint.StorageError) as err:
-        trainer.train(compose_config(overrides), tmp_path)
+        loop.train(compose_config(overrides), tmp_path)
     message = str(err.value)
     assert "\n" not in message and "No space left on device" in message and "GiB free" in message
     assert str(tmp_path / "checkpoints" / ".step_2.tmp" / "trainer_state.pt") in message
@@ -277,7 +279,7 @@ def test_pickle_payload_in_a_checkpoint_is_refused(finished, tmp_path, monkeypat
     checkpoint.write_manifest(ckpt)  # a forged run dir verifies: the loader itself must refuse
     refuse_models(monkeypatch)
     with pytest.raises(checkpoint.CheckpointError, match="refusing to load"):
-        trainer.train(compose_config([*overrides, "train.steps=3"]), run)
+        loop.train(compose_config([*overrides, "train.steps=3"]), run)
     assert not marker.exists()
 
 
@@ -287,9 +289,9 @@ def test_pickle_payload_in_a_checkpoint_is_refused(finished, tmp_path, monkeypat
 def test_bad_data_and_sampling_fail_before_any_model_loads(tmp_path, micro_overrides, monkeypatch):
     refuse_models(monkeypatch)
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
-        trainer.train(compose_config([*micro_overrides, f"data.path={tmp_path / 'nowhere.jsonl'}"]), tmp_path / "a")
+        loop.train(compose_config([*micro_overrides, f"data.path={tmp_path / 'nowhere.jsonl'}"]), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        trainer.train(compose_config([*micro_overrides, f"benchmark.path={tmp_path / 'missing.jsonl'}"]), tmp_path / "b")
+        loop.train(compose_config([*micro_overrides, f"benchmark.path={tmp_path / 'missing.jsonl'}"]), tmp_path / "b")
     with pytest.raises(ConfigError, match="eval.temperature > 0"):
         compose_config([*micro_overrides, "eval.n=2"])
     with pytest.raises(ConfigError, match="rollout.temperature > 0"):
@@ -299,7 +301,7 @@ def test_bad_data_and_sampling_fail_before_any_model_loads(tmp_path, micro_overr
 
 
 def test_generation_is_capped_at_the_models_context(micro, capsys):
-    from tip_cli.config import PairConfig
+    from tip_cli.config.schema import PairConfig
     from tip_cli.models import load_model, load_tokenizer
 
     tok = load_tokenizer(str(micro["student"]), PairConfig())
@@ -344,7 +346,7 @@ def test_kill_9_at_random_points_then_identical_final_weights(tmp_path, micro_ov
     overrides = [*micro_overrides, *FAST, "train.steps=4", "train.save_every=1"]
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     started = time.perf_counter()
-    trainer.train(compose_config(overrides), reference)
+    loop.train(compose_config(overrides), reference)
     run_seconds = time.perf_counter() - started
     rng = random.Random(18)
 
@@ -383,10 +385,10 @@ def test_kill_9_at_random_points_then_identical_final_weights(tmp_path, micro_ov
     kills = [(torn_checkpoint, rng.randint(1, 2)), (torn_metrics_line, rng.randint(1, 2)),
              (at_random_time, rng.uniform(0.2, 0.8) * run_seconds)]
     for i, (arm, where) in enumerate(kills):
-        status = in_child(lambda arm=arm, where=where: (arm(where), trainer.train(compose_config(overrides), crashed)))
+        status = in_child(lambda arm=arm, where=where: (arm(where), loop.train(compose_config(overrides), crashed)))
         # the random moment may come after the run has finished; the injected faults always strike
         assert killed(status) or (i == 2 and status == 0), f"{arm.__name__}({where}): wait status {status}"
-    trainer.train(compose_config(overrides), crashed)
+    loop.train(compose_config(overrides), crashed)
     assert losses(crashed) == losses(reference)
     want, got = weights(reference, 4), weights(crashed, 4)
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)

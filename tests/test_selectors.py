@@ -1,13 +1,13 @@
-"""selectors.py against plain sort / threshold references, and the sampling law of Gumbel top-k."""
+"""selection/selectors.py against plain sort / threshold references, and the sampling law of Gumbel top-k."""
 
 from collections import Counter
 
 import pytest
 import torch
 
-from tip_cli.config import ImportanceConfig, SelectorConfig
-from tip_cli.importance import compute_stats
-from tip_cli.selectors import SELECTORS, budget_count, select
+from tip_cli.config.schema import ImportanceConfig, SelectorConfig
+from tip_cli.selection.quadrants import compute_stats
+from tip_cli.selection.selectors import SELECTORS, budget_count, select
 
 ALL_NAMES = ["all", "random", "entropy", "divergence", "soft_or", "hard_or", "and", "quadrant"]
 
@@ -248,7 +248,7 @@ def test_generator_may_be_none():
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_keeps_all_only_where_select_keeps_every_token(name, budget):
     """The trainer skips scoring when keeps_all says so: it must never say so where select drops a token."""
-    from tip_cli.selectors import keeps_all
+    from tip_cli.selection.selectors import keeps_all
 
     for seed in range(3):
         stats = random_stats(seed=seed)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tip_cli.config import ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
+from tip_cli.config.schema import ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
 from tip_cli.models import Pair
-from tip_cli.rollout import Batch, pack
-from tip_cli.trainer import distill_step
+from tip_cli.rollout.batch import Batch, pack
+from tip_cli.train.step import distill_step
 
 SMALL_V, LARGE_V = 80, 96  # two lm_head sizes: the loss uses the shared prefix [:SMALL_V]
 

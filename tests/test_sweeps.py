@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tip_cli.cli import _job_overrides, app, compose_config
-from tip_cli.config import group_options
+from tip_cli.config.compose import group_options
 
 runner = CliRunner()
 

@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tip_cli import trainer
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError, PairConfig
+from tip_cli.config.schema import ConfigError, PairConfig
 from tip_cli.models import load_model, load_tokenizer
-from tip_cli.teacher_server import ServerTeacher, TeacherServerError
-from tip_cli.toy import build_micro_pair
+from tip_cli.teacher.server import ServerTeacher, TeacherServerError
+from tip_cli.toy.arith import build_micro_pair
+from tip_cli.train import loop
+from tip_cli.train import step as train_step
 
 TOPK = 5
 START_TIMEOUT_S = 600
-TEACHER_TARGETS = trainer.teacher_targets  # the real one, whatever a test has patched in
+TEACHER_TARGETS = train_step.teacher_targets  # the real one, whatever a test has patched in
 
 
 def _free_port() -> int:
@@ -113,7 +114,7 @@ def _overrides(micro_overrides, out: Path, *extra: str) -> list[str]:
 
 
 def _record_teacher(monkeypatch) -> list:
-    """Spy on trainer.teacher_targets: the real function, its (ids, log-probs) kept per step."""
+    """Spy on train_step.teacher_targets: the real function, its (ids, log-probs) kept per step."""
     seen = []
 
     def spy(*args, **kwargs):
@@ -121,7 +122,7 @@ def _record_teacher(monkeypatch) -> list:
         seen.append((out.ids.clone(), out.logp.clone()))
         return out
 
-    monkeypatch.setattr(trainer, "teacher_targets", spy)
+    monkeypatch.setattr(train_step, "teacher_targets", spy)
     return seen
 
 
@@ -135,7 +136,7 @@ def test_two_steps_against_the_server_equal_the_in_process_topk_teacher(server, 
         seen = _record_teacher(monkeypatch)
         cfg = compose_config(_overrides(micro_overrides, tmp_path / backend, f"teacher.backend={backend}",
                                         f"teacher.url={server.ensure()}"))
-        trainer.train(cfg, tmp_path / backend)
+        loop.train(cfg, tmp_path / backend)
         runs[backend] = seen, _losses(tmp_path / backend)
     (ids_e, lps_e), loss_e = zip(*runs["vllm_topk"][0], strict=True), runs["vllm_topk"][1]
     (ids_s, lps_s), loss_s = zip(*runs["vllm_server"][0], strict=True), runs["vllm_server"][1]
@@ -178,7 +179,7 @@ def test_a_server_for_another_vocabulary_fails_at_start_up(server, tmp_path):
                           f"benchmark.path={tmp_path / 'other' / 'test.jsonl'}", "logger=none", f"out_dir={out}",
                           "teacher.backend=vllm_server", f"teacher.url={url}", f"teacher.topk={TOPK}"])
     with pytest.raises(ConfigError) as err:
-        trainer.train(cfg, out)
+        loop.train(cfg, out)
     msg = str(err.value)
     assert f"teacher server {url}" in msg and str(server.model) in msg
     assert "tokenizes differently from the student" in msg or "different vocabulary" in msg
@@ -220,13 +221,13 @@ def test_a_killed_server_is_retried_then_the_run_stops_naming_the_url_and_checkp
             server.kill()
         return TEACHER_TARGETS(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "teacher_targets", kill_before_step_two)
+    monkeypatch.setattr(train_step, "teacher_targets", kill_before_step_two)
     out = tmp_path / "run"
     cfg = compose_config(_overrides(micro_overrides, out, "teacher.backend=vllm_server", f"teacher.url={url}",
                                     "train.steps=3", "train.save_every=1", "teacher.retries=2", "teacher.backoff_s=0.2"))
     start = time.monotonic()
     with pytest.raises(TeacherServerError) as err:
-        trainer.train(cfg, out)
+        loop.train(cfg, out)
     waited = time.monotonic() - calls[1]
     msg = str(err.value)
     assert f"teacher server {url} did not answer after 3 attempts" in msg

@@ -10,12 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tip_cli import trainer
 from tip_cli.cli import compose_config
-from tip_cli.config import ConfigError
-from tip_cli.models import enable_checkpointing, load_pair
-from tip_cli.rollout import pack
+from tip_cli.config.schema import ConfigError
+from tip_cli.models import enable_checkpointing
+from tip_cli.pairs import load_pair
+from tip_cli.rollout.batch import pack
 from tip_cli.tracking import read_jsonl
+from tip_cli.train import loop
+from tip_cli.train import step as train_step
 
 SPEC_METRICS = [
     "step", "loss", "tokens/total", "tokens/kept", "tokens/kept_frac",
@@ -28,7 +30,7 @@ SPEC_METRICS = [
 
 def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_overrides):
     cfg = compose_config([*micro_overrides, "selector=soft_or", "budget=0.5", "logger=wandb", "logger.mode=offline"])
-    trainer.train(cfg, tmp_path)
+    loop.train(cfg, tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -48,7 +50,7 @@ def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_o
 
 def grads_after_step(pair, batch, cfg) -> list[torch.Tensor]:
     pair.student.zero_grad(set_to_none=True)
-    metrics, stats, kept = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
     assert metrics["tokens/kept"] == kept.numel() == round(0.5 * len(stats))
     return [p.grad.clone() for p in pair.student.parameters()]
 
@@ -71,11 +73,11 @@ def test_micro_batches_give_the_same_gradient_as_one_pass(micro_overrides, loss_
 def test_killed_run_resumes_and_continues_the_curve(tmp_path, micro_overrides, monkeypatch):
     overrides = [*micro_overrides, "train.steps=4", "train.save_every=1", "train.eval_before=false"]
     reference = tmp_path / "reference"
-    trainer.train(compose_config(overrides), reference)
+    loop.train(compose_config(overrides), reference)
 
     crashed = tmp_path / "crashed"
     calls = {"n": 0}
-    real_pack = trainer.pack
+    real_pack = loop.pack
 
     def dies_in_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -83,13 +85,13 @@ def test_killed_run_resumes_and_continues_the_curve(tmp_path, micro_overrides, m
             raise KeyboardInterrupt("killed")
         return real_pack(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "pack", dies_in_step_3)
+    monkeypatch.setattr(loop, "pack", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(compose_config(overrides), crashed)
-    monkeypatch.setattr(trainer, "pack", real_pack)
+        loop.train(compose_config(overrides), crashed)
+    monkeypatch.setattr(loop, "pack", real_pack)
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step_1", "step_2"]
 
-    trainer.train(compose_config(overrides), crashed)
+    loop.train(compose_config(overrides), crashed)
     got = [r for r in read_jsonl(crashed / "metrics.jsonl") if "loss" in r]
     want = [r for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in got] == [1, 2, 3, 4]
@@ -97,7 +99,7 @@ def test_killed_run_resumes_and_continues_the_curve(tmp_path, micro_overrides, m
 
 
 def test_pair_with_a_different_tokenizer_fails_naming_both(tmp_path, micro, micro_overrides):
-    from tip_cli.toy import generate_problems, save_model, train_tokenizer
+    from tip_cli.toy.arith import generate_problems, save_model, train_tokenizer
 
     other = tmp_path / "other_teacher"
     model = AutoModelForCausalLM.from_pretrained(micro["teacher"])
@@ -160,11 +162,11 @@ def test_full_token_step_takes_its_stats_from_the_loss_pass(micro_overrides, mon
 
     def step():
         pair.student.zero_grad(set_to_none=True)
-        metrics, stats, kept = trainer.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+        metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
         return metrics, stats, kept, [p.grad.clone() for p in pair.student.parameters()]
 
     fused = step()
-    monkeypatch.setattr(trainer.selectors, "keeps_all", lambda *a: False)
+    monkeypatch.setattr(train_step.selectors, "keeps_all", lambda *a: False)
     scored = step()
     assert fused[2].tolist() == scored[2].tolist() == list(range(9))
     torch.testing.assert_close(fused[1].entropy, scored[1].entropy, rtol=1e-5, atol=1e-6)

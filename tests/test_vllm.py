@@ -11,11 +11,13 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CPU) or `pip install -e .[vllm]`")
 
-from tip_cli.config import PairConfig, VLLMConfig  # noqa: E402
+from tip_cli.config.schema import PairConfig, VLLMConfig  # noqa: E402
 from tip_cli.models import load_model, load_tokenizer  # noqa: E402
-from tip_cli.rollout import HFEngine, Sampling  # noqa: E402
-from tip_cli.toy import chat_prompt  # noqa: E402
-from tip_cli.vllm_engine import VLLMEngine, VLLMTeacher  # noqa: E402
+from tip_cli.rollout.batch import Sampling  # noqa: E402
+from tip_cli.rollout.hf import HFEngine  # noqa: E402
+from tip_cli.rollout.vllm import VLLMEngine  # noqa: E402
+from tip_cli.teacher.vllm import VLLMTeacher  # noqa: E402
+from tip_cli.toy.arith import chat_prompt  # noqa: E402
 
 CFG = VLLMConfig(kv_cache_gb=0.25)
 GREEDY = Sampling(n=1, temperature=0.0, max_new_tokens=40, logprobs=True)
@@ -127,22 +129,22 @@ def test_three_training_steps_with_the_vllm_engine(tmp_path, micro_overrides):
 
 def test_eval_through_vllm_matches_hf_without_loading_the_hf_model(tmp_path, monkeypatch, micro):
     """`tip eval CKPT rollout=vllm`: the same greedy responses as the HF engine, and no HF copy of the weights."""
-    from tip_cli import evaluation
     from tip_cli.checkpoint import Checkpoint
     from tip_cli.cli import compose_config
+    from tip_cli.eval import benchmark
 
     ckpt = Checkpoint(step=0, path=micro["teacher"])
     common = ["benchmark=toy", f"benchmark.path={micro['test']}", "eval.limit=6", "eval.max_new_tokens=24",
               "logger=none"]
     hf_cfg = compose_config(common)
-    hf = evaluation.evaluate_checkpoint(hf_cfg, ckpt, tmp_path / "hf", evaluation.load_benchmark(hf_cfg))
+    hf = benchmark.evaluate_checkpoint(hf_cfg, ckpt, tmp_path / "hf", benchmark.load_benchmark(hf_cfg))
 
     def no_hf_model(*args, **kwargs):
         raise AssertionError("the HF model was loaded for a vLLM eval")
 
-    monkeypatch.setattr(evaluation, "load_model", no_hf_model)
+    monkeypatch.setattr(benchmark, "load_model", no_hf_model)
     vllm_cfg = compose_config([*common, "rollout=vllm", "rollout.vllm.kv_cache_gb=0.25"])
-    got = evaluation.evaluate_checkpoint(vllm_cfg, ckpt, tmp_path / "vllm", evaluation.load_benchmark(vllm_cfg))
+    got = benchmark.evaluate_checkpoint(vllm_cfg, ckpt, tmp_path / "vllm", benchmark.load_benchmark(vllm_cfg))
     records = [json.loads((tmp_path / run / "eval" / "toy" / "results.json").read_text())["records"] for run in ("hf", "vllm")]
     assert [r["responses"] for r in records[0]] == [r["responses"] for r in records[1]]
     assert got["accuracy"] == hf["accuracy"]

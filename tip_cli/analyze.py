@@ -37,10 +37,10 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import LogNorm, to_rgb
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from tip_cli.tracking import read_jsonl, wandb_mode
+from tip_cli.config.compose import load_yaml, set_key, to_container
+from tip_cli.tracking import init_wandb, read_jsonl
 
 console = Console(stderr=True)
 
@@ -56,7 +56,7 @@ class Run:
 
     path: Path
     name: str  # the path relative to the analysed dirs, shown in tables and titles
-    cfg: DictConfig
+    cfg: Any  # the run's config.yaml, attribute access (tip_cli.config.compose.load_yaml)
     steps: list[dict[str, Any]]  # rows of metrics.jsonl with a `loss`, in step order
     accuracy: dict[int, float]  # eval step -> accuracy; step 0 = before training
     benchmark: str
@@ -152,7 +152,7 @@ def _accuracy_by_step(path: Path, rows: list[dict[str, Any]], benchmark: str) ->
 
 
 def load_run(path: Path, name: str, benchmark: str | None = None) -> Run:
-    cfg = OmegaConf.load(path / "config.yaml")
+    cfg = load_yaml(path / "config.yaml")
     rows = read_jsonl(path / "metrics.jsonl")
     bench = benchmark or str(cfg.benchmark.name)
     accuracy, num_problems = _accuracy_by_step(path, rows, bench)
@@ -161,7 +161,7 @@ def load_run(path: Path, name: str, benchmark: str | None = None) -> Run:
 
 
 def split_at_overrides(run: Run) -> list[Run]:
-    """A run continued with `train.resume=override` (its overrides.jsonl, tip_cli.rundir) as one Run per config it
+    """A run continued with `train.resume=override` (its overrides.jsonl, tip_cli.train.rundir) as one Run per config it
     ran under: the steps after an override's step belong to its new values, those up to it to the old ones."""
     changes = read_jsonl(run.path / "overrides.jsonl")
     if not changes:
@@ -170,7 +170,7 @@ def split_at_overrides(run: Run) -> list[Run]:
     for change in reversed(changes):
         cfg = copy.deepcopy(cfgs[0])
         for key, (old, _new) in change["changed"].items():
-            OmegaConf.update(cfg, key, old, force_add=True)
+            set_key(cfg, key, old)
         cfgs.insert(0, cfg)
     edges = [0, *(int(c["step"]) for c in changes), math.inf]
     parts = []
@@ -183,7 +183,7 @@ def split_at_overrides(run: Run) -> list[Run]:
     return parts
 
 
-def selector_name(cfg: DictConfig) -> str:
+def selector_name(cfg: Any) -> str:
     """`entropy`, `soft_or`, ...; a quadrant selector with its quadrants: `quadrant [Q1,Q3]`."""
     name = str(cfg.selector.name)
     return f"{name} [{','.join(cfg.selector.quadrants)}]" if name == "quadrant" else name
@@ -202,7 +202,7 @@ def label_runs(runs: list[Run]) -> None:
     for run in runs:
         by_selector[selector_name(run.cfg)].append(run)
     for name, group in by_selector.items():
-        flat = [_flatten(OmegaConf.to_container(r.cfg)) for r in group]
+        flat = [_flatten(to_container(r.cfg)) for r in group]
         keys = sorted({k for f in flat for k in f})
         varying = [k for k in keys if k not in NOT_A_VARIANT and not k.startswith("logger.") and len({f.get(k) for f in flat}) > 1]
         for run, f in zip(group, flat, strict=True):
@@ -609,8 +609,7 @@ def log_to_wandb(runs: list[Run], figures: list[Path], rows: list[list[str]], ou
     import wandb
 
     logger = runs[0].cfg.logger
-    run = wandb.init(project=str(logger.project), entity=logger.entity, mode=wandb_mode(str(logger.mode)),
-                     dir=str(out), job_type="analysis", name=f"analysis of {len(runs)} runs",
+    run = init_wandb(logger, out, job_type="analysis", name=f"analysis of {len(runs)} runs",
                      config={"runs": [str(r.path) for r in runs]})
     images = {"analysis/" + str(f.relative_to(out).with_suffix("")): wandb.Image(str(f)) for f in figures}
     run.log(images | {"analysis/summary": wandb.Table(columns=COLUMNS, data=rows)})

@@ -18,7 +18,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from tip_cli.config import CONF_DIR, GROUPS, ConfigError, TipConfig, group_options, register, validate
+from tip_cli.config.compose import CONF_DIR, GROUPS, group_options, register, validate
+from tip_cli.config.schema import ConfigError, TipConfig
 
 console = Console(stderr=True)
 
@@ -130,11 +131,11 @@ def _run_job(command: str, cfg) -> None:
     run_dir = Path(tip_cfg.out_dir) if tip_cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     try:
         if command == "train":
-            from tip_cli.trainer import train
+            from tip_cli.train.loop import train
 
             train(tip_cfg, run_dir)
         else:
-            from tip_cli.evaluation import run_eval_command
+            from tip_cli.eval.benchmark import run_eval_command
 
             run_eval_command(tip_cfg)
     except (ConfigError, FileNotFoundError, KeyError, ValueError, StorageError, ConnectionError) as err:
@@ -219,7 +220,7 @@ def toy(
     force: bool = typer.Option(False, help="Rebuild even if cached"),
 ) -> None:
     """Build the embedded tiny teacher-student pair (cached under $TIP_CACHE, default ~/.cache/tip)."""
-    from tip_cli.toy import build_toy
+    from tip_cli.toy.arith import build_toy
 
     path = build_toy(seed=seed, force=force)
     console.print(f"toy pair: {path}")

@@ -7,7 +7,7 @@ teacher's h_T [K, d_T] (no grad). The loss is
 
 with div = reverse KL (default), forward KL or JSD(beta) (beta 0: forward KL, beta 1: reverse KL, as in TRL), exact
 over the shared vocabulary prefix [:V]. At a distillation temperature T the trainer passes h / T for both models, so
-the distributions are softmax(logits / T) (tip_cli.trainer.distill_temperature). The teacher
+the distributions are softmax(logits / T) (tip_cli.train.step.distill_temperature). The teacher
 side can also be its top-K log-probs from a vLLM engine (`TopKTeacher`): div is then taken over K + 1 buckets.
 The [K, V] logits are never materialised with grad: the forward pass walks K in chunks, computes each chunk's
 loss and its gradients w.r.t. h_S and W_S right away, and frees the chunk's graph. Peak memory of the loss is
@@ -26,9 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from tip_cli.config import ImportanceConfig
-from tip_cli.divergence import entropy, rowdot, token_divergence, topk_buckets
-from tip_cli.importance import token_stats_chunk
+from tip_cli.selection.scores import (
+    ScoreSpec,
+    entropy,
+    rowdot,
+    token_divergence,
+    token_stats_chunk,
+    topk_buckets,
+)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -59,9 +64,9 @@ def scored_logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> t
 
 @dataclass
 class StatsSink:
-    """Collects (H [C], D [C]) per loss chunk, D per `cfg` (the importance divergence), in row order."""
+    """Collects (H [C], D [C]) per loss chunk, D per `spec` (the importance divergence), in row order."""
 
-    cfg: ImportanceConfig
+    spec: ScoreSpec
     parts: list[tuple[torch.Tensor, torch.Tensor]]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,8 +100,8 @@ class DenseTeacher:
     def divergence_to(self, logp_s: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
         return token_divergence(logp_s, target, kind, beta)
 
-    def stats_to(self, logp_s: torch.Tensor, target: torch.Tensor, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_stats_chunk(logp_s, target, cfg)
+    def stats_to(self, logp_s: torch.Tensor, target: torch.Tensor, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_stats_chunk(logp_s, target, spec)
 
 
 @dataclass
@@ -119,13 +124,13 @@ class TopKTeacher:
         return token_divergence(*topk_buckets(logp_s, *target), kind, beta)
 
     @torch.no_grad()
-    def stats_to(self, logp_s: torch.Tensor, target: tuple, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """H over the student's full vocab; D over the K + 1 buckets (cfg.topk does not apply: K is the engine's)."""
+    def stats_to(self, logp_s: torch.Tensor, target: tuple, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """H over the student's full vocab; D over the K + 1 buckets (spec.topk does not apply: K is the engine's)."""
         logp_s = logp_s.float()
-        return entropy(logp_s), self.divergence_to(logp_s, target, cfg.divergence, cfg.jsd_beta)
+        return entropy(logp_s), self.divergence_to(logp_s, target, spec.divergence, spec.jsd_beta)
 
-    def stats(self, logp_s: torch.Tensor, rows: slice, cfg: ImportanceConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.stats_to(logp_s, self.target(rows), cfg)
+    def stats(self, logp_s: torch.Tensor, rows: slice, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.stats_to(logp_s, self.target(rows), spec)
 
 
 Teacher = DenseTeacher | TopKTeacher
@@ -145,10 +150,10 @@ def _reverse_kl_chunk(
     logp_s = logprobs(h, w, w.shape[0], log_z)  # [C, V] log p_S, in place over the logits
     p_s = logp_s.exp()
     ent = None  # H [C], when the sink's D is this loss's own reverse KL
-    if sink is not None and sink.cfg.divergence == "reverse_kl" and sink.cfg.topk is None:
+    if sink is not None and sink.spec.divergence == "reverse_kl" and sink.spec.topk is None:
         ent = -rowdot(p_s, logp_s)
     elif sink is not None:  # another divergence: from both log-probs, before logp_t is overwritten
-        sink.parts.append(token_stats_chunk(logp_s, logp_t, sink.cfg))
+        sink.parts.append(token_stats_chunk(logp_s, logp_t, sink.spec))
     diff = logp_t.neg_().add_(logp_s)  # log p_S - log p_T
     kl_rows = rowdot(p_s, diff)  # [C]
     if ent is not None:
@@ -193,7 +198,7 @@ class _SelectedTokenLoss(torch.autograd.Function):
                 grad_w += grads[1]
             total += chunk_loss.detach()
             if sink is not None:
-                sink.parts.append(teacher.stats_to(logp_s.detach(), target, sink.cfg))
+                sink.parts.append(teacher.stats_to(logp_s.detach(), target, sink.spec))
         ctx.save_for_backward(grad_h, *(() if grad_w is None else (grad_w,)))
         return total
 
@@ -207,35 +212,42 @@ class _SelectedTokenLoss(torch.autograd.Function):
         return grad_h, grad_w, *(None,) * 8
 
 
-def selected_token_loss(
-    hidden_s: torch.Tensor,
-    weight_s: torch.Tensor,
-    hidden_t: torch.Tensor | Teacher,
-    weight_t: torch.Tensor | None,
-    vocab: int,
-    kind: str = "reverse_kl",
-    beta: float = 0.5,
-    chunk_size: int = 256,
-    normalizer: float = 1.0,
-    sink: StatsSink | None = None,
-    log_z_s: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """sum over the K rows of div(p_S, p_T), divided by `normalizer` (the global kept or total token count).
+@dataclass(frozen=True)
+class LossSpec:
+    """What `selected_token_loss` computes: div = `kind` (reverse_kl, forward_kl, or jsd with `beta`) over the
+    shared vocabulary prefix [:vocab], `chunk` rows of [chunk, vocab] logits at a time, the sum divided by
+    `normalizer` (the global kept or total token count)."""
 
-    hidden_s [K, d_S] and weight_s [V_S, d_S] carry grad (the student's final hidden states at the selected
-    positions and its lm_head); hidden_t [K, d_T], weight_t [V_T, d_T] are the teacher's (or hidden_t is a
-    `DenseTeacher` / `TopKTeacher` for the same K rows, and weight_t is ignored). Both vocabularies are cut to the
-    first `vocab` entries. With a `sink`, each row's (H, D) is appended to it as the loss computes the row.
-    `log_z_s` [K], the student's log-partition of the K rows from a scoring pass, spares the loss recomputing it.
+    vocab: int
+    kind: str = "reverse_kl"
+    beta: float = 0.5
+    chunk: int = 256
+    normalizer: float = 1.0
+
+
+def selected_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: Teacher,
+    spec: LossSpec,
+    sink: StatsSink | None = None,
+    log_z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L = sum_k div(softmax(hidden[k] weight[:V]^T), p_T[k]) / spec.normalizer, V = spec.vocab.
+
+    hidden [K, d_S] and weight [V_S, d_S] carry grad (the student's final hidden states at the selected positions
+    and its lm_head); `target` is the teacher's side for the same K rows (`DenseTeacher`: its hidden states and
+    lm_head, or `TopKTeacher`: its top-K log-probs). With a `sink`, each row's (H, D) is appended to it as the loss
+    computes the row. `log_z` [K], the student's log-partition of the K rows from a scoring pass, spares the loss
+    recomputing it.
     """
-    teacher = hidden_t if isinstance(hidden_t, DenseTeacher | TopKTeacher) else DenseTeacher(hidden_t, weight_t, vocab)
     # the lm_head matmuls run in the hidden states' dtype: bf16 hidden states of fp32 master weights (bf16_mixed)
     # multiply a bf16 copy of the head, whose gradient autograd casts back onto the fp32 weight
-    weight_s = weight_s.to(hidden_s.dtype)
-    if hidden_s.shape[0] != len(teacher):
-        raise ValueError(f"student rows {hidden_s.shape[0]} != teacher rows {len(teacher)}")
-    if hidden_s.shape[0] == 0:
-        return (hidden_s.sum() + weight_s.sum()) * 0.0  # keeps the graph so backward() still works
+    weight = weight.to(hidden.dtype)
+    if hidden.shape[0] != len(target):
+        raise ValueError(f"student rows {hidden.shape[0]} != teacher rows {len(target)}")
+    if hidden.shape[0] == 0:
+        return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph so backward() still works
     return _SelectedTokenLoss.apply(
-        hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, 1.0 / normalizer, sink, log_z_s
+        hidden, weight, target, spec.vocab, spec.kind, spec.beta, spec.chunk, 1.0 / spec.normalizer, sink, log_z
     )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tip_cli.checkpoint import storage_errors
-from tip_cli.config import LoggerConfig
+from tip_cli.config.schema import LoggerConfig
 
 
 @contextmanager
@@ -69,6 +69,15 @@ def read_jsonl(path: Path, quiet: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
+def init_wandb(logger, run_dir: Path, **kwargs):
+    """A W&B run in `run_dir` for the logger group's project, entity and mode (offline without credentials:
+    `wandb_mode`); `kwargs` go to wandb.init as they are (job_type, name, config, id, resume, ...)."""
+    import wandb
+
+    return wandb.init(project=logger.project, entity=logger.entity, mode=wandb_mode(str(logger.mode)),
+                      dir=str(run_dir), **kwargs)
+
+
 class MetricsLogger:
     """Appends one JSON line per `log` call to run_dir/metrics.jsonl and mirrors it to W&B when enabled.
 
@@ -85,15 +94,10 @@ class MetricsLogger:
             tmp.replace(self.path)
         self.run = None
         if cfg.name == "wandb":
-            import wandb
-
             id_file = run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id)
-            self.run = wandb.init(
-                project=cfg.project, entity=cfg.entity, mode=wandb_mode(cfg.mode), dir=str(run_dir), id=run_id,
-                resume="allow", config=config, tags=list(cfg.tags), name=name,
-            )
+            self.run = init_wandb(cfg, run_dir, id=run_id, resume="allow", config=config, tags=list(cfg.tags), name=name)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, **metrics}
@@ -101,12 +105,6 @@ class MetricsLogger:
             f.write(json.dumps(row) + "\n")
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        if self.run is not None:
-            import wandb
-
-            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def finish(self) -> None:
         if self.run is not None:

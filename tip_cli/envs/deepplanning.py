@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from tip_cli.config import DatasetConfig
+from tip_cli.config.schema import DatasetConfig
 
 HF_REPO = "Qwen/DeepPlanning"
 
@@ -38,7 +38,7 @@ def missing(cfg: DatasetConfig, what: str, looked: list[Path], reason: str = "")
 
 
 def cache_dir() -> Path:
-    from tip_cli.toy import cache_root
+    from tip_cli.cache import cache_root
 
     return cache_root() / "deepplanning"
 

@@ -25,8 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tip_cli.config import ConfigError, DatasetConfig, PairConfig
-from tip_cli.envs import Environment, Episode, Task, dumps
+from tip_cli.config.schema import ConfigError, DatasetConfig, PairConfig
+from tip_cli.envs.base import Environment, Episode, Resolve, Task, dumps
 from tip_cli.envs.deepplanning import find_database, load_json, missing
 
 SCHEMA_FILE = "shopping_tool_schema.json"
@@ -289,7 +289,7 @@ class ShoppingEnv(Environment):
     """`path`: the folder with the task files (shopping_level{L}_query.json or upstream's level_{L}_query_meta.json)
     and shopping_tool_schema.json; `env_options.levels` (default [1, 2, 3]); `db_path`: the database."""
 
-    def __init__(self, cfg: DatasetConfig, pair: PairConfig | None = None):
+    def __init__(self, cfg: DatasetConfig, pair: PairConfig | None = None, resolve: Resolve | None = None):
         folder = Path(cfg.path or "").expanduser()
         levels = list(cfg.env_options.get("levels", [1, 2, 3]))
         self._tasks = []

@@ -2,7 +2,7 @@
 
 "Ann buys 3 apples and 2 pears. How much does she pay?" Each task has its own price list (hidden from the model), so
 the answer needs `lookup(item)` for every item and, for the total, `calculator(expression)`; the final answer is
-`\\boxed{N}`. Small enough for a tiny model to learn on CPU (tip_cli.toy_agent builds the pair).
+`\\boxed{N}`. Small enough for a tiny model to learn on CPU (tip_cli.toy.agent_pair builds the pair).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import random
 import re
 from typing import Any
 
-from tip_cli.config import ConfigError, DatasetConfig, PairConfig
-from tip_cli.envs import Environment, Episode, Task, tool_schema
-from tip_cli.toy import NAMES
+from tip_cli.config.schema import ConfigError, DatasetConfig, PairConfig
+from tip_cli.envs.base import Environment, Episode, Resolve, Task, tool_schema
 
 TOOLS = [
     tool_schema("lookup", "The price of one item in this shop.", item="the item, e.g. apples"),
@@ -25,6 +24,15 @@ TOOLS = [
 SPLITS = {"train": (0, 2000), "test": (2000, 2200)}  # task index ranges of one seeded draw: disjoint by construction
 MAX_QTY, MAX_PRICE = 5, 9
 ITEMS = ("apples", "pears", "coins", "books")  # few, so a tiny model learns to look up the ones the question names
+
+
+NAMES = [  # (name, pronoun)
+    tuple(w.split("/"))
+    for w in (
+        "Ann/she Ben/he Cara/she Dan/he Eva/she Finn/he Gina/she Hugo/he Iris/she Jack/he "
+        "Kate/she Leo/he Mia/she Nick/he Olga/she Paul/he Rosa/she Sam/he Tina/she Omar/he"
+    ).split()
+]
 
 
 def generate_tasks(n: int, seed: int, start: int = 0) -> list[Task]:
@@ -89,7 +97,7 @@ class ToyAgentEpisode(Episode):
 class ToyAgentEnv(Environment):
     """`path: toy_agent://train|test` (seed from the path's `?seed=N`, default 0)."""
 
-    def __init__(self, cfg: DatasetConfig, pair: PairConfig | None = None):
+    def __init__(self, cfg: DatasetConfig, pair: PairConfig | None = None, resolve: Resolve | None = None):
         path = cfg.path or ""
         found = re.fullmatch(r"toy_agent://(\w+)(?:\?seed=(\d+))?", path)
         if not found or found.group(1) not in SPLITS:

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tip_cli.config import ConfigError, DatasetConfig, PairConfig
-from tip_cli.envs import Environment, Episode, Task, dumps
+from tip_cli.config.schema import ConfigError, DatasetConfig, PairConfig
+from tip_cli.envs.base import Environment, Episode, Resolve, Task, dumps
 from tip_cli.envs.deepplanning import find_database, load_json, missing, split
 
 TABLES = {"trains": "trains/trains.csv", "flights": "flights/flights.csv", "hotels": "hotels/hotels.csv",
@@ -227,18 +227,20 @@ CONVERT_PROMPT = (
 
 
 class HFConverter:
-    """Markdown plan -> JSON with a local causal LM (greedy), loaded on first use."""
+    """Markdown plan -> JSON with a local causal LM (greedy), loaded on first use. `resolve` turns the model
+    reference into a path (tip_cli.pairs.resolve_model: toy:// pairs); without it the reference is a HF id or path."""
 
-    def __init__(self, model: str, pair: PairConfig, max_new_tokens: int = 4096):
+    def __init__(self, model: str, pair: PairConfig, resolve: Resolve | None = None, max_new_tokens: int = 4096):
         self.ref, self.pair, self.max_new_tokens, self.model = model, pair, max_new_tokens, None
+        self.resolve = resolve or str
 
     def __call__(self, text: str) -> dict | None:
         import torch
 
-        from tip_cli.models import load_model, load_tokenizer, pick_device, render_prompt, resolve_model
+        from tip_cli.models import load_model, load_tokenizer, pick_device, render_prompt
 
         if self.model is None:
-            path = resolve_model(self.ref)
+            path = self.resolve(self.ref)
             self.model = load_model(path, self.pair, pick_device("auto"), trainable=False)
             self.tok = load_tokenizer(path, self.pair)
         ids = torch.tensor([render_prompt(self.tok, f"{CONVERT_PROMPT}\n\n{text}", self.pair)], device=self.model.device)
@@ -309,7 +311,7 @@ class TravelEnv(Environment):
     split_seed (default 0), converter (HF model id or path; default the pair's teacher); `split`: train | test | all
     (80/20 by split_seed); `db_path`: the database."""
 
-    def __init__(self, cfg: DatasetConfig, pair: PairConfig | None = None):
+    def __init__(self, cfg: DatasetConfig, pair: PairConfig | None = None, resolve: Resolve | None = None):
         path = Path(cfg.path or "").expanduser()
         if not path.is_file():
             raise ConfigError(f"{cfg.name}.path={cfg.path!r} is not a file; expected a travel task file, e.g. "
@@ -330,7 +332,7 @@ class TravelEnv(Environment):
         converter = opts.get("converter") or (pair.teacher if pair else None)
         if converter is None:
             raise ConfigError(f"{cfg.name}.env_options.converter is not set and there is no pair teacher to default to")
-        self.convert: Callable[[str], dict | None] = HFConverter(converter, pair or PairConfig())
+        self.convert: Callable[[str], dict | None] = HFConverter(converter, pair or PairConfig(), resolve)
 
     def tasks(self) -> list[Task]:
         return self._tasks

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tip_cli import importance, precision, selectors
 from tip_cli.checkpoint import (
     Checkpoint,
     commit_checkpoint,
@@ -35,8 +34,10 @@ from tip_cli.checkpoint import (
     staging_dir,
     write_checkpoint,
 )
-from tip_cli.config import ConfigError, TipConfig, TrainConfig
+from tip_cli.config.schema import ConfigError, TipConfig, TrainConfig
 from tip_cli.models import Pair, pick_device
+from tip_cli.selection import quadrants, selectors
+from tip_cli.train import precision
 
 DCP_DIR = "dcp"  # inside checkpoints/step_N/: the sharded model + optimizer state (torch.distributed.checkpoint)
 
@@ -201,11 +202,11 @@ def gathered(model) -> Iterator[None]:
 class Selection:
     """The selected tokens of one step, and what the loss and the logs need of them."""
 
-    stats: importance.TokenStats  # over the selection's scope: the global batch, or this rank's tokens (scope local)
+    stats: quadrants.TokenStats  # over the selection's scope: the global batch, or this rank's tokens (scope local)
     kept: torch.Tensor  # [K] indices into stats
     local: torch.Tensor  # [K_r] indices into this rank's N_r tokens: the ones its loss is built on
     normalizer: int  # the loss's divisor over all ranks: kept tokens (loss.norm=selected) or all tokens (total)
-    metrics: dict[str, float]  # importance.stats_metrics, with global token counts
+    metrics: dict[str, float]  # quadrants.stats_metrics, with global token counts
 
 
 def _gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -246,20 +247,20 @@ def select_tokens(
         sizes = _all_sizes(entropy.numel(), rows, device=entropy.device)  # [world, 2]: tokens, sequences
         tokens, seqs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
         first_seq = sum(seqs[: rank()])
-        stats = importance.compute_stats(
-            _gather(entropy, tokens), _gather(divergence, tokens), _gather(seq_id + first_seq, tokens), cfg.importance
+        stats = quadrants.compute_stats(
+            _gather(entropy, tokens), _gather(divergence, tokens), _gather(seq_id + first_seq, tokens), cfg.importance.axis_spec()
         )
-        kept = selectors.select(stats, cfg.selector, cfg.budget, generator)  # [K], the same on every rank
+        kept = selectors.select(stats, cfg.selector.spec(), cfg.budget, generator)  # [K], the same on every rank
         lo = sum(tokens[: rank()])
         local = kept[(kept >= lo) & (kept < lo + tokens[rank()])] - lo
-        metrics = importance.stats_metrics(stats, kept)
+        metrics = quadrants.stats_metrics(stats, kept)
         n, k = len(stats), kept.numel()
     else:
         if active() and generator is not None:  # independent noise per rank, as independent replicas would draw
             generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + rank())
-        stats = importance.compute_stats(entropy, divergence, seq_id, cfg.importance)
-        kept = local = selectors.select(stats, cfg.selector, cfg.budget, generator)
-        metrics = importance.stats_metrics(stats, kept)
+        stats = quadrants.compute_stats(entropy, divergence, seq_id, cfg.importance.axis_spec())
+        kept = local = selectors.select(stats, cfg.selector.spec(), cfg.budget, generator)
+        metrics = quadrants.stats_metrics(stats, kept)
         n, k = len(stats), kept.numel()
         if active():  # the counts (and so the loss normaliser) over all ranks; the other metrics are this rank's
             n, k = _all_sizes(n, k, device=entropy.device).sum(0).tolist()

@@ -6,7 +6,7 @@ chat template that renders tool results Qwen-style (consecutive tool messages in
 `<tool_response>` tags). The teacher is SFT-trained on correct transcripts; the student, smaller, on transcripts
 with a systematic error: for two-item purchases it adds quantities and prices ("3 + 4 + 2 + 7") where the teacher
 multiplies ("3 * 4 + 2 * 7"), so it is confidently wrong at the operator tokens the teacher contradicts. Transcripts
-are built by the same code the rollouts use (tip_cli.agent), and SFT trains only on the model-turn tokens.
+are built by the same code the rollouts use (tip_cli.rollout.agent), and SFT trains only on the model-turn tokens.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from tip_cli import agent
-from tip_cli.config import AgentConfig, DatasetConfig, PairConfig
-from tip_cli.envs import Task
+from tip_cli.config.schema import AgentConfig, DatasetConfig, PairConfig
+from tip_cli.envs.base import Task
 from tip_cli.envs.toy_agent import SPLITS, ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
-from tip_cli.rollout import HFEngine, Sampling, eos_ids
-from tip_cli.toy import ModelSpec, build_atomically, cache_root, new_model, save_model, sft, train_tokenizer
+from tip_cli.rollout import agent
+from tip_cli.rollout.batch import Sampling, eos_ids
+from tip_cli.rollout.hf import HFEngine
+from tip_cli.toy.arith import ModelSpec, cached_build, new_model, save_model, sft, train_tokenizer
 
 TOY_AGENT_VERSION = "toy-agent-v1"
 TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -72,7 +73,7 @@ def turns(task: Task, misread: bool = False) -> list[str]:
 
 
 def transcript(tok: PreTrainedTokenizerFast, task: Task, misread: bool = False) -> tuple[list[int], list[bool]]:
-    """Token ids of a whole solved episode and its model-token mask, assembled as tip_cli.agent's rollout does."""
+    """Token ids of a whole solved episode and its model-token mask, assembled as tip_cli.rollout.agent's rollout does."""
     pair = PairConfig()
     ep = ToyAgentEpisode(task)
     ids = agent.render_chat(tok, ep.messages, ep.tools, pair)
@@ -154,11 +155,9 @@ def build_micro_agent_pair(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
 
 def build_toy_agent(seed: int = 0, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Build (or find) the pair in `cache_root()/toy-agent-v1-seed{seed}`: teacher/, student/, build.json."""
-    final = cache_root() / f"{TOY_AGENT_VERSION}-seed{seed}"
-    if (final / "build.json").exists() and not force:
-        return final
-    info = build_atomically(final, lambda out: _build_into(out, seed, log))
-    log(f"[toy-agent] built {final} in {info['seconds']:.0f}s")
+    final, info = cached_build(f"{TOY_AGENT_VERSION}-seed{seed}", lambda out: _build_into(out, seed, log), force)
+    if info is not None:
+        log(f"[toy-agent] built {final} in {info['seconds']:.0f}s")
     return final
 
 

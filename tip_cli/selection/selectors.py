@@ -10,11 +10,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from tip_cli.config import SelectorConfig
-from tip_cli.importance import TokenStats
+from tip_cli.selection import options
+from tip_cli.selection.options import CAP_BY
+from tip_cli.selection.quadrants import TokenStats
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    """Which selector (`name`, a key of SELECTORS) and how: `mode` topk or sample (weight score ** `alpha`),
+    `quadrants` for selector quadrant (e.g. ("Q3",)), `cap_by` the ranking that caps a mask selector at K, and
+    `scope` batch or per_sequence: where the budget K is counted."""
+
+    name: str = "soft_or"
+    mode: str = "topk"
+    alpha: float = 1.0
+    quadrants: tuple[str, ...] = ("Q3",)
+    cap_by: str = "divergence"
+    scope: str = "batch"
 
 
 def budget_count(n: int, budget: float) -> int:
@@ -29,7 +45,7 @@ def _sort_desc(order: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 def _pick(
     stats: TokenStats,
-    cfg: SelectorConfig,
+    spec: SelectorSpec,
     budget: float,
     keys: tuple[torch.Tensor, ...],
     eligible: torch.Tensor | None = None,
@@ -37,7 +53,7 @@ def _pick(
     """Within each group, the first K_g eligible tokens in the lexicographic order of `keys` (first key most
     significant; larger first; ties -> lower index); K_g = budget_count(N_g, budget). Returns sorted indices [<= K]."""
     n, device = len(stats), stats.entropy.device
-    group = stats.seq_id if cfg.scope == "per_sequence" else torch.zeros(n, dtype=torch.long, device=device)
+    group = stats.seq_id if spec.scope == "per_sequence" else torch.zeros(n, dtype=torch.long, device=device)
     eligible = torch.ones(n, dtype=torch.bool, device=device) if eligible is None else eligible
     order = torch.arange(n, device=device)
     # stable sorts from the least significant key up: index < keys < eligibility < group
@@ -70,10 +86,10 @@ def _sample_keys(
     return positive.to(torch.int8), torch.where(positive, log_w + g, g)
 
 
-def _by_score(stats, cfg, budget, generator, score: torch.Tensor) -> torch.Tensor:
+def _by_score(stats, spec, budget, generator, score: torch.Tensor) -> torch.Tensor:
     """Top-K by score (mode topk) or K sampled without replacement with weight score ** alpha (mode sample)."""
-    keys = _sample_keys(score, cfg.alpha, generator) if cfg.mode == "sample" else (score,)
-    return _pick(stats, cfg, budget, keys)
+    keys = _sample_keys(score, spec.alpha, generator) if spec.mode == "sample" else (score,)
+    return _pick(stats, spec, budget, keys)
 
 
 def _cap_score(stats: TokenStats, cap_by: str) -> torch.Tensor:
@@ -84,56 +100,56 @@ def _cap_score(stats: TokenStats, cap_by: str) -> torch.Tensor:
         return stats.entropy
     if cap_by == "soft_or":
         return stats.soft_or()
-    raise ValueError(f"selector.cap_by={cap_by!r}; expected divergence, entropy or soft_or")
+    raise ValueError(f"selector.cap_by={cap_by!r}; expected one of: {', '.join(CAP_BY)}")
 
 
-def _capped(stats, cfg, budget, mask: torch.Tensor) -> torch.Tensor:
-    """The tokens in `mask`; when more than K, the top K by cfg.cap_by."""
-    return _pick(stats, cfg, budget, (_cap_score(stats, cfg.cap_by),), eligible=mask)
+def _capped(stats, spec, budget, mask: torch.Tensor) -> torch.Tensor:
+    """The tokens in `mask`; when more than K, the top K by spec.cap_by."""
+    return _pick(stats, spec, budget, (_cap_score(stats, spec.cap_by),), eligible=mask)
 
 
-def select_all(stats, cfg, budget, generator):
+def select_all(stats, spec, budget, generator):
     """Every token: full-token OPD, whatever the budget."""
     return torch.arange(len(stats), device=stats.entropy.device)
 
 
-def select_random(stats, cfg, budget, generator):
+def select_random(stats, spec, budget, generator):
     """K tokens uniformly without replacement (top-K of iid noise)."""
-    return _pick(stats, cfg, budget, (_noise(len(stats), generator, stats.entropy.device),))
+    return _pick(stats, spec, budget, (_noise(len(stats), generator, stats.entropy.device),))
 
 
-def select_entropy(stats, cfg, budget, generator):
+def select_entropy(stats, spec, budget, generator):
     """By raw student entropy H_t: weight H^alpha (sample) or top-K."""
-    return _by_score(stats, cfg, budget, generator, stats.entropy)
+    return _by_score(stats, spec, budget, generator, stats.entropy)
 
 
-def select_divergence(stats, cfg, budget, generator):
+def select_divergence(stats, spec, budget, generator):
     """By raw teacher-student divergence D_t: weight D^alpha (sample) or top-K."""
-    return _by_score(stats, cfg, budget, generator, stats.divergence)
+    return _by_score(stats, spec, budget, generator, stats.divergence)
 
 
-def select_soft_or(stats, cfg, budget, generator):
+def select_soft_or(stats, spec, budget, generator):
     """By s = H_hat + D_hat - H_hat * D_hat: top-K (topk) or weight s^alpha (sample)."""
-    return _by_score(stats, cfg, budget, generator, stats.soft_or())
+    return _by_score(stats, spec, budget, generator, stats.soft_or())
 
 
-def select_hard_or(stats, cfg, budget, generator):
+def select_hard_or(stats, spec, budget, generator):
     """high H or high D, capped at K."""
-    return _capped(stats, cfg, budget, stats.high_h | stats.high_d)
+    return _capped(stats, spec, budget, stats.high_h | stats.high_d)
 
 
-def select_and(stats, cfg, budget, generator):
+def select_and(stats, spec, budget, generator):
     """high H and high D (= Q1), capped at K."""
-    return _capped(stats, cfg, budget, stats.high_h & stats.high_d)
+    return _capped(stats, spec, budget, stats.high_h & stats.high_d)
 
 
-def select_quadrant(stats, cfg, budget, generator):
-    """Tokens whose quadrant is in cfg.quadrants (e.g. [Q3]), capped at K."""
-    wanted = torch.tensor([int(q[1:]) for q in cfg.quadrants], dtype=torch.long, device=stats.quadrant.device)
-    return _capped(stats, cfg, budget, torch.isin(stats.quadrant, wanted))
+def select_quadrant(stats, spec, budget, generator):
+    """Tokens whose quadrant is in spec.quadrants (e.g. [Q3]), capped at K."""
+    wanted = torch.tensor([int(q[1:]) for q in spec.quadrants], dtype=torch.long, device=stats.quadrant.device)
+    return _capped(stats, spec, budget, torch.isin(stats.quadrant, wanted))
 
 
-Selector = Callable[[TokenStats, SelectorConfig, float, torch.Generator | None], torch.Tensor]
+Selector = Callable[[TokenStats, SelectorSpec, float, torch.Generator | None], torch.Tensor]
 SELECTORS: dict[str, Selector] = {
     "all": select_all,
     "random": select_random,
@@ -144,25 +160,26 @@ SELECTORS: dict[str, Selector] = {
     "and": select_and,
     "quadrant": select_quadrant,
 }
+assert tuple(SELECTORS) == options.SELECTORS, "selection/options.py lists the selectors this registry holds"
 
 
 RANKING = ("random", "entropy", "divergence", "soft_or")  # keep the top K_g of each group: all of it at budget 1.0
 
 
-def keeps_all(cfg: SelectorConfig, budget: float) -> bool:
+def keeps_all(spec: SelectorSpec, budget: float) -> bool:
     """Whether `select` keeps every token whatever the scores: `all`, or a ranking selector at budget 1.0. The
     trainer then takes the statistics from the loss pass instead of scoring every token first."""
-    return cfg.name == "all" or (budget >= 1.0 and cfg.name in RANKING)
+    return spec.name == "all" or (budget >= 1.0 and spec.name in RANKING)
 
 
 def select(
-    stats: TokenStats, cfg: SelectorConfig, budget: float, generator: torch.Generator | None = None
+    stats: TokenStats, spec: SelectorSpec, budget: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Indices [K] (int64, ascending) of the tokens selector cfg.name keeps at this budget; empty when N = 0.
+    """Indices [K] (int64, ascending) of the tokens selector spec.name keeps at this budget; empty when N = 0.
 
     Mask selectors (hard_or, and, quadrant) may return fewer than K tokens, or none."""
-    if cfg.name not in SELECTORS:
-        raise ValueError(f"unknown selector {cfg.name!r}; expected one of: {', '.join(SELECTORS)}")
+    if spec.name not in SELECTORS:
+        raise ValueError(f"unknown selector {spec.name!r}; expected one of: {', '.join(SELECTORS)}")
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget={budget} must be in (0, 1]; 1.0 keeps every token")
     if len(stats) == 0:
@@ -171,4 +188,4 @@ def select(
     if bad:  # NaN ranks nowhere: min-max scores, thresholds and sorts would silently fall back to position order
         raise ValueError(f"{bad} of {len(stats)} tokens have a non-finite entropy or divergence; selection needs "
                          "finite scores (the trainer skips such a step before selecting)")
-    return SELECTORS[cfg.name](stats, cfg, budget, generator)
+    return SELECTORS[spec.name](stats, spec, budget, generator)

@@ -1,68 +1,14 @@
-"""Rollout engines (the student sampling its own responses) and packing rollouts into a training batch.
-
-An engine has `generate(prompts, sampling) -> Generation` (response token ids and, on request, the log-prob of each
-sampled token), `sync_weights(model)` (push the trainer's student into the engine after an optimizer step), and
-`sleep()` / `wake()` (free the engine's memory during the training phase). `hf` generates with the training module
-itself; `vllm` (tip_cli.vllm_engine) runs an offline vLLM engine in the trainer process.
-"""
+"""The `hf` rollout engine: batched `generate` on the training module itself."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from tip_cli.config import ConfigError, RolloutConfig
-
-
-@dataclass(frozen=True)
-class Sampling:
-    n: int = 1  # samples per prompt
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    top_k: int = 0  # 0 = off
-    stop_token_ids: tuple[int, ...] = ()  # extra tokens that end a response (EOS always does); kept in the output
-    seed: int | None = None  # vLLM: request i samples with seed + i; HF: the torch RNG, seeded by the trainer
-    logprobs: bool = False  # also return each sampled token's log-prob under the sampling distribution
-
-
-@dataclass
-class Generation:
-    """`sampling.n` responses per prompt, grouped by prompt: [p0s0, p0s1, ..., p1s0, ...]."""
-
-    tokens: list[list[int]]  # response token ids, ending with the stop token when one was produced
-    # log p(token) under the distribution it was sampled from, softmax(logits / T) cut by top_p / top_k (the
-    # model's own log-softmax when greedy), per token
-    logprobs: list[list[float]] | None = None
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ids [B, T] and a boolean attention mask [B, T]."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = True
-    return ids, mask
-
-
-def trim_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
-    """Keep tokens up to and including the first end-of-sequence token."""
-    for i, tok in enumerate(row):
-        if tok in eos_ids:
-            return row[: i + 1]
-    return row
-
-
-def eos_ids(model_eos: int | list[int] | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The tokenizer's EOS plus the generation config's (Qwen-style chat models end turns with <|im_end|>)."""
-    extra = model_eos if isinstance(model_eos, list) else [] if model_eos is None else [model_eos]
-    return {i for i in (tokenizer.eos_token_id, *extra) if i is not None}
+from tip_cli.rollout.batch import Generation, Sampling, eos_ids, left_pad, trim_at_eos
 
 
 def context_length(model: PreTrainedModel) -> int | None:
@@ -156,52 +102,3 @@ class HFEngine:
 
     def wake(self) -> None:
         """Nothing to restore."""
-
-
-def make_engine(
-    cfg: RolloutConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str, seed: int = 0,
-    dtype: torch.dtype | None = None,
-):
-    """The rollout engine `cfg.engine` names, generating from `model` (whose weights live at `model_path`); a vLLM
-    engine computes in `dtype` (default: the model's)."""
-    if cfg.engine == "hf":
-        return HFEngine(model, tokenizer, cfg.batch_size)
-    if cfg.engine == "vllm":
-        from tip_cli.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_path, tokenizer, cfg.vllm, dtype or model.dtype, seed,
-                          eos=model.generation_config.eos_token_id)
-    raise ConfigError(f"rollout.engine={cfg.engine!r} is not valid; expected one of: hf, vllm")
-
-
-@dataclass
-class Batch:
-    """Prompt + response sequences, right-padded, and which positions predict a response token."""
-
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T] bool
-    target_mask: torch.Tensor  # [B, T] bool: position t predicts response token t + 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.target_mask.sum())
-
-    def rows(self, start: int, stop: int) -> Batch:
-        return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.target_mask[start:stop])
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
-
-
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
-    """One row per (prompt, response) pair; the loss positions are those that predict a response token."""
-    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.bool)
-    target = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, : len(p) + len(r)] = True
-        target[i, len(p) - 1 : len(p) + len(r) - 1] = True
-    return Batch(ids, attn, target)

@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from rich.console import Console
 
-from tip_cli import distributed
 from tip_cli.checkpoint import (
     Checkpoint,
     list_checkpoints,
@@ -36,8 +34,10 @@ from tip_cli.checkpoint import (
     storage_errors,
     verify,
 )
-from tip_cli.config import TipConfig
+from tip_cli.config.compose import load_yaml, to_container, to_yaml
+from tip_cli.config.schema import TipConfig
 from tip_cli.tracking import read_jsonl
+from tip_cli.train import parallel
 
 LOCK_FILE = "tip.lock"
 OVERRIDES_FILE = "overrides.jsonl"
@@ -58,7 +58,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _as_dict(cfg: TipConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+    return to_container(cfg)
 
 
 def config_changes(old: dict[str, Any], cfg: TipConfig) -> dict[str, tuple[Any, Any]]:
@@ -147,7 +147,7 @@ def _final_eval(run_dir: Path, cfg: TipConfig) -> dict[str, float] | None:
 def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
     """Rank 0's part of `open_run`."""
     recorded = run_dir / "config.yaml"
-    changes = config_changes(OmegaConf.to_container(OmegaConf.load(recorded)), cfg) if recorded.is_file() else {}
+    changes = config_changes(to_container(load_yaml(recorded)), cfg) if recorded.is_file() else {}
     committed = list_checkpoints(run_dir)
     if changes and cfg.train.resume != "override":
         raise RunDirError(_changes_message(run_dir, changes, committed[-1].step if committed else 0))
@@ -183,7 +183,7 @@ def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
                               + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in changes.items()))
             if changes or not recorded.is_file():
                 tmp = recorded.with_name(".config.yaml.tmp")
-                tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+                tmp.write_text(to_yaml(cfg))
                 tmp.replace(recorded)
     except BaseException:
         lock.release()
@@ -195,12 +195,12 @@ def open_run(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
     """Check the run dir against `cfg` and take it: rank 0 decides and locks, every rank gets the decision (and
     raises rank 0's error, so that no rank waits on the others)."""
     plan, error = None, None
-    if distributed.is_main():
+    if parallel.is_main():
         try:
             plan = _decide(cfg, run_dir, console)
         except Exception as err:  # every rank must learn of it
             error = err
-    decided, failed = distributed.broadcast((None if plan is None else (plan.checkpoint, plan.complete), error))
+    decided, failed = parallel.broadcast((None if plan is None else (plan.checkpoint, plan.complete), error))
     if error is not None:
         raise error
     if failed is not None:

@@ -26,7 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tip_cli.checkpoint import latest_checkpoint
-from tip_cli.config import ConfigError, TeacherConfig
+from tip_cli.config.schema import ConfigError, TeacherConfig
 
 # Chat markup, digits, punctuation, accents, CJK and an emoji: pieces where two tokenizers tend to disagree.
 PROBE_TEXT = "What is 12 + 345? Think step by step.\n\tThe answer is 357. Naïve café, 東京, 🙂 {x_1}^2 = ½!"

@@ -6,7 +6,7 @@ of the paper's pair, on one GPU; `pair=qwen3_shapes_tiny` keeps the vocabulary, 
 shrinks depth and width, for a CPU test in seconds. The models are random, so accuracy stays near 0: the point is
 the shapes (the [N, 151936] logits, a 36-layer 8B teacher beside a 28-layer 1.7B student), not what they learn.
 
-The tokenizer is synthetic: the toy pair's byte-level BPE (tip_cli.toy, lossless on any text) padded with
+The tokenizer is synthetic: the toy pair's byte-level BPE (tip_cli.toy.arith, lossless on any text) padded with
 unreachable reserved entries to 151,936 ids, since no PyPI package ships Qwen3's own tokenizer files.
 
 Shapes are Qwen3's config.json values: hidden 2048 / 4096, layers 28 / 36, heads 16 / 32, KV heads 8 / 8,
@@ -16,35 +16,28 @@ intermediate 6144 / 12288, head_dim 128, rope theta 1e6, max positions 40960, ti
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from tip_cli.config import ConfigError
+from tip_cli.config.schema import ConfigError
+from tip_cli.toy import arith
+from tip_cli.toy.arith import ModelSpec
 
 VERSION = "qwen3-shapes-v1"
 VOCAB = 151_936
 SCHEMES = ("qwen3_shapes", "qwen3_shapes_tiny")
 
 
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    tie: bool
-    head_dim: int = 128
-
-
 SHAPES = {
     "qwen3_shapes": {
-        "student": Shape(hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144, tie=True),  # Qwen3-1.7B
-        "teacher": Shape(hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288, tie=False),  # Qwen3-8B
+        "student": ModelSpec(hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144, head_dim=128,
+                             tie_embeddings=True),  # Qwen3-1.7B
+        "teacher": ModelSpec(hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288, head_dim=128,
+                             tie_embeddings=False),  # Qwen3-8B
     },
 }
 # the same architecture scaled down (width / 16, 2 layers, head_dim 64: vLLM's CPU attention needs >= 64);
@@ -56,29 +49,15 @@ SHAPES["qwen3_shapes_tiny"] = {
 }
 
 
-def qwen3_config(shape: Shape, tokenizer: PreTrainedTokenizerFast) -> Qwen3Config:
-    return Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim,
-        max_position_embeddings=40960,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=shape.tie,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+def qwen3_config(shape: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen3Config:
+    """Qwen3's own vocabulary, context, RoPE base and norm epsilon at `shape`'s sizes."""
+    return arith.qwen3_config(shape, tokenizer, VOCAB, 40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
 
 
 def synthetic_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     """The toy byte-level BPE and ChatML template, its vocabulary padded to `vocab` ids with reserved entries that
     no text maps to (like the unused rows of Qwen's own 151,936-row embedding)."""
-    from tip_cli.toy import CHAT_TEMPLATE, generate_problems, train_tokenizer
+    from tip_cli.toy.arith import CHAT_TEMPLATE, generate_problems, train_tokenizer
 
     base = train_tokenizer(generate_problems(500, seed=0))
     spec = json.loads(base.backend_tokenizer.to_str())
@@ -120,15 +99,12 @@ def build(scheme: str, root: Path) -> None:
 
 def shapes_path(scheme: str, kind: str) -> Path:
     """`qwen3_shapes[_tiny]://teacher|student`: the model dir in the cache, built on first use."""
-    from tip_cli.toy import build_atomically, cache_root
-
     if scheme not in SCHEMES or kind not in ("teacher", "student"):
         raise ConfigError(f"{scheme}://{kind} is not a model; expected one of "
                           f"{', '.join(f'{s}://{k}' for s in SCHEMES for k in ('teacher', 'student'))}")
     if scheme == "qwen3_shapes" and not torch.cuda.is_available():
         raise ConfigError("pair=qwen3_shapes builds Qwen3-8B- and 1.7B-sized models (about 20 GB in bf16): it needs "
                           "a CUDA device; on CPU use pair=qwen3_shapes_tiny (same vocabulary, scaled-down layers)")
-    final = cache_root() / f"{VERSION}-{scheme.removeprefix('qwen3_shapes').strip('_') or 'full'}"
-    if not (final / "build.json").exists():
-        build_atomically(final, lambda out: build(scheme, out) or {"version": VERSION, "scheme": scheme})
+    name = f"{VERSION}-{scheme.removeprefix('qwen3_shapes').strip('_') or 'full'}"
+    final, _ = arith.cached_build(name, lambda out: build(scheme, out) or {"version": VERSION, "scheme": scheme})
     return final / kind

@@ -32,8 +32,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from tip_cli.cache import cache_root
+from tip_cli.envs.toy_agent import NAMES
 from tip_cli.grading import grade
-from tip_cli.rollout import HFEngine, Sampling
+from tip_cli.rollout.batch import Sampling
+from tip_cli.rollout.hf import HFEngine
 
 TOY_VERSION = "toy-v2"
 KINDS = ("teacher", "student", "train", "test")
@@ -41,13 +44,6 @@ KINDS = ("teacher", "student", "train", "test")
 # ---------------------------------------------------------------------------------------------------------------------
 # The task
 
-NAMES = [  # (name, pronoun)
-    tuple(w.split("/"))
-    for w in (
-        "Ann/she Ben/he Cara/she Dan/he Eva/she Finn/he Gina/she Hugo/he Iris/she Jack/he "
-        "Kate/she Leo/he Mia/she Nick/he Olga/she Paul/he Rosa/she Sam/he Tina/she Omar/he"
-    ).split()
-]
 OBJECTS = "apples pears marbles stickers coins books pencils cookies shells cards stamps balloons".split()
 GAIN = [
     "buys {k} more",
@@ -191,22 +187,29 @@ TEACHER = ModelSpec(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768)
 STUDENT = ModelSpec(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=384)
 
 
-def new_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen3ForCausalLM:
-    """A randomly initialised Qwen3 causal LM sized by `spec`, deterministic in `seed`."""
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
+def qwen3_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, vocab: int, context: int, **extra) -> Qwen3Config:
+    """The Qwen3 config of `spec` over `vocab` rows and `context` positions, with the tokenizer's EOS and pad ids and
+    no BOS; `extra` sets further Qwen3Config fields (rope_theta, ...)."""
+    return Qwen3Config(
+        vocab_size=vocab,
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
         head_dim=spec.head_dim,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         tie_word_embeddings=spec.tie_embeddings,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        **extra,
     )
+
+
+def new_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen3ForCausalLM:
+    """A randomly initialised Qwen3 causal LM sized by `spec`, deterministic in `seed`."""
+    config = qwen3_config(spec, tokenizer, len(tokenizer), 512)
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(config)
 
@@ -333,11 +336,6 @@ STUDENT_SFT = dict(steps=800, batch_size=32, lr=3e-3)  # a cap; the dev check be
 STUDENT_MISREAD_TARGET, STUDENT_CHECK_EVERY = 0.75, 50
 
 
-def cache_root() -> Path:
-    """Where built pairs live: $TIP_CACHE, else ~/.cache/tip."""
-    return Path(os.environ.get("TIP_CACHE", "~/.cache/tip")).expanduser()
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -444,19 +442,26 @@ def build_atomically(final: Path, build: Callable[[Path], dict]) -> dict:
     return info
 
 
+def cached_build(name: str, build: Callable[[Path], dict], force: bool = False) -> tuple[Path, dict | None]:
+    """`cache_root()/name`, built by `build` (through build_atomically) unless its build.json exists and not
+    `force`; returns the dir and the new build's info (None when the cache already held the pair)."""
+    final = cache_root() / name
+    if (final / "build.json").exists() and not force:
+        return final, None
+    return final, build_atomically(final, build)
+
+
 def build_toy(seed: int = 0, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Build (or find) the toy pair in `cache_root()/toy-v2-seed{seed}` and return that dir.
 
     Layout: teacher/, student/ (HF model + tokenizer dirs), train.jsonl, dev.jsonl, test.jsonl, build.json.
     """
-    final = cache_root() / f"{TOY_VERSION}-seed{seed}"
-    if (final / "build.json").exists() and not force:
-        return final
-    info = build_atomically(final, lambda out: _build_into(out, seed, log))
-    log(
-        f"[toy] built {final} in {info['seconds']:.0f}s: teacher {info['teacher']['test_accuracy']:.1%}, "
-        f"student {info['student']['test_accuracy']:.1%} greedy test accuracy"
-    )
+    final, info = cached_build(f"{TOY_VERSION}-seed{seed}", lambda out: _build_into(out, seed, log), force)
+    if info is not None:
+        log(
+            f"[toy] built {final} in {info['seconds']:.0f}s: teacher {info['teacher']['test_accuracy']:.1%}, "
+            f"student {info['student']['test_accuracy']:.1%} greedy test accuracy"
+        )
     return final
 
 

@@ -1,19 +1,28 @@
-"""Structured configs: one dataclass per Hydra group, validated at start-up.
+"""The config schema: one plain dataclass per config group, whose `__post_init__` checks choices and ranges.
 
-Hydra merges `conf/<group>/<option>.yaml` into these typed nodes, so an unknown key or a wrong type fails at
-composition; `validate` then instantiates the dataclasses, whose `__post_init__` checks choices and ranges.
+Hydra merges `conf/<group>/<option>.yaml` into these typed nodes (tip_cli.config.compose), so an unknown key or a
+wrong type fails at composition; instantiating the dataclasses then runs every check.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("task", "pair", "selector", "benchmark", "data", "rollout", "train", "logger")
+if TYPE_CHECKING:
+    from tip_cli.selection.quadrants import AxisSpec
+    from tip_cli.selection.scores import ScoreSpec
+    from tip_cli.selection.selectors import SelectorSpec
+from tip_cli.selection.options import (
+    CAP_BY,
+    DIVERGENCES,
+    MODES,
+    NORMS,
+    QUADRANTS,
+    SCOPES,
+    SELECTORS,
+    THRESHOLDS,
+)
 
 
 class ConfigError(ValueError):
@@ -56,10 +65,6 @@ class PairConfig:
         _one_of("pair.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
-SELECTORS = ("all", "random", "entropy", "divergence", "soft_or", "hard_or", "and", "quadrant")
-QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
-
-
 @dataclass
 class SelectorConfig:
     """Which tokens enter the loss (SPEC section 5)."""
@@ -73,9 +78,9 @@ class SelectorConfig:
 
     def __post_init__(self) -> None:
         _one_of("selector.name", self.name, SELECTORS)
-        _one_of("selector.mode", self.mode, ("topk", "sample"))
-        _one_of("selector.cap_by", self.cap_by, ("divergence", "entropy", "soft_or"))
-        _one_of("selector.scope", self.scope, ("batch", "per_sequence"))
+        _one_of("selector.mode", self.mode, MODES)
+        _one_of("selector.cap_by", self.cap_by, CAP_BY)
+        _one_of("selector.scope", self.scope, SCOPES)
         if self.alpha <= 0:
             raise ConfigError(f"selector.alpha={self.alpha} must be > 0")
         for q in self.quadrants:
@@ -83,8 +88,11 @@ class SelectorConfig:
         if self.name == "quadrant" and not self.quadrants:
             raise ConfigError("selector=quadrant needs at least one quadrant, e.g. selector.quadrants=[Q3]")
 
+    def spec(self) -> SelectorSpec:
+        """The method's plain, frozen view of this group (tip_cli.selection.selectors)."""
+        from tip_cli.selection.selectors import SelectorSpec  # torch: loaded by the step, not by validation
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+        return SelectorSpec(self.name, self.mode, self.alpha, tuple(self.quadrants), self.cap_by, self.scope)
 
 
 @dataclass
@@ -100,13 +108,13 @@ class ImportanceConfig:
     threshold: str = "quantile"  # quantile (per batch) | absolute (nats)
     h_threshold: float = 0.5  # the median by default
     d_threshold: float = 0.5
-    # rows of [chunk, V] logits scored at once (256 x 152k fp32 = 155 MB a block); auto/null: tip_cli.chunks
+    # rows of [chunk, V] logits scored at once (256 x 152k fp32 = 155 MB a block); auto/null: tip_cli.train.chunks
     chunk_size: Any = "auto"
 
     def __post_init__(self) -> None:
         _one_of("importance.divergence", self.divergence, DIVERGENCES)
-        _one_of("importance.norm", self.norm, ("minmax", "rank", "quantile_clip"))
-        _one_of("importance.threshold", self.threshold, ("quantile", "absolute"))
+        _one_of("importance.norm", self.norm, NORMS)
+        _one_of("importance.threshold", self.threshold, THRESHOLDS)
         _in_range("importance.jsd_beta", self.jsd_beta, 0.0, 1.0)
         if not 0.0 <= self.clip_lo < self.clip_hi <= 1.0:
             raise ConfigError(f"importance.clip_lo/clip_hi = {self.clip_lo}/{self.clip_hi}; need 0 <= lo < hi <= 1")
@@ -117,6 +125,18 @@ class ImportanceConfig:
             raise ConfigError(f"importance.topk={self.topk} must be >= 2 (or null for the full vocabulary): "
                               "renormalised over a single token both distributions are 1, so D would be 0")
         _check_chunk("importance.chunk_size", self.chunk_size)
+
+    def score_spec(self) -> ScoreSpec:
+        """How D is taken (tip_cli.selection.scores)."""
+        from tip_cli.selection.scores import ScoreSpec
+
+        return ScoreSpec(self.divergence, self.jsd_beta, self.topk)
+
+    def axis_spec(self) -> AxisSpec:
+        """How H and D are normalised and split (tip_cli.selection.quadrants)."""
+        from tip_cli.selection.quadrants import AxisSpec
+
+        return AxisSpec(self.norm, self.clip_lo, self.clip_hi, self.threshold, self.h_threshold, self.d_threshold)
 
 
 @dataclass
@@ -130,7 +150,7 @@ class LossConfig:
     # rollouts were sampled from; greedy rollouts, T = 0, use 1)
     temperature: float | None = None
     # rows of [chunk, V] in the loss at once; memory does not grow with the kept count beyond it. auto/null: 256 on
-    # CPU, about 1 GiB of fp32 logits a block on CUDA (tip_cli.chunks)
+    # CPU, about 1 GiB of fp32 logits a block on CUDA (tip_cli.train.chunks)
     chunk_size: Any = "auto"
 
     def __post_init__(self) -> None:
@@ -140,6 +160,9 @@ class LossConfig:
         if self.temperature is not None and self.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.temperature} must be > 0 (or null for rollout.temperature)")
         _check_chunk("loss.chunk_size", self.chunk_size)
+
+
+ENVS = ("toy_agent", "deepplanning_shopping", "deepplanning_travel")  # tip_cli.envs.REGISTRY
 
 
 @dataclass
@@ -167,8 +190,6 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         if self.env is not None:
-            from tip_cli.envs import ENVS
-
             _one_of(f"{self.name}.env", self.env, ENVS)
         if self.path is None and self.hf_id is None and self.env is None:
             raise ConfigError(f"dataset {self.name!r}: set path= (a local file; it wins when both are set) or hf_id=")
@@ -180,7 +201,7 @@ class DatasetConfig:
 
 @dataclass
 class AgentConfig:
-    """Multi-turn tool-use rollouts (tip_cli.agent), used when data.env / benchmark.env name an environment."""
+    """Multi-turn tool-use rollouts (tip_cli.rollout.agent), used when data.env / benchmark.env name an environment."""
 
     max_turns: int = 50  # model turns per episode
     max_tokens: int = 32768  # cap on the whole sequence (prompt, model turns, tool results)
@@ -238,7 +259,7 @@ class TeacherConfig:
     vllm_topk: a vLLM engine returns the teacher's top-K prompt log-probs at every position; D and the loss are
     computed over those K tokens plus one tail bucket holding the remaining mass (an approximation that lets the
     teacher run in its own engine, e.g. on another GPU).
-    vllm_server: the same top-K log-probs from running `vllm serve` replicas at `url` (tip_cli.teacher_server).
+    vllm_server: the same top-K log-probs from running `vllm serve` replicas at `url` (tip_cli.teacher.server).
     """
 
     backend: str = "hf"  # hf | vllm_topk | vllm_server
@@ -286,11 +307,11 @@ class TrainConfig:
     token_sample_size: int = 20000  # tokens kept per sample (drawn uniformly from the rollout batch)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    # under torchrun (tip_cli.distributed): where normalisation, quadrant thresholds and the budget are computed
+    # under torchrun (tip_cli.train.parallel): where normalisation, quadrant thresholds and the budget are computed
     selection_scope: str = "global"  # global: over every rank's tokens, as one process would | local: per rank
     cpu_offload: bool = False  # FSDP2 keeps the student's shards, grads and optimizer state in CPU memory (CUDA only)
     shard_teacher: bool = False  # shard the teacher with FSDP2 too, instead of a full replica per rank
-    # re-running into a run dir: auto = continue only if the config is the one recorded (tip_cli.rundir);
+    # re-running into a run dir: auto = continue only if the config is the one recorded (tip_cli.train.rundir);
     # override = continue with this config's values from the newest checkpoint on, recorded in overrides.jsonl
     resume: str = "auto"
     # auto = bf16_mixed on CUDA (fp32 master weights and AdamW state, bf16 compute), fp32 on CPU; bf16 = pure bf16
@@ -377,21 +398,3 @@ class TipConfig:
         if self.rollout.samples_per_prompt > 1 and self.rollout.temperature <= 0:
             raise ConfigError(f"rollout.samples_per_prompt={self.rollout.samples_per_prompt} at rollout.temperature=0 "
                               "(greedy) would all be the same: set rollout.temperature > 0, or samples_per_prompt=1")
-
-
-def register() -> None:
-    """Put the schema into Hydra's ConfigStore; conf/config.yaml lists it first in its defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="tip_schema", node=TipConfig)
-
-
-def validate(cfg: DictConfig) -> TipConfig:
-    """Instantiate the dataclasses (running every `__post_init__` check) and return the typed config."""
-    node = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    return OmegaConf.to_object(node)  # type: ignore[return-value]
-
-
-def group_options(group: str) -> list[str]:
-    """The options of a config group, read from conf/<group>/*.yaml."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

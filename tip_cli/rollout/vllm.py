@@ -1,4 +1,5 @@
-"""vLLM in the trainer process: the student's rollout engine (weights synced in place) and a top-K teacher scorer.
+"""vLLM in the trainer process: the student's rollout engine (weights synced in place); the top-K teacher scorer on
+the same engine settings is tip_cli.teacher.vllm.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), colocated with training. After each optimizer step
 `sync_weights` hands the student's tensors to the workers' `reload_weights` (vLLM's in-place reload: checkpoint-format
@@ -15,13 +16,13 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tip_cli.config import ConfigError, VLLMConfig
-from tip_cli.rollout import Generation, Sampling, eos_ids, trim_at_eos
+from tip_cli.config.schema import ConfigError, VLLMConfig
+from tip_cli.rollout.batch import Generation, Sampling, eos_ids, trim_at_eos
 
 INSTALL_HINT = "install it with `pip install -e .[vllm]` (GPU) or `make setup-vllm` (CPU)"
 
 
-def _import_vllm():
+def import_vllm():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
     try:
         import vllm
@@ -93,7 +94,7 @@ class VLLMEngine:
         seed: int = 0,
         eos: int | list[int] | None = None,
     ):
-        vllm = _import_vllm()
+        vllm = import_vllm()
         self._vllm = vllm
         kwargs = engine_kwargs(model_path, cfg, dtype, seed)
         self.llm = vllm.LLM(**kwargs)
@@ -164,29 +165,3 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
             self.asleep = self._weights_awake = False
-
-
-class VLLMTeacher:
-    """The teacher served by vLLM: top-K prompt log-probs at every position of the scored sequences."""
-
-    def __init__(self, model_path: str, cfg: VLLMConfig, dtype: torch.dtype, topk: int, seed: int = 0):
-        vllm = _import_vllm()
-        self._vllm, self.topk = vllm, topk
-        self.llm = vllm.LLM(**engine_kwargs(model_path, cfg, dtype, seed, max_logprobs=topk))
-
-    @torch.no_grad()
-    def topk_logprobs(self, sequences: list[list[int]], positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each sequence s and each position t in positions[s] (t predicts token t + 1), the teacher's top-K
-        token ids and log-probs of the next token: ([N, K] int64, [N, K] float32), rows in the given order."""
-        from vllm.inputs import TokensPrompt
-
-        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=self.topk, detokenize=False)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
-        ids, lps = [], []
-        for out, pos in zip(outputs, positions, strict=True):
-            for t in pos:
-                entries = out.prompt_logprobs[t + 1]  # the distribution of token t + 1 (plus that token itself)
-                best = sorted(entries.items(), key=lambda kv: kv[1].logprob, reverse=True)[: self.topk]
-                ids.append([tok for tok, _ in best])
-                lps.append([lp.logprob for _, lp in best])
-        return torch.tensor(ids, dtype=torch.long), torch.tensor(lps, dtype=torch.float32)

@@ -17,13 +17,15 @@ from rich.table import Table
 from transformers import AutoConfig, GenerationConfig
 
 from tip_cli.checkpoint import MANIFEST, Checkpoint, is_run_checkpoint, list_checkpoints, verify
-from tip_cli.config import DatasetConfig, EvalConfig, PairConfig, TipConfig
+from tip_cli.config.schema import DatasetConfig, EvalConfig, PairConfig, TipConfig
 from tip_cli.data import Problem, load_problems
+from tip_cli.eval.metrics import summarize
 from tip_cli.grading import grade
-from tip_cli.metrics import summarize
-from tip_cli.models import load_model, load_tokenizer, pick_device, pick_dtype, render_prompt, resolve_model
-from tip_cli.rollout import HFEngine, Sampling
-from tip_cli.tracking import wandb_mode
+from tip_cli.models import load_model, load_tokenizer, pick_device, pick_dtype, render_prompt
+from tip_cli.pairs import resolve_model
+from tip_cli.rollout.batch import Sampling
+from tip_cli.rollout.hf import HFEngine
+from tip_cli.tracking import init_wandb
 
 console = Console()
 
@@ -84,17 +86,17 @@ def load_benchmark(cfg: TipConfig) -> list[Problem] | EnvBenchmark:
         return load_problems(cfg.benchmark, limit=cfg.eval.limit, skip_bad_rows=cfg.eval.skip_bad_rows)
     from tip_cli.envs import make_env
 
-    env = make_env(cfg.benchmark, cfg.pair)
+    env = make_env(cfg.benchmark, cfg.pair, resolve_model)
     return EnvBenchmark(env, env.tasks()[: cfg.eval.limit])
 
 
 def evaluate_benchmark(model, tokenizer, cfg: TipConfig, bench: list[Problem] | EnvBenchmark, engine=None
                        ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """`evaluate` for problem lists; agent episodes (tip_cli.agent) for an environment, `accuracy` its headline."""
+    """`evaluate` for problem lists; agent episodes (tip_cli.rollout.agent) for an environment, `accuracy` its headline."""
     sampling = eval_sampling(cfg.benchmark, cfg.eval)
     if not isinstance(bench, EnvBenchmark):
         return evaluate(model, tokenizer, cfg.pair, bench, sampling, cfg.eval.batch_size, engine=engine)
-    from tip_cli import agent
+    from tip_cli.rollout import agent
 
     engine = engine or HFEngine(model, tokenizer, cfg.eval.batch_size)
     trajs = agent.rollout(engine, tokenizer, bench.env, bench.tasks, sampling, cfg.agent, cfg.pair, engine.eos_ids)
@@ -124,11 +126,10 @@ def print_metrics(title: str, metrics: dict[str, float]) -> None:
 def _log_wandb(cfg: TipConfig, out_dir: Path, metrics: dict[str, float], records: list[dict], step: int) -> None:
     import wandb
 
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=wandb_mode(cfg.logger.mode),
-                     dir=str(out_dir), job_type="eval", config=_settings(cfg), reinit="finish_previous")
+    run = init_wandb(cfg.logger, out_dir, job_type="eval", config=_settings(cfg), reinit="finish_previous")
     name = cfg.benchmark.name
     run.log({f"eval/{name}/{k}": v for k, v in metrics.items()} | {"step": step})
-    if cfg.benchmark.env:  # agent episodes (tip_cli.agent.records)
+    if cfg.benchmark.env:  # agent episodes (tip_cli.rollout.agent.records)
         columns = ["id", "prompt", "transcript", "accuracy"]
         rows = [[r["id"], r["prompt"], r["transcript"], r["metrics"]["accuracy"]] for r in records[:200]]
     else:
@@ -161,7 +162,7 @@ def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problem
     tokenizer = load_tokenizer(path, cfg.pair)
     model, engine = None, None
     if cfg.rollout.engine == "vllm":  # the engine loads the weights itself: no HF copy beside it
-        from tip_cli.vllm_engine import VLLMEngine
+        from tip_cli.rollout.vllm import VLLMEngine
 
         engine = VLLMEngine(path, tokenizer, cfg.rollout.vllm, pick_dtype(cfg.pair.dtype, device), cfg.seed,
                             eos=_eos_token_id(path))

@@ -1,13 +1,27 @@
-"""Per-token divergences between two next-token distributions, given as log-probabilities over the same vocab.
+"""The two token scores of SPEC 2: student entropy H and teacher-student divergence D, per token.
 
-All functions take `[C, V]` log-prob rows (C tokens, V vocabulary entries) and return `[C]`, in nats.
+All functions take `[C, V]` log-prob rows (C tokens, V vocabulary entries) over the same vocab and return `[C]`,
+in nats. `token_stats_chunk` gives (H, D) for one chunk of rows under a `ScoreSpec`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from tip_cli.selection.options import DIVERGENCES
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How D is taken: `divergence` (one of DIVERGENCES), JSD's `jsd_beta`, and `topk` = K to restrict D to the
+    teacher's top-K tokens, renormalised (None: the full vocabulary)."""
+
+    divergence: str = "reverse_kl"
+    jsd_beta: float = 0.5
+    topk: int | None = None
 
 
 def _finite(logp: torch.Tensor) -> torch.Tensor:
@@ -68,7 +82,7 @@ def token_divergence(logp_s: torch.Tensor, logp_t: torch.Tensor, kind: str = "re
         return kl(logp_t, logp_s)
     if kind == "jsd":
         return jsd(logp_s, logp_t, beta)
-    raise ValueError(f"unknown divergence {kind!r}; expected reverse_kl, forward_kl or jsd")
+    raise ValueError(f"unknown divergence {kind!r}; expected one of: {', '.join(DIVERGENCES)}")
 
 
 def topk_buckets(
@@ -87,3 +101,29 @@ def topk_buckets(
     mass_t = logp_t.to(torch.promote_types(logp_t.dtype, torch.float32)).logsumexp(-1, keepdim=True).clamp(max=math.log1p(-min_tail))  # [C, 1], log sum_k p_T
     tail_t = torch.log(-torch.expm1(mass_t))  # log(1 - sum_k p_T)
     return torch.cat([top_s, tail_s], -1), torch.cat([logp_t.to(top_s.dtype), tail_t.to(top_s.dtype)], -1)
+
+
+@torch.no_grad()
+def token_stats_chunk(
+    logp_s: torch.Tensor, logp_t: torch.Tensor, spec: ScoreSpec, consume: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_t = -sum_v p_S log p_S over the full vocab and D_t = divergence(p_S, p_T) (spec.divergence), both [C], fp32.
+
+    logp_s, logp_t: [C, V] log-probs. With spec.topk = K, D is computed on both distributions restricted to the
+    teacher's top-K tokens and renormalised: log p(v) - logsumexp_{u in topK} log p(u). `consume` lets the
+    default reverse KL overwrite both inputs instead of allocating its temporaries.
+    """
+    if logp_s.shape != logp_t.shape:
+        raise ValueError(
+            f"student/teacher log-probs differ in shape: {tuple(logp_s.shape)} vs {tuple(logp_t.shape)}"
+        )
+    logp_s, logp_t = logp_s.float(), logp_t.float()  # [C, V]
+    if spec.divergence == "reverse_kl" and (spec.topk is None or spec.topk >= logp_t.shape[-1]):
+        return entropy_and_reverse_kl(logp_s, logp_t, consume)
+    h = entropy(logp_s)  # [C]
+    if spec.topk is not None and spec.topk < logp_t.shape[-1]:
+        top = logp_t.topk(spec.topk, dim=-1).indices  # [C, K]
+        logp_s = logp_s.gather(-1, top).log_softmax(-1)
+        logp_t = logp_t.gather(-1, top).log_softmax(-1)
+    d = token_divergence(logp_s, logp_t, spec.divergence, spec.jsd_beta)  # [C]
+    return h, d

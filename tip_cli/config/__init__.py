@@ -1,0 +1,1 @@
+"""The config: its schema (plain dataclasses) and its composition (Hydra, OmegaConf)."""

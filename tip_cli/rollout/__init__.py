@@ -1,0 +1,32 @@
+"""Rollout engines: the student sampling its own responses.
+
+An engine has `generate(prompts, sampling) -> Generation` (response token ids and, on request, the log-prob of each
+sampled token), `sync_weights(model)` (push the trainer's student into the engine after an optimizer step), and
+`sleep()` / `wake()` (free the engine's memory during the training phase). `hf` (rollout.hf) generates with the
+training module itself; `vllm` (rollout.vllm) runs an offline vLLM engine in the trainer process. Tool-use episodes
+(rollout.agent) run on either engine; rollout.batch packs rollouts into a training batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tip_cli.config.schema import ConfigError, RolloutConfig
+from tip_cli.rollout.hf import HFEngine
+
+
+def make_engine(
+    cfg: RolloutConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str, seed: int = 0,
+    dtype: torch.dtype | None = None,
+):
+    """The rollout engine `cfg.engine` names, generating from `model` (whose weights live at `model_path`); a vLLM
+    engine computes in `dtype` (default: the model's)."""
+    if cfg.engine == "hf":
+        return HFEngine(model, tokenizer, cfg.batch_size)
+    if cfg.engine == "vllm":
+        from tip_cli.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(model_path, tokenizer, cfg.vllm, dtype or model.dtype, seed,
+                          eos=model.generation_config.eos_token_id)
+    raise ConfigError(f"rollout.engine={cfg.engine!r} is not valid; expected one of: hf, vllm")

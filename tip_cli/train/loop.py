@@ -1,0 +1,357 @@
+"""The OPD training loop: rollout -> teacher scoring -> token selection -> selected-token loss -> update -> log.
+
+One step, for a batch of prompts:
+  1. the student samples responses (the rollout engine); with data.env, tool-use episodes (tip_cli.rollout.agent) whose
+     tool results are masked out, so steps 2-4 see only the student's own tokens (`rollout_source`);
+  2-4. the teacher scores the same tokens, the selector keeps K of them and the loss is built on those
+     (tip_cli.train.step.distill_step);
+  5. the optimizer steps unless a value was non-finite; metrics, token samples, checkpoints and evaluations follow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tip_cli.checkpoint import Checkpoint, latest_checkpoint, storage_errors
+from tip_cli.config.compose import to_container
+from tip_cli.config.schema import TipConfig
+from tip_cli.data import Problem, load_problems
+from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark, load_benchmark
+from tip_cli.eval.benchmark import console as eval_console
+from tip_cli.grading import grade
+from tip_cli.models import (
+    Pair,
+    enable_checkpointing,
+    render_prompt,
+)
+from tip_cli.pairs import load_pair, resolve_model
+from tip_cli.rollout import make_engine
+from tip_cli.rollout.batch import Batch, Sampling, eos_ids, pack
+from tip_cli.selection.quadrants import TokenStats
+from tip_cli.tracking import MetricsLogger, peak_memory_gb, read_jsonl, timed
+from tip_cli.train import parallel, precision, rundir
+from tip_cli.train.schedule import apply_schedule, lr_lambda, prompt_indices
+from tip_cli.train.step import check_temperature, distill_step
+
+console = Console()
+
+
+class NonFiniteStepsError(ValueError):
+    """train.max_skipped_steps steps in a row had a non-finite H, D, loss or gradient (the CLI prints it in a line)."""
+
+
+def non_finite_message(step: int, skipped: int, last) -> str:
+    where = last.path if last else "none (no checkpoint was written before)"
+    return (f"step {step}: {skipped} steps in a row had a non-finite entropy, divergence, loss or gradient, so none "
+            f"of them updated the student (train.max_skipped_steps); last good checkpoint: {where}. Try a lower "
+            "train.lr or train.precision=bf16_mixed / fp32, and check the models' logits for inf")
+
+
+def save_token_sample(run_dir: Path, step: int, stats: TokenStats, kept: torch.Tensor, limit: int) -> None:
+    """Per-token (H, D, quadrant, kept) of one rollout batch, at most `limit` tokens drawn uniformly, for analysis."""
+    n = len(stats)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(step))[:limit].sort().values if n > limit else torch.arange(n)
+    kept_mask = torch.zeros(n, dtype=torch.bool)
+    kept_mask[kept] = True
+    out = run_dir / "token_samples"
+    path = out / f"step_{step:06d}.npz"
+    with storage_errors(run_dir, path):
+        out.mkdir(exist_ok=True)
+        np.savez_compressed(
+            path,
+            entropy=stats.entropy.cpu()[rows].numpy().astype(np.float32),
+            divergence=stats.divergence.cpu()[rows].numpy().astype(np.float32),
+            quadrant=stats.quadrant.cpu()[rows].numpy().astype(np.int8),
+            kept=kept_mask[rows].numpy(),
+            h_threshold=np.float32(stats.h_thr),
+            d_threshold=np.float32(stats.d_thr),
+            total_tokens=np.int64(n),
+        )
+
+
+def train(cfg: TipConfig, run_dir: Path) -> dict:
+    """Run (or resume) OPD into run_dir; returns the final evaluation metrics.
+
+    Under torchrun every rank runs this (tip_cli.train.parallel): each on its slice of the prompts, rank 0 alone logging.
+    """
+    device = parallel.setup(cfg.train.device)  # joins the torchrun job when launched by one
+    parallel.check(cfg)
+    run_dir = parallel.broadcast(run_dir)  # rank 0's: each rank's Hydra may have stamped its own
+    console.quiet = eval_console.quiet = not parallel.is_main()
+    # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
+    problems = None if cfg.data.env else load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
+    bench = load_benchmark(cfg)
+    check_temperature(cfg)
+    # the run dir's contract (tip_cli.train.rundir): one writer, the recorded config, the newest verified checkpoint
+    plan = rundir.open_run(cfg, run_dir, console)
+    if plan.complete is not None:
+        console.print(f"{run_dir} is complete (step {cfg.train.steps} of {cfg.train.steps}, final eval logged): "
+                      "nothing to do; raise train.steps to continue it, or give a new out_dir")
+        parallel.teardown()
+        return plan.complete
+    try:
+        return _train(cfg, run_dir, device, plan.checkpoint, problems, bench)
+    finally:
+        plan.release()
+
+
+@dataclass
+class Rollout:
+    """One step's rollouts as a training batch; `metrics()` gives their rollout/* metrics (after the update: grading
+    is not part of the step's time) and the number of model tokens generated."""
+
+    batch: Batch
+    metrics: Callable[[], tuple[dict[str, float], int]]
+
+
+class PromptSource:
+    """Single-turn prompts: one response per sample, graded against the problem's answer (math-verify)."""
+
+    def __init__(self, problems: list[Problem], tok, cfg: TipConfig):
+        self.problems, self.tok = problems, tok
+        self.prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def generate(self, engine, idx: list[int], sampling: Sampling):
+        return engine.generate([self.prompts[i] for i in idx], sampling).tokens
+
+    def pack(self, responses, idx: list[int], sampling: Sampling, device: torch.device) -> Rollout:
+        rows = [i for i in idx for _ in range(sampling.n)]
+        batch = pack([self.prompts[i] for i in rows], responses, self.tok.pad_token_id).to(device)
+
+        def metrics() -> tuple[dict[str, float], int]:
+            texts = self.tok.batch_decode(responses, skip_special_tokens=True)
+            correct = sum(grade(t, self.problems[i].answer).correct for t, i in zip(texts, rows, strict=True))
+            return {"rollout/response_len": sum(map(len, responses)) / len(responses),
+                    "rollout/accuracy": correct / len(rows)}, sum(map(len, responses))
+
+        return Rollout(batch, metrics)
+
+
+class EpisodeSource:
+    """Tool-use episodes of an environment (data.env); the batch's target_mask holds the student's own tokens only,
+    never the prompt or tool results."""
+
+    def __init__(self, tasks):
+        self.tasks, self.tok = tasks, tasks.tok
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def generate(self, engine, idx: list[int], sampling: Sampling):
+        return self.tasks.rollout(engine, idx, sampling)
+
+    def pack(self, trajs, idx: list[int], sampling: Sampling, device: torch.device) -> Rollout:
+        from tip_cli.rollout import agent
+
+        def metrics() -> tuple[dict[str, float], int]:
+            m = agent.rollout_metrics(trajs, self.tasks.env)
+            return m, m["rollout/response_len"] * len(trajs)
+
+        return Rollout(agent.pack(trajs, self.tok.pad_token_id).to(device), metrics)
+
+
+def rollout_source(cfg: TipConfig, pair: Pair, problems: list[Problem] | None) -> PromptSource | EpisodeSource:
+    """Where a step's rollouts come from: tool-use episodes with data.env, single-turn prompts otherwise."""
+    if not cfg.data.env:
+        return PromptSource(problems, pair.tokenizer, cfg)
+    from tip_cli.envs import make_env
+    from tip_cli.rollout import agent
+
+    stop_ids = eos_ids(pair.student.generation_config.eos_token_id, pair.tokenizer)
+    return EpisodeSource(agent.TaskSource(cfg, pair.tokenizer, stop_ids, make_env(cfg.data, cfg.pair, resolve_model)))
+
+
+def make_scorer(cfg: TipConfig, pair: Pair, prec: precision.Precision, run_dir: Path):
+    """The teacher's top-K scorer when teacher.backend is vllm_topk or vllm_server; None for the in-process teacher."""
+    if cfg.teacher.backend == "vllm_topk":
+        from tip_cli.teacher.vllm import VLLMTeacher
+
+        return VLLMTeacher(pair.teacher_path, cfg.teacher.vllm, prec.pair, cfg.teacher.topk, cfg.seed)
+    if cfg.teacher.backend == "vllm_server":  # the same top-K from running `vllm serve` replicas
+        from tip_cli.teacher.server import ServerTeacher
+
+        return ServerTeacher.connect(cfg.teacher, pair.tokenizer, pair.vocab, run_dir)
+    return None
+
+
+@dataclass
+class Run:
+    """Everything a training run holds: the pair, its precision, the teacher's scorer, the rollout engine and source,
+    the optimizer and schedule, the logger, and the step it starts after."""
+
+    cfg: TipConfig
+    run_dir: Path
+    device: torch.device
+    pair: Pair
+    prec: precision.Precision
+    scorer: object
+    engine: object
+    source: PromptSource | EpisodeSource
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    logger: object
+    bench: list[Problem] | EnvBenchmark
+    start: int = 0
+    skipped: int = 0  # consecutive steps without an update (non-finite H, D, loss or gradient)
+    skipped_total: int = 0
+
+    def evaluate(self, step: int) -> dict:
+        """Evaluate the student on the benchmark; every rank evaluates (generation is collective), rank 0 logs."""
+        cfg, student = self.cfg, self.pair.student
+        with parallel.gathered(student), self.prec.autocast(self.device, student):
+            result, _ = evaluate_benchmark(student, self.pair.tokenizer, cfg, self.bench, engine=self.engine)
+        self.logger.log({f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}, step)
+        console.print(f"[bold]eval[/] step {step}: {cfg.benchmark.name} accuracy {result['accuracy']:.3f}")
+        return result
+
+
+def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint | None,
+            problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> Run:
+    """Load the pair (the student from `ckpt` if given), shard it under torchrun, and build the scorer, the engine,
+    the rollout source, the optimizer and schedule (restored from `ckpt`) and the logger."""
+    prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, device)
+    precision.warn_pure_bf16(prec, cfg.train.lr)
+    pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None,
+                     load_teacher=cfg.teacher.backend == "hf", student_dtype=prec.master, teacher_dtype=prec.pair)
+    student = pair.student
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(student)
+    parallel.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
+    scorer = make_scorer(cfg, pair, prec, run_dir)
+    engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
+    source = rollout_source(cfg, pair, problems)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    start = 0
+    if ckpt:
+        start = parallel.resume(ckpt, student, optimizer, scheduler)
+        apply_schedule(optimizer, scheduler, cfg)
+        console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})", soft_wrap=True)
+    logger = parallel.NullLogger()
+    if parallel.is_main():
+        logger = MetricsLogger(run_dir, cfg.logger, to_container(cfg), start, run_dir.name)
+    return Run(cfg, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, start)
+
+
+def step_generator(run: Run, step: int) -> torch.Generator:
+    """Seed the step: every random draw derives from (seed, step) (and the rank), so a resumed run replays exactly."""
+    torch.manual_seed(parallel.rank_seed(run.cfg.seed * 1_000_003 + step))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + step)
+
+
+def rollout(run: Run, step: int, m: dict) -> Rollout:
+    """The student's rollouts for this step's prompts (this rank's slice), packed into a training batch."""
+    cfg, r, student = run.cfg, run.cfg.rollout, run.pair.student
+    idx = parallel.my_slice(prompt_indices(len(run.source), cfg.train.prompts_per_step, step, cfg.seed))
+    sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
+                        seed=parallel.rank_seed(cfg.seed * 1_000_003 + step))
+    with timed("time/rollout", m), parallel.gathered(student), run.prec.autocast(run.device, student):
+        out = run.source.generate(run.engine, idx, sampling)
+        run.engine.sleep()
+    return run.source.pack(out, idx, sampling, run.device)
+
+
+def update(run: Run, stats, m: dict) -> torch.Tensor:
+    """Clip, and step the optimizer unless H, D, the loss or the gradient is non-finite on any rank (AdamW would
+    spread the NaN) or no token was kept; step the schedule either way. Returns the gradient norm."""
+    student, cfg = run.pair.student, run.cfg
+    with timed("time/train", m):
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or math.inf)
+        good = parallel.all_true(stats is not None and math.isfinite(m["loss"]) and math.isfinite(float(grad_norm)))
+        run.skipped = 0 if good else run.skipped + 1
+        run.skipped_total += 0 if good else 1
+        m["train/skipped_steps"] = float(run.skipped_total)
+        if good and m["tokens/kept"] > 0:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        m["optim/lr"] = run.scheduler.get_last_lr()[0]
+        run.scheduler.step()
+    return grad_norm
+
+
+def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> dict[str, float]:
+    """The step's logged metrics: rollout, optimizer and throughput, merged over the ranks."""
+    rollout_m, generated = out.metrics()
+    m.update(rollout_m)
+    m["optim/grad_norm"] = float(grad_norm)
+    m["perf/tokens_per_s"] = m["tokens/total"] / m["time/step"]
+    m["perf/rollout_tokens_per_s"] = generated / max(m["time/rollout"], 1e-9)
+    m["perf/peak_mem_gb"] = peak_memory_gb(run.device)
+    return parallel.merge_metrics(m)
+
+
+def after_step(run: Run, step: int, m: dict, stats, kept: torch.Tensor) -> str:
+    """Stop on too many skipped steps, save a token sample and checkpoints, evaluate when due; returns the progress
+    line."""
+    t = run.cfg.train
+    if run.skipped:
+        console.print(f"[yellow]step {step}: non-finite H, D, loss or gradient; no update[/] "
+                      f"({run.skipped} in a row; {t.max_skipped_steps} stop the run)")
+        if run.skipped >= t.max_skipped_steps:
+            raise NonFiniteStepsError(non_finite_message(step, run.skipped, latest_checkpoint(run.run_dir)))
+    elif parallel.is_main() and t.token_sample_every and (step == 1 or step % t.token_sample_every == 0):
+        save_token_sample(run.run_dir, step, stats, kept, t.token_sample_size)
+    info = f"loss {m['loss']:.4f}  kept {m['tokens/kept_frac']:.2f}  Q3 {m.get('tokens/q3_frac', 0.0):.2f}  {m['perf/tokens_per_s']:.0f} tok/s"
+    if not console.is_terminal:
+        console.print(f"step {step}/{t.steps}  {info}")
+    if step == t.steps or (t.save_every and step % t.save_every == 0):
+        p = run.pair
+        parallel.save(run.run_dir, step, p.student, p.tokenizer, run.optimizer, run.scheduler, t.keep_checkpoints, run.prec.pair)
+    if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+        run.evaluate(step)
+    return info
+
+
+def finish(run: Run) -> dict:
+    """The final evaluation, and the accuracy before and after on the console."""
+    cfg = run.cfg
+    final = run.evaluate(cfg.train.steps)
+    run.logger.finish()
+    key = f"eval/{cfg.benchmark.name}/accuracy"
+    before = [r[key] for r in read_jsonl(run.run_dir / "metrics.jsonl") if r["step"] == 0 and key in r]
+    if before:
+        console.print(f"[bold]student {cfg.benchmark.name} accuracy: {before[0]:.3f} before -> {final['accuracy']:.3f} after[/]")
+    console.print(f"run dir: {run.run_dir}")
+    parallel.teardown()
+    return final
+
+
+PROGRESS = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+
+
+def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint | None,
+           problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> dict:
+    """`train` in a run dir it holds, from `ckpt` (None: from the start), on the problems (None with data.env):
+    each step is rollout -> teacher -> select -> loss (distill_step) -> update -> log."""
+    run = prepare(cfg, run_dir, device, ckpt, problems, bench)
+    if run.start == 0 and cfg.train.eval_before:
+        run.evaluate(0)
+    with Progress(*PROGRESS, console=console) as bar:
+        task = bar.add_task("train", total=cfg.train.steps, completed=run.start, info="")
+        for step in range(run.start + 1, cfg.train.steps + 1):
+            generator = step_generator(run, step)
+            m: dict[str, float] = {}
+            with timed("time/step", m):
+                out = rollout(run, step, m)
+                metrics, stats, kept = distill_step(run.pair, out.batch, cfg, generator, m, run.scorer)
+                m.update(metrics)
+                grad_norm = update(run, stats, m)
+                with timed("time/sync", m):
+                    run.engine.sync_weights(run.pair.student)
+            m = step_metrics(run, out, m, grad_norm)
+            run.logger.log(m, step)
+            bar.update(task, completed=step, info=after_step(run, step, m, stats, kept))
+    return finish(run)

@@ -1,0 +1,51 @@
+"""What a step trains on and at which learning rate: the prompts of each step and the lr schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tip_cli.config.schema import TipConfig
+
+
+def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Prompts of a step: consecutive slices of a per-epoch shuffle, so a resumed run sees the same prompts."""
+    perms: dict[int, list[int]] = {}  # one shuffle per epoch the step touches (usually one)
+    out = []
+    for pos in range((step - 1) * per_step, step * per_step):
+        epoch, offset = divmod(pos, num_prompts)
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            perms[epoch] = torch.randperm(num_prompts, generator=gen).tolist()
+        out.append(perms[epoch][offset])
+    return out
+
+
+def lr_lambda(cfg: TipConfig):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        if t.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if t.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return factor
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TipConfig) -> None:
+    """After restoring a checkpoint's optimizer and scheduler, put this config's lr, weight decay and schedule in
+    force at the restored step: lr = train.lr * lr_lambda(step). With the config that wrote the checkpoint this
+    is the value restored; after `train.resume=override` it is the new one."""
+    scheduler.base_lrs = [cfg.train.lr] * len(optimizer.param_groups)
+    factor = lr_lambda(cfg)
+    scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
+        group["lr"] = cfg.train.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
