@@ -241,10 +241,10 @@ def test_by_budget_table_groups_seeds_with_mean_min_max(tmp_path):
     root = tmp_path / "runs"
     finals = {0: 0.5, 1: 0.7, 2: 0.6}
     for seed, acc in finals.items():
-        make_run(root / f"all_{seed}", ["selector=all"], accuracy={0: 0.2, 4: acc + 0.1}, sample=False, seed=seed)
-        make_run(root / f"rand_{seed}", ["selector=random", "budget=0.1"], accuracy={0: 0.2, 4: acc - 0.3}, sample=False, seed=seed)
-        make_run(root / f"soft_{seed}", ["selector=soft_or", "budget=0.5"], accuracy={0: 0.2, 4: acc}, sample=False, seed=seed)
-    make_run(root / "q3", ["selector=quadrant", "budget=1.0"], accuracy={0: 0.2, 4: 0.4}, sample=False, kept_frac=0.03)
+        make_run(root / f"all_{seed}", ["selector=all"], accuracy={0: 0.2, 4: acc + 0.1}, seed=seed)
+        make_run(root / f"rand_{seed}", ["selector=random", "budget=0.1"], accuracy={0: 0.2, 4: acc - 0.3}, seed=seed)
+        make_run(root / f"soft_{seed}", ["selector=soft_or", "budget=0.5"], accuracy={0: 0.2, 4: acc}, seed=seed)
+    make_run(root / "q3", ["selector=quadrant", "budget=1.0"], accuracy={0: 0.2, 4: 0.4}, kept_frac=0.03)
     rows = [dict(zip(BUDGET_COLUMNS, r, strict=True)) for r in budget_rows(load_runs([root]))]
     assert [(r["selector"], r["budget"], r["seeds"]) for r in rows] == [
         ("all", "", "3"), ("soft_or", "0.5", "3"), ("random", "0.1", "3"), ("quadrant [Q3]", "1", "1")]

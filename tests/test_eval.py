@@ -17,14 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def model_dir(micro, tmp_path) -> Path:
-    """A private copy of the micro teacher (a few SFT steps: it writes the solution format), so `tip eval`'s
-    results, written beside the model, are this test's own."""
+    """A private copy of the micro teacher (a few SFT steps: it writes the solution format)."""
     return Path(shutil.copytree(micro["teacher"], tmp_path / "model"))
 
 
-def tip_eval(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tip_cli.cli", "eval", *args, "logger=none", "train.device=cpu"]
-    return subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+def tip_eval(model_dir: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`tip eval model_dir` with out_dir beside it; returns the process and the eval dir its results go to (never
+    inside the model's own folder)."""
+    out = model_dir.parent / "out"
+    cmd = [sys.executable, "-m", "tip_cli.cli", "eval", str(model_dir), *args, "logger=none", "train.device=cpu",
+           f"out_dir={out}"]
+    done = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    assert not (model_dir / "eval").exists()
+    return done, out / model_dir.name / "eval"
 
 
 @torch.no_grad()
@@ -43,9 +48,9 @@ def greedy_one_by_one(path: Path, problems: list[str], max_new_tokens: int) -> l
 
 
 def test_toy_benchmark_matches_a_plain_greedy_decode(micro, model_dir):
-    out = tip_eval(str(model_dir), "benchmark=toy", f"benchmark.path={micro['test']}", "eval.limit=8",
-                   "eval.max_new_tokens=40")
-    result = json.loads((model_dir / "eval" / "toy" / "results.json").read_text())
+    out, eval_dir = tip_eval(model_dir, "benchmark=toy", f"benchmark.path={micro['test']}", "eval.limit=8",
+                             "eval.max_new_tokens=40")
+    result = json.loads((eval_dir / "toy" / "results.json").read_text())
     rows = [json.loads(line) for line in micro["test"].read_text().splitlines()][:8]
     want = greedy_one_by_one(model_dir, [r["problem"] for r in rows], 40)
     assert [r["id"] for r in result["records"]] == [r["id"] for r in rows]
@@ -57,10 +62,16 @@ def test_toy_benchmark_matches_a_plain_greedy_decode(micro, model_dir):
     assert "avg@1" in out.stdout
 
 
-def test_math500_slice_runs_the_whole_pipeline(micro, model_dir, shared_data):
-    math500 = shared_data / "math500.jsonl"
-    tip_eval(str(model_dir), "benchmark=math500", f"benchmark.path={math500}", "eval.limit=20", "eval.max_new_tokens=16")
-    result = json.loads((model_dir / "eval" / "math500" / "results.json").read_text())
+def test_math500_slice_runs_the_whole_pipeline(micro, model_dir, shared_data, tmp_path):
+    # the micro model's context is 512 tokens of a toy tokenizer: the slice holds problems that fit it (a prompt that
+    # does not fit is an error of its own)
+    lines = (shared_data / "math500.jsonl").read_text().splitlines()
+    short = [line for line in lines if len(json.loads(line)["problem"]) < 150][:20]
+    math500 = tmp_path / "math500_short.jsonl"
+    math500.write_text("\n".join(short) + "\n")
+    _, eval_dir = tip_eval(model_dir, "benchmark=math500", f"benchmark.path={math500}", "eval.limit=20",
+                           "eval.max_new_tokens=16")
+    result = json.loads((eval_dir / "math500" / "results.json").read_text())
     assert result["settings"]["limit"] == 20 and len(result["records"]) == 20
     record = result["records"][0]
     assert {"id", "gold", "responses", "correct", "preds", "response_lens", "meta"} <= set(record)

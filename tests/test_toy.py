@@ -153,6 +153,7 @@ class _ScriptedModel:
     def __init__(self, tokenizer, responses):
         self.tokenizer, self.responses = tokenizer, list(responses)
         self.generation_config = SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
+        self.config = SimpleNamespace(max_position_embeddings=512)  # the engine caps generation at the context
         self.device, self.training = torch.device("cpu"), False
 
     def eval(self):
