@@ -10,6 +10,8 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -31,6 +33,18 @@ from tip_cli.tracking import MetricsLogger, read_jsonl
 from tip_cli.train import loop, rundir
 
 FAST = ["train.eval_before=false", "train.eval_every=0", "train.token_sample_every=0"]
+FIRST_WRITER = """
+import os, pathlib, time
+from tip_cli.cli import compose_config
+from tip_cli.train import loop
+
+def stuck(*args, **kwargs):
+    os.write({fd}, b"x")
+    time.sleep(120)
+
+loop.pack = stuck
+loop.train(compose_config({overrides!r}), pathlib.Path({run_dir!r}))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +86,11 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def in_child(body) -> int:
     """Run body() in a forked child (models and imports already in memory: no interpreter start-up); returns the
     child's wait status."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a forked child must not enter the parent's intra-op thread pool (it would crash)
     pid = os.fork()
+    if pid:
+        torch.set_num_threads(threads)
     if pid == 0:  # the child never returns into pytest
         code = 1
         try:
@@ -138,31 +156,24 @@ def test_second_writer_is_refused_naming_holder_and_a_dead_holders_lock_is_taken
                                                                                       capsys):
     """Two runs into one run dir: the second is refused while the first trains; once the first is killed (kill -9
     leaves its lock file behind), a new run takes the lock over and resumes."""
-    cfg = compose_config([*micro_overrides, *FAST, "train.steps=1"])
+    overrides = [*micro_overrides, *FAST, "train.steps=1"]
+    cfg = compose_config(overrides)
     ready_r, ready_w = os.pipe()
-
-    def first_run_stuck_in_step_1():
-        def stuck(*args, **kwargs):
-            os.write(ready_w, b"x")
-            time.sleep(120)
-
-        loop.pack = stuck
-        loop.train(cfg, tmp_path)
-
-    pid = os.fork()
-    if pid == 0:
-        try:
-            first_run_stuck_in_step_1()
-        finally:
-            os._exit(1)
+    # the first run is its own process (a fork of this one could deadlock in torch's thread pool), stuck in step 1
+    first = subprocess.Popen([sys.executable, "-c", FIRST_WRITER.format(fd=ready_w, overrides=overrides,
+                                                                        run_dir=str(tmp_path))],
+                             pass_fds=(ready_w,), stderr=subprocess.PIPE, text=True)
+    pid = first.pid
+    os.close(ready_w)  # the child's end only: if it dies before step 1, read() sees EOF instead of waiting forever
     try:
-        os.read(ready_r, 1)
+        if os.read(ready_r, 1) != b"x":
+            raise AssertionError(f"the first run ended before its first step: {first.communicate()[1][-3000:]}")
         with pytest.raises(rundir.RunDirError) as err:
             loop.train(cfg, tmp_path)
         assert f"host {socket.gethostname()}, PID {pid}" in str(err.value)
     finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        first.kill()
+        first.wait()
     assert str(pid) in (tmp_path / rundir.LOCK_FILE).read_text()
     capsys.readouterr()
     loop.train(cfg, tmp_path)
