@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from tip_cli.cli import compose_config
-from tip_cli.models import Pair, enable_checkpointing, head_weight, pick_device
+from tip_cli.models import Pair, enable_checkpointing, head_weight, pick_device, response_hidden
 from tip_cli.rollout.batch import Batch, pack
 from tip_cli.toy import arith
 from tip_cli.toy.arith import ModelSpec
@@ -335,9 +335,9 @@ def liger_loss(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
     liger-kernel >= 0.8 takes `shift_labels` (positions to ignore) as a fifth argument; None = every row counts."""
     from liger_kernel.transformers import LigerFusedLinearJSD
 
-    h_s = train_step.valid_hidden(pair.student, batch)  # [N, d_S]
+    h_s = response_hidden(pair.student, batch)  # [N, d_S]
     with torch.no_grad():
-        h_t = train_step.valid_hidden(pair.teacher, batch)  # [N, d_T]
+        h_t = response_hidden(pair.teacher, batch)  # [N, d_T]
     v = pair.vocab
     jsd = LigerFusedLinearJSD(jsd_beta=1.0)
     loss = jsd(h_s, head_weight(pair.student)[:v], h_t, head_weight(pair.teacher)[:v], None)

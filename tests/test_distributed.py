@@ -21,12 +21,13 @@ from tip_cli.config.schema import (
     TipConfig,
     TrainConfig,
 )
-from tip_cli.losses import DenseTeacher, LossSpec, selected_token_loss
+from tip_cli.losses import LossSpec, selected_token_loss
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
 from tip_cli.selection import quadrants as importance
 from tip_cli.selection import selectors
+from tip_cli.teacher.targets import DenseTeacher
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop, parallel
 from tip_cli.train import step as train_step

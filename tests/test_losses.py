@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tip_cli.config.schema import ImportanceConfig
-from tip_cli.losses import DenseTeacher, LossSpec, TopKTeacher, selected_token_loss
+from tip_cli.losses import LossSpec, selected_token_loss
+from tip_cli.teacher.targets import DenseTeacher, TopKTeacher
 
 
 def reference_loss(h_s, w_s, h_t, w_t, vocab, kind, beta):
@@ -136,7 +137,8 @@ def test_zero_loss_when_student_equals_teacher():
 
 MEMORY_SCRIPT = """
 import json, sys, torch
-from tip_cli.losses import DenseTeacher, LossSpec, selected_token_loss
+from tip_cli.losses import LossSpec, selected_token_loss
+from tip_cli.teacher.targets import DenseTeacher
 
 def status_mb(key):  # VmRSS (now) or VmHWM (peak since the last reset), from the kernel
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
@@ -214,7 +216,8 @@ def test_upstream_gradient_scales_the_loss_gradient():
 def test_log_partitions_from_a_scoring_pass_give_the_same_loss_and_gradients():
     """The loss reuses the student's and the teacher's log sum exp of each row (computed while scoring) instead of
     recomputing them: value and gradients equal the float64 reference, with other chunking than the scoring's."""
-    from tip_cli.losses import DenseTeacher, scored_logprobs
+    from tip_cli.losses import scored_logprobs
+    from tip_cli.teacher.targets import DenseTeacher
 
     h_s, w_s, h_t, w_t = make_inputs()
     _, z_s = scored_logprobs(h_s.detach(), w_s.detach(), 40)
@@ -228,3 +231,64 @@ def test_log_partitions_from_a_scoring_pass_give_the_same_loss_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     wrong = selected_token_loss(h_s[kept], w_s, teacher, LossSpec(40, normalizer=6.0), log_z=z_s[kept] + 0.1)
     assert wrong.item() != pytest.approx(want.item(), rel=1e-6)  # the partitions really are used
+
+
+def _cast(tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors]
+
+
+# loss.backend=compiled: (input dtype, loss rel. tolerance, gradient relative-norm tolerance); the float64 reference
+# takes the same (rounded) inputs, so what is left is the kernel's own arithmetic
+COMPILED_DTYPES = [(torch.float64, 1e-10, 1e-9), (torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 3e-2)]
+
+
+@pytest.mark.parametrize("dtype,rel,grad_rel", COMPILED_DTYPES, ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("k,chunk", [(23, 7), (23, 1000), (1, 4)])
+def test_compiled_loss_matches_the_float64_formula(dtype, rel, grad_rel, k, chunk):
+    """The torch.compile'd reverse-KL chunk: value and gradients (hidden states and head) against float64 autograd,
+    for chunks that do not divide K, one chunk, and a single row; its (H, D) sink rows against the formulas."""
+    from tip_cli.losses import StatsSink
+
+    h_s, w_s, h_t, w_t = _cast(make_inputs(k=k, vocab=300), dtype)
+    sink = StatsSink(ImportanceConfig().score_spec(), [])
+    got = selected_token_loss(h_s, w_s, DenseTeacher(h_t, w_t, 300), LossSpec(300, chunk=chunk, normalizer=5.0,
+                                                                              compiled=True), sink=sink)
+    ref = _cast((h_s, w_s, h_t, w_t), torch.float64)
+    want = reference_loss(*ref, 300, "reverse_kl", 0.5) / 5.0
+    assert got.item() == pytest.approx(want.item(), rel=rel)
+    for a, b in zip(torch.autograd.grad(got, [h_s, w_s]), torch.autograd.grad(want, ref[:2]), strict=True):
+        assert a.dtype == dtype and (a.double() - b).norm() <= grad_rel * b.norm()
+    logp = torch.log_softmax(ref[0].detach() @ ref[1].detach()[:300].T, -1)
+    logq = torch.log_softmax(ref[2] @ ref[3][:300].T, -1)
+    ent, div = sink.tensors()
+    torch.testing.assert_close(ent.double(), -(logp.exp() * logp).sum(-1), rtol=rel * 10, atol=rel)
+    torch.testing.assert_close(div.double(), (logp.exp() * (logp - logq)).sum(-1), rtol=rel * 10, atol=rel)
+
+
+@pytest.mark.parametrize("dtype,rel,_", COMPILED_DTYPES, ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("n,chunk", [(23, 7), (1, 4)])
+def test_compiled_scoring_matches_the_float64_formula(dtype, rel, _, n, chunk):
+    """The scoring pass's fused kernel: H, reverse-KL D and both log-partitions against the float64 formulas; the
+    eager pass agrees with it, and a D other than the default falls back to the eager pass."""
+    from tip_cli.selection.scores import ScoreSpec
+    from tip_cli.teacher.scoring import score
+
+    h_s, w_s, h_t, w_t = _cast(make_inputs(k=n, vocab=300), dtype)
+    teacher = DenseTeacher(h_t, w_t, 300)
+    ent, div, z_s, scored = score(h_s, w_s, teacher, 300, chunk, ScoreSpec(), fused=True)
+    z, zt = (h_s.double() @ w_s.double()[:300].T), (h_t.double() @ w_t.double()[:300].T)
+    logp, logq = z.log_softmax(-1), zt.log_softmax(-1)
+    acc, tol = torch.promote_types(dtype, torch.float32), max(rel * 10, 1e-6)  # H and D are fp32 scores
+    for got, want, out in ((ent, -(logp.exp() * logp).sum(-1), torch.float32),
+                           (div, (logp.exp() * (logp - logq)).sum(-1), torch.float32),
+                           (z_s, z.logsumexp(-1), acc), (scored.log_z, zt.logsumexp(-1), acc)):
+        assert got.dtype == out and got.shape == (n,)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    eager = score(h_s, w_s, teacher, 300, chunk, ScoreSpec(), fused=False)
+    for a, b in zip(eager[:3], (ent, div, z_s), strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    jsd = score(h_s, w_s, teacher, 300, chunk, ScoreSpec(divergence="jsd"), fused=True)[1]
+    p, q = logp.exp(), logq.exp()
+    m = ((p + q) / 2).log()
+    want = 0.5 * (q * (logq - m)).sum(-1) + 0.5 * (p * (logp - m)).sum(-1)
+    torch.testing.assert_close(jsd.double(), want, rtol=tol, atol=tol)

@@ -160,13 +160,15 @@ def run_distill_step(student, teacher, batch: Batch, cfg: TipConfig):
     return metrics, stats, kept, grads
 
 
-def make_cfg(selector: str, budget: float, kind: str, micro: int, norm: str = "selected", **sel) -> TipConfig:
+def make_cfg(selector: str, budget: float, kind: str, micro: int, norm: str = "selected", backend: str = "eager",
+             **sel) -> TipConfig:
     """A config for one case; small chunks, so scoring and the loss both walk several [chunk, V] blocks."""
     return TipConfig(
         selector=SelectorConfig(name=selector, mode="topk", **sel),
         budget=budget,
         importance=ImportanceConfig(chunk_size=7, divergence="reverse_kl"),
-        loss=LossConfig(kind=kind, jsd_beta=0.3 if kind == "jsd" else 0.5, norm=norm, chunk_size=5),
+        loss=LossConfig(kind=kind, jsd_beta=0.3 if kind == "jsd" else 0.5, norm=norm, chunk_size=5,
+                        backend=backend),
         train=TrainConfig(micro_batch_size=micro),
     )
 
@@ -189,12 +191,21 @@ CASES = [  # (pair, selector, budget, loss kind, micro-batch rows: 0 = all rows 
 ]
 
 
-@pytest.mark.parametrize("pair_name,selector,budget,kind,micro,norm", CASES,
-                         ids=["-".join(map(str, c)) for c in CASES])
-def test_distill_step_matches_the_float64_reference(pairs, pair_name, selector, budget, kind, micro, norm):
+# loss.backend=compiled: the torch.compile'd scoring statistics and reverse-KL chunk (tip_cli.losses.compiled)
+COMPILED = [
+    ("tied", "soft_or", 0.5, "reverse_kl", 0, "selected"),
+    ("untied", "entropy", 0.1, "reverse_kl", 1, "total"),
+    ("tied", "soft_or", 1.0, "reverse_kl", 1, "selected"),
+]
+
+
+@pytest.mark.parametrize("pair_name,selector,budget,kind,micro,norm,backend",
+                         [(*c, "eager") for c in CASES] + [(*c, "compiled") for c in COMPILED],
+                         ids=["-".join(map(str, c)) for c in CASES] + ["compiled-" + "-".join(map(str, c)) for c in COMPILED])
+def test_distill_step_matches_the_float64_reference(pairs, pair_name, selector, budget, kind, micro, norm, backend):
     student, teacher = pairs[pair_name]
     batch = make_batch(seed=len(selector) + int(10 * budget))
-    cfg = make_cfg(selector, budget, kind, micro, norm,
+    cfg = make_cfg(selector, budget, kind, micro, norm, backend,
                    **({"cap_by": "soft_or"} if selector == "hard_or" else {}))
     ref = reference_step(student, teacher, batch, cfg)
     metrics, stats, kept, grads = run_distill_step(student, teacher, batch, cfg)

@@ -7,8 +7,9 @@ teacher's h_T [K, d_T] (no grad). The loss is
 
 with div = reverse KL (default), forward KL or JSD(beta) (beta 0: forward KL, beta 1: reverse KL, as in TRL), exact
 over the shared vocabulary prefix [:V]. At a distillation temperature T the trainer passes h / T for both models, so
-the distributions are softmax(logits / T) (tip_cli.train.step.distill_temperature). The teacher
-side can also be its top-K log-probs from a vLLM engine (`TopKTeacher`): div is then taken over K + 1 buckets.
+the distributions are softmax(logits / T) (tip_cli.train.step.distill_temperature). The teacher's side
+(tip_cli.teacher.targets) is its hidden states and lm_head, or its top-K log-probs from a vLLM engine: div is then
+taken over K + 1 buckets.
 The [K, V] logits are never materialised with grad: the forward pass walks K in chunks, computes each chunk's
 loss and its gradients w.r.t. h_S and W_S right away, and frees the chunk's graph. Peak memory of the loss is
 O(chunk x V + K x d + V x d), whatever K is. For the default reverse KL against a dense teacher the chunk's gradient
@@ -22,18 +23,13 @@ every position a second time.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from tip_cli.selection.scores import (
-    ScoreSpec,
-    entropy,
-    rowdot,
-    token_divergence,
-    token_stats_chunk,
-    topk_buckets,
-)
+from tip_cli.selection.scores import ScoreSpec, rowdot, token_stats_chunk
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -73,67 +69,15 @@ class StatsSink:
         return torch.cat([p[0] for p in self.parts]), torch.cat([p[1] for p in self.parts])
 
 
-@dataclass
-class DenseTeacher:
-    """The teacher's final hidden states at N positions and its lm_head: exact full-vocab log-probs on demand."""
+class Teacher(Protocol):
+    """The teacher's side of the loss for K rows (tip_cli.teacher.targets: DenseTeacher, TopKTeacher)."""
 
-    hidden: torch.Tensor  # [N, d_T]
-    weight: torch.Tensor  # [V_T, d_T]
-    vocab: int
-    log_z: torch.Tensor | None = None  # [N], the rows' log-partition once a scoring pass has computed it
+    dense: bool  # target(rows) is full-vocab log-probs [C, V] (a fresh tensor), logits(rows) the raw logits
 
-    def __len__(self) -> int:
-        return self.hidden.shape[0]
-
-    def rows(self, index: torch.Tensor | slice) -> DenseTeacher:
-        return DenseTeacher(self.hidden[index], self.weight, self.vocab, None if self.log_z is None else self.log_z[index])
-
-    @torch.no_grad()
-    def target(self, rows: slice) -> torch.Tensor:
-        """The teacher's side of the divergence at `rows`: its log-probs [C, vocab], a fresh tensor."""
-        return logprobs(self.hidden[rows], self.weight, self.vocab, None if self.log_z is None else self.log_z[rows])
-
-    def scored_target(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """`target` and the rows' log-partition [C]."""
-        return scored_logprobs(self.hidden[rows], self.weight, self.vocab)
-
-    def divergence_to(self, logp_s: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
-        return token_divergence(logp_s, target, kind, beta)
-
-    def stats_to(self, logp_s: torch.Tensor, target: torch.Tensor, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_stats_chunk(logp_s, target, spec)
-
-
-@dataclass
-class TopKTeacher:
-    """The teacher's top-K next-token ids and log-probs at N positions (teacher.backend=vllm_topk)."""
-
-    ids: torch.Tensor  # [N, K] int64
-    logp: torch.Tensor  # [N, K] float
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def rows(self, index: torch.Tensor | slice) -> TopKTeacher:
-        return TopKTeacher(self.ids[index], self.logp[index])
-
-    def target(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ids[rows], self.logp[rows]
-
-    def divergence_to(self, logp_s: torch.Tensor, target: tuple, kind: str, beta: float) -> torch.Tensor:
-        return token_divergence(*topk_buckets(logp_s, *target), kind, beta)
-
-    @torch.no_grad()
-    def stats_to(self, logp_s: torch.Tensor, target: tuple, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """H over the student's full vocab; D over the K + 1 buckets (spec.topk does not apply: K is the engine's)."""
-        logp_s = logp_s.float()
-        return entropy(logp_s), self.divergence_to(logp_s, target, spec.divergence, spec.jsd_beta)
-
-    def stats(self, logp_s: torch.Tensor, rows: slice, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.stats_to(logp_s, self.target(rows), spec)
-
-
-Teacher = DenseTeacher | TopKTeacher
+    def __len__(self) -> int: ...
+    def target(self, rows: slice): ...
+    def divergence_to(self, logp_s: torch.Tensor, target, kind: str, beta: float) -> torch.Tensor: ...
+    def stats_to(self, logp_s: torch.Tensor, target, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _reverse_kl_chunk(
@@ -165,16 +109,67 @@ def _reverse_kl_chunk(
     return kl_rows.sum() * scale, grad_h, grad_w
 
 
+def reverse_kl_from_logits(
+    z_s: torch.Tensor, z_t: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One closed-form reverse-KL chunk from both models' raw logits [C, V]: (KL(p_S || p_T) [C], H(p_S) [C],
+    dL/dz_S = scale * p_S * (log p_S - log p_T - KL) [C, V] in z_s's dtype), at least fp32 inside; `scale` is a 0-d tensor
+    (a Python float would recompile at every new value). Written for torch.compile (`compiled`), which fuses it
+    into a few passes over z_s and z_t; the eager path is `_reverse_kl_chunk`, in place over fp32 blocks."""
+    acc = torch.promote_types(z_s.dtype, torch.float32)
+    zs, zt = z_s.to(acc), z_t.to(acc)
+    logp_s = zs - zs.logsumexp(-1, keepdim=True)
+    diff = logp_s - (zt - zt.logsumexp(-1, keepdim=True))  # log p_S - log p_T
+    p_s = logp_s.exp()
+    kl_rows = (p_s * diff).sum(-1)
+    ent = -(p_s * logp_s).sum(-1)
+    return kl_rows, ent, (scale * p_s * (diff - kl_rows[:, None])).to(z_s.dtype)
+
+
+@functools.cache
+def compiled(fn):
+    """`fn` under torch.compile, built on first use: one graph, any row count (dynamic shapes), so the chunks of
+    every step reuse it (a new dtype or vocabulary compiles once more)."""
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _compiled_reverse_kl_chunk(
+    h: torch.Tensor, w: torch.Tensor, teacher, rows: slice, scale: float, want_w: bool, sink: StatsSink | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`_reverse_kl_chunk` with its softmax, KL and gradient fused by torch.compile: the lm_head matmuls stay in
+    the compute dtype, the [C, V] work reads each model's logits a few times and writes dL/dz once."""
+    z_s = h @ w.T  # [C, V]
+    scale_t = torch.tensor(scale, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    kl_rows, ent, grad_z = compiled(reverse_kl_from_logits)(z_s, teacher.logits(rows), scale_t)
+    del z_s
+    if sink is not None:
+        sink.parts.append((ent, kl_rows))
+    grad_h = grad_z @ w  # [C, d]
+    grad_w = grad_z.T @ h if want_w else None  # [V, d]
+    return kl_rows.sum() * scale, grad_h, grad_w
+
+
 class _SelectedTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, scale, sink, log_z_s):
+    def forward(ctx, hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, scale, sink, log_z_s, fused):
         acc = torch.promote_types(weight_s.dtype, torch.float32)  # the chunks' head gradients add up in fp32 at least
         grad_h = torch.zeros_like(hidden_s)  # [K, d_S]
         grad_w = torch.zeros_like(weight_s, dtype=acc) if ctx.needs_input_grad[1] else None  # [V', d_S]
         total = torch.zeros((), dtype=torch.promote_types(hidden_s.dtype, torch.float32), device=hidden_s.device)
-        closed_form = kind == "reverse_kl" and isinstance(teacher, DenseTeacher)
+        closed_form = kind == "reverse_kl" and teacher.dense
+        # the compiled chunk gives the sink (H, reverse KL) only: another importance divergence takes the eager one
+        fused = fused and closed_form and (sink is None or (sink.spec.divergence == "reverse_kl" and sink.spec.topk is None))
         for start in range(0, hidden_s.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
+            if fused:
+                chunk_loss, g_h, g_w = _compiled_reverse_kl_chunk(
+                    hidden_s[rows].detach(), weight_s.detach()[:vocab], teacher, rows, scale, grad_w is not None, sink
+                )
+                grad_h[rows] = g_h
+                if grad_w is not None:
+                    grad_w[:vocab] += g_w
+                total += chunk_loss
+                continue
             target = teacher.target(rows)
             if closed_form:
                 chunk_loss, g_h, g_w = _reverse_kl_chunk(
@@ -206,10 +201,10 @@ class _SelectedTokenLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         if bool(grad_out == 1):  # loss.backward(): hand over the gradients, no [V, d] copy
-            return saved[0], saved[1] if len(saved) > 1 else None, *(None,) * 8
+            return saved[0], saved[1] if len(saved) > 1 else None, *(None,) * 9
         grad_h = saved[0] * grad_out
         grad_w = saved[1] * grad_out if len(saved) > 1 else None
-        return grad_h, grad_w, *(None,) * 8
+        return grad_h, grad_w, *(None,) * 9
 
 
 @dataclass(frozen=True)
@@ -223,6 +218,7 @@ class LossSpec:
     beta: float = 0.5
     chunk: int = 256
     normalizer: float = 1.0
+    compiled: bool = False  # the reverse-KL chunk fused by torch.compile (loss.backend; tip_cli.train.chunks)
 
 
 def selected_token_loss(
@@ -237,7 +233,7 @@ def selected_token_loss(
 
     hidden [K, d_S] and weight [V_S, d_S] carry grad (the student's final hidden states at the selected positions
     and its lm_head); `target` is the teacher's side for the same K rows (`DenseTeacher`: its hidden states and
-    lm_head, or `TopKTeacher`: its top-K log-probs). With a `sink`, each row's (H, D) is appended to it as the loss
+    lm_head, or its top-K log-probs: tip_cli.teacher.targets). With a `sink`, each row's (H, D) is appended to it as the loss
     computes the row. `log_z` [K], the student's log-partition of the K rows from a scoring pass, spares the loss
     recomputing it.
     """
@@ -249,5 +245,6 @@ def selected_token_loss(
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph so backward() still works
     return _SelectedTokenLoss.apply(
-        hidden, weight, target, spec.vocab, spec.kind, spec.beta, spec.chunk, 1.0 / spec.normalizer, sink, log_z
+        hidden, weight, target, spec.vocab, spec.kind, spec.beta, spec.chunk, 1.0 / spec.normalizer, sink, log_z,
+        spec.compiled,
     )

@@ -132,6 +132,14 @@ def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+def response_hidden(model: PreTrainedModel, batch, temperature: float = 1.0) -> torch.Tensor:
+    """Final hidden states at a rollout batch's response positions (`batch.target_mask`), row-major over [B, T],
+    divided by `temperature`: [N, d]. (h / T) W^T = logits / T, so every log-prob built from them (H, D, the
+    loss) is that of softmax(logits / T)."""
+    hidden = final_hidden(model, batch.input_ids, batch.attention_mask)[batch.target_mask]
+    return hidden if temperature == 1.0 else hidden / temperature
+
+
 def head_weight(model: PreTrainedModel) -> torch.Tensor:
     """The lm_head matrix [V, d] (tied or not); gradients through it reach the right parameter."""
     return model.get_output_embeddings().weight

@@ -152,9 +152,14 @@ class LossConfig:
     # rows of [chunk, V] in the loss at once; memory does not grow with the kept count beyond it. auto/null: 256 on
     # CPU, about 1 GiB of fp32 logits a block on CUDA (tip_cli.train.chunks)
     chunk_size: Any = "auto"
+    # the [chunk, V] softmax, reverse KL and gradient of the loss, and H and D of the scoring pass: compiled
+    # (torch.compile fuses them), eager, or auto (compiled on CUDA; eager on CPU, where compiling costs more than
+    # a short run saves). Only the default reverse KL against an in-process teacher has a compiled kernel.
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of("loss.kind", self.kind, DIVERGENCES)
+        _one_of("loss.backend", self.backend, ("auto", "eager", "compiled"))
         _one_of("loss.norm", self.norm, ("selected", "total"))
         _in_range("loss.jsd_beta", self.jsd_beta, 0.0, 1.0)
         if self.temperature is not None and self.temperature <= 0:

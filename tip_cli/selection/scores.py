@@ -50,6 +50,25 @@ def entropy_and_reverse_kl(
     return ent, rowdot(p_s, diff)
 
 
+def stats_from_logits(
+    z_s: torch.Tensor, z_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H(p_S), KL(p_S || p_T), log Z_S, log Z_T), each [C] in at least fp32, from both models' raw logits [C, V] in any float
+    dtype (computed in at least fp32): log Z = logsumexp_v z, log p = z - log Z, H = -sum_v p_S log p_S, KL = sum_v p_S (log p_S - log p_T).
+
+    Written for torch.compile (`backend=compiled`), which fuses it into a few reductions over z_s and z_t without
+    an fp32 [C, V] block; run eagerly it holds several (the eager scoring pass uses entropy_and_reverse_kl).
+    """
+    acc = torch.promote_types(z_s.dtype, torch.float32)
+    zs, zt = z_s.to(acc), z_t.to(acc)
+    log_z_s, log_z_t = zs.logsumexp(-1, keepdim=True), zt.logsumexp(-1, keepdim=True)  # [C, 1]
+    logp_s = zs - log_z_s
+    p_s = logp_s.exp()
+    ent = -(p_s * logp_s).sum(-1)
+    div = (p_s * (logp_s - (zt - log_z_t))).sum(-1)
+    return ent, div, log_z_s[:, 0], log_z_t[:, 0]
+
+
 def entropy(logp: torch.Tensor) -> torch.Tensor:
     """H(p) = -sum_v p(v) log p(v); entries with p(v) = 0 (log p = -inf) contribute 0."""
     return -(logp.exp() * _finite(logp)).sum(-1)

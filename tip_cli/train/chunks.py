@@ -1,5 +1,6 @@
-"""How many rows of [rows, V] logits the scoring pass and the loss handle at once (`importance.chunk_size`,
-`loss.chunk_size`): a number, or `auto` (null) to choose from the device and the vocabulary."""
+"""How the scoring pass and the loss walk [rows, V] logits: how many rows at once (`importance.chunk_size`,
+`loss.chunk_size`: a number, or `auto` (null) to choose from the device and the vocabulary), and whether each
+chunk's softmax work runs as torch.compile'd kernels (`loss.backend`)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,8 @@ def chunk_rows(setting: int | str | None, vocab: int, device: torch.device) -> i
         return int(setting)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     return auto_rows(vocab, device.type, total)
+
+
+def compiled_kernels(backend: str, device: torch.device) -> bool:
+    """Whether `loss.backend` runs the compiled kernels on `device`: compiled always, eager never, auto on CUDA."""
+    return backend == "compiled" or (backend == "auto" and device.type == "cuda")

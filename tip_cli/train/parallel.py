@@ -51,6 +51,12 @@ def active() -> bool:
     return _JOB["joined"] and dist.is_available() and dist.is_initialized()
 
 
+def may_skip(n_kept: int) -> bool:
+    """Whether a micro-batch with `n_kept` selected tokens may skip its forward and backward: only when nothing is
+    kept and this is not a sharded rank (FSDP ranks must run every forward and backward alike)."""
+    return n_kept == 0 and not active()
+
+
 def world_size() -> int:
     return dist.get_world_size() if active() else 1
 

@@ -11,48 +11,27 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 
 from tip_cli.config.schema import ConfigError, TipConfig
-from tip_cli.losses import (
-    DenseTeacher,
-    LossSpec,
-    StatsSink,
-    Teacher,
-    TopKTeacher,
-    scored_logprobs,
-    selected_token_loss,
-)
-from tip_cli.models import (
-    Pair,
-    final_hidden,
-    head_weight,
-)
+from tip_cli.losses import LossSpec, StatsSink, selected_token_loss
+from tip_cli.models import Pair, head_weight, response_hidden
 from tip_cli.rollout.batch import Batch
 from tip_cli.selection import selectors
 from tip_cli.selection.quadrants import TokenStats
-from tip_cli.selection.scores import token_stats_chunk
+from tip_cli.teacher.scoring import score
+from tip_cli.teacher.targets import Teacher, teacher_targets
 from tip_cli.tracking import timed
 from tip_cli.train import parallel, precision
-from tip_cli.train.chunks import chunk_rows
-
-
-def valid_hidden(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """Final hidden states at the response positions, row-major over [B, T], divided by `temperature`: [N, d].
-
-    (h / T) W^T = logits / T, so every log-prob built from them (H, D, the loss) is that of softmax(logits / T).
-    """
-    hidden = final_hidden(model, batch.input_ids, batch.attention_mask)[batch.target_mask]
-    return hidden if temperature == 1.0 else hidden / temperature
+from tip_cli.train.chunks import chunk_rows, compiled_kernels
 
 
 def student_hidden(pair: Pair, batch: Batch, temperature: float, prec: precision.Precision) -> torch.Tensor:
-    """`valid_hidden` of the student in the compute dtype: its forward under bf16 autocast when bf16_mixed (fp32
+    """`response_hidden` of the student in the compute dtype: its forward under bf16 autocast when bf16_mixed (fp32
     master weights); the lm_head matmuls of scoring and the loss then follow the hidden states' dtype."""
     with prec.autocast(pair.device, pair.student):
-        return valid_hidden(pair.student, batch, temperature).to(prec.compute)
+        return response_hidden(pair.student, batch, temperature).to(prec.compute)
 
 
 def distill_temperature(cfg: TipConfig) -> float:
@@ -85,61 +64,11 @@ def micro_slices(batch: Batch, micro: int) -> list[tuple[Batch, int, int]]:
     return out
 
 
-@torch.no_grad()
-def score(
-    h_s: torch.Tensor, teacher: Teacher, pair: Pair, cfg: TipConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Teacher]:
-    """Student entropy H [N] and divergence D [N] from the hidden states, chunk by chunk over [chunk, V].
-
-    Also returns each row's student log-partition [N] and the teacher carrying its own (a dense teacher), so that
-    the loss on the kept rows need not compute them again.
-    """
-    w_s = head_weight(pair.student).to(h_s.dtype)  # the compute dtype
-    chunk = chunk_rows(cfg.importance.chunk_size, pair.vocab, h_s.device)
-    ent, div, z_s, z_t = [], [], [], []
-    for i in range(0, h_s.shape[0], chunk):
-        rows = slice(i, i + chunk)
-        logp_s, log_z = scored_logprobs(h_s[rows], w_s, pair.vocab)
-        z_s.append(log_z)
-        if isinstance(teacher, DenseTeacher):
-            logp_t, log_z_t = teacher.scored_target(rows)
-            z_t.append(log_z_t)
-            h, d = token_stats_chunk(logp_s, logp_t, cfg.importance.score_spec(), consume=True)
-            del logp_t
-        else:
-            h, d = teacher.stats(logp_s, rows, cfg.importance.score_spec())
-        ent.append(h)
-        div.append(d)
-        del logp_s  # before the next chunk's logits, so that two chunks' blocks are never alive together
-    if z_t:
-        teacher = replace(teacher, log_z=_cat(z_t))
-    return _cat(ent), _cat(div), _cat(z_s), teacher
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
-@torch.no_grad()
-def teacher_targets(
-    pair: Pair, batch: Batch, parts: list[tuple[Batch, int, int]], scorer=None, temperature: float = 1.0
-) -> Teacher:
-    """The teacher's view of the N response positions: its hidden states (divided by `temperature`), or top-K
-    log-probs from `scorer` (at T = 1 only: tip_cli.train.loop.check_temperature)."""
-    if scorer is not None:  # a VLLMTeacher
-        lengths = batch.attention_mask.sum(1).tolist()
-        seqs = [row[:n] for row, n in zip(batch.input_ids.tolist(), lengths, strict=True)]
-        positions = [m.nonzero()[:, 0].tolist() for m in batch.target_mask.cpu()]
-        ids, logp = scorer.topk_logprobs(seqs, positions)
-        return TopKTeacher(ids.to(pair.device), logp.to(pair.device))
-    hidden = torch.cat([valid_hidden(pair.teacher, mb, temperature) for mb, _, _ in parts])  # [N, d_T]
-    return DenseTeacher(hidden, head_weight(pair.teacher), pair.vocab)
-
-
 def loss_spec(cfg: TipConfig, pair: Pair, normalizer: float) -> LossSpec:
     """The loss group of `cfg` as the method's plain arguments, over the pair's shared vocabulary."""
     chunk = chunk_rows(cfg.loss.chunk_size, pair.vocab, pair.device)
-    return LossSpec(pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, chunk, normalizer)
+    kernels = compiled_kernels(cfg.loss.backend, pair.device)
+    return LossSpec(pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, chunk, normalizer, kernels)
 
 
 def distill_step(
@@ -178,24 +107,28 @@ def distill_step(
         else:
             with torch.no_grad():
                 h_s_scores = torch.cat([student_hidden(pair, mb, temp, prec) for mb, _, _ in parts])
-        ent, div, log_z_s, teacher = score(h_s_scores, teacher, pair, cfg)
+        w_s = head_weight(pair.student).to(h_s_scores.dtype)  # the compute dtype
+        chunk = chunk_rows(cfg.importance.chunk_size, pair.vocab, h_s_scores.device)
+        ent, div, log_z_s, teacher = score(
+            h_s_scores, w_s, teacher, pair.vocab, chunk, cfg.importance.score_spec(),
+            compiled_kernels(cfg.loss.backend, pair.device),
+        )
         if not parallel.all_true(_finite(ent, div)):  # every rank skips together
             return skipped_step(ent.numel())
         # stats, selection and the loss normaliser over every rank's tokens under torchrun; this batch's otherwise
         sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator)
         kept = sel.local.to(pair.device)  # [K_r], indices into this batch's N tokens
         del h_s_scores
-    normalizer = sel.normalizer
+    spec = loss_spec(cfg, pair, sel.normalizer)
     loss_total = 0.0
     with timed("time/train", metrics):
         for mb, lo, hi in parts:
             local = kept[(kept >= lo) & (kept < hi)]
-            if local.numel() == 0 and not parallel.active():  # sharded ranks run every forward and backward alike
+            if parallel.may_skip(local.numel()):
                 continue
             h_s = h_fused if fused else student_hidden(pair, mb, temp, prec)
             loss = selected_token_loss(
-                h_s[local - lo], head_weight(pair.student), teacher.rows(local), loss_spec(cfg, pair, normalizer),
-                log_z=log_z_s[local],
+                h_s[local - lo], head_weight(pair.student), teacher.rows(local), spec, log_z=log_z_s[local],
             )
             loss.backward()
             loss_total += loss.item()
@@ -209,12 +142,13 @@ def _full_token_step(
     """distill_step when every token is kept: one loss pass over all N rows that also yields their (H, D)."""
     normalizer = max(1, parallel.global_count(int(seq_id.numel())))  # N = K: either loss.norm divides by it
     sink = StatsSink(cfg.importance.score_spec(), [])
+    spec = loss_spec(cfg, pair, normalizer)
     loss_total = 0.0
     with timed("time/train", metrics):
         for mb, lo, hi in parts:
             loss = selected_token_loss(
-                student_hidden(pair, mb, temp, prec), head_weight(pair.student), teacher.rows(slice(lo, hi)),
-                loss_spec(cfg, pair, normalizer), sink,
+                student_hidden(pair, mb, temp, prec), head_weight(pair.student), teacher.rows(slice(lo, hi)), spec,
+                sink,
             )
             loss.backward()
             loss_total += loss.item()
