@@ -146,32 +146,36 @@ class Mode:
     selector: str = "all"
     budget: float = 1.0
     chunk: int | str | None = None  # tip's loss.chunk_size: None = the product default, FULL = N
+    backend: str = "auto"  # tip's loss.backend (auto: compiled kernels on CUDA, eager on CPU)
 
     @property
     def name(self) -> str:
-        return f"tip {self.selector}" if self.kind == "tip" else self.kind
+        if self.kind != "tip":
+            return self.kind
+        return f"tip {self.selector}" + ("" if self.backend == "auto" else f" [{self.backend}]")
 
     def overrides(self, bench: Bench) -> list[str]:
         """tip's config overrides for this mode."""
         chunk = bench.tokens if self.chunk == FULL else self.chunk
-        return [f"selector={self.selector}", f"budget={self.budget}",
+        return [f"selector={self.selector}", f"budget={self.budget}", f"loss.backend={self.backend}",
                 *([f"loss.chunk_size={chunk}"] if chunk else []),
                 *([f"importance.chunk_size={bench.score_chunk}"] if bench.score_chunk else [])]
 
 
 def default_modes(
-    chunks: list[int | str | None], budgets=(0.5, 0.3, 0.1), selectors=("soft_or", "entropy")
+    chunks: list[int | str | None], budgets=(0.5, 0.3, 0.1), selectors=("soft_or", "entropy"), backends=("auto",)
 ) -> list[Mode]:
     """naive, TRL, Liger, then per loss chunk: tip full-token and tip at the budgets. At the default chunk every
     selector at every budget; at other chunks, to save time, the first selector at the highest and lowest budget
-    (memory depends on how many tokens are kept, not on which)."""
+    (memory depends on how many tokens are kept, not on which). Each tip mode once per loss.backend of `backends`."""
     modes = [Mode("naive"), Mode("trl"), Mode("liger")]
-    for chunk in chunks:
-        modes.append(Mode("tip", "all", 1.0, chunk))
-        if chunk is None:
-            modes += [Mode("tip", sel, b, chunk) for sel in selectors for b in budgets]
-        else:
-            modes += [Mode("tip", selectors[0], b, chunk) for b in dict.fromkeys((max(budgets), min(budgets)))]
+    for backend in backends:
+        for chunk in chunks:
+            modes.append(Mode("tip", "all", 1.0, chunk, backend))
+            if chunk is None:
+                modes += [Mode("tip", sel, b, chunk, backend) for sel in selectors for b in budgets]
+            else:
+                modes += [Mode("tip", selectors[0], b, chunk, backend) for b in dict.fromkeys((max(budgets), min(budgets)))]
     return modes
 
 
@@ -569,9 +573,9 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     naive, TRL and Liger rows compare to the first tip full-token row (the default chunk unless --chunks says)."""
     ok = [r for r in rows if "peak_mb" in r]
     naive = next((r for r in ok if r["mode"] == "naive"), None)
-    full = {r["chunk"]: r for r in ok if r["mode"] == "tip all"}
+    full = {(r["chunk"], r.get("backend")): r for r in ok if r["selector"] == "all" and r["mode"].startswith("tip")}
     for r in ok:
-        ref = full.get(r["chunk"]) if r["mode"].startswith("tip") else next(iter(full.values()), None)
+        ref = full.get((r["chunk"], r.get("backend"))) if r["mode"].startswith("tip") else next(iter(full.values()), None)
         for key in ("peak_mb", "loss_peak_mb", "step_s"):
             r[f"{key}_x_naive"] = _ratio(r[key], naive and naive[key])
             r[f"{key}_x_tip_full"] = _ratio(r[key], ref and ref[key])
@@ -581,9 +585,13 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def targets(rows: list[dict], checkpointing: bool = False) -> list[dict]:
     """The issues' targets, checked on this run's numbers (`value` None when a row is missing). Issue 10's hold on
     CPU at the toy shape; issue 17's are set for the real-shape preset on a GPU (with `checkpointing`: its
-    gradient-checkpointing targets instead of the plain ones against the fastest and leanest)."""
+    gradient-checkpointing targets instead of the plain ones against the fastest and leanest). The tip rows are
+    those of the first loss.backend measured."""
+    backend = next((r.get("backend", "auto") for r in rows if r["mode"].startswith("tip")), "auto")
+    rows = [r for r in rows if not r["mode"].startswith("tip") or r.get("backend", "auto") == backend]
+
     def get(mode, budget, key, chunk=None):
-        match = (r for r in rows if (r["mode"], r["budget"], r["chunk"]) == (mode, budget, chunk))
+        match = (r for r in rows if (r["mode"].split(" [")[0], r["budget"], r["chunk"]) == (mode, budget, chunk))
         return next((r.get(key) for r in match), None)
 
     def check(issue, name, value, limit):
@@ -591,7 +599,7 @@ def targets(rows: list[dict], checkpointing: bool = False) -> list[dict]:
         return {"issue": issue, "target": name, "value": value, "limit": limit, "met": met}
 
     out, trl_peak = [], get("trl", 1.0, "peak_mb")
-    for chunk in dict.fromkeys(r["chunk"] for r in rows if r["mode"] == "tip all"):
+    for chunk in dict.fromkeys(r["chunk"] for r in rows if r["mode"].split(" [")[0] == "tip all"):
         tag = "default chunk" if chunk is None else f"loss chunk {chunk}"
         for budget, limit in ((0.5, 0.45), (0.1, 0.2)):
             out.append(check(10, f"loss+bwd peak, soft_or {budget} / tip full ({tag})",
@@ -658,6 +666,24 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def backend_text(rows: list[dict]) -> str:
+    """Per tip mode measured under more than one loss.backend: each backend's s/step and scoring share beside the
+    first backend's (`--backends`, e.g. auto,compiled)."""
+    lines, first = [], {}
+    for r in rows:
+        if not r["mode"].startswith("tip") or "step_s" not in r:
+            continue
+        key = (r["selector"], r["budget"], r["chunk"])
+        if key not in first:
+            first[key] = r
+            continue
+        ref = first[key]
+        lines.append(f"- tip {r['selector']} {r['budget']:g}: loss.backend={r['backend']} / {ref['backend']}: "
+                     f"s/step {r['step_s'] / ref['step_s']:.2f}x; scoring+selection {_pct(r['select_share'])} "
+                     f"vs {_pct(ref['select_share'])}")
+    return "\n".join(lines)
+
+
 def ceiling_text(ceiling: dict) -> str:
     """One line per budget: what the budget can save at best, by the FLOP estimate, and what tip's scoring leaves."""
     share = ceiling["head_share_full_token"]
@@ -676,7 +702,8 @@ def run(modes: list[Mode], bench: Bench, log=print) -> dict:
         t0 = time.perf_counter()
         reason = skip_reason(mode, bench)
         result = {"skipped": reason} if reason else run_mode(mode, bench)
-        row = {"mode": mode.name, "selector": mode.selector, "budget": mode.budget, "chunk": mode.chunk, **result,
+        row = {"mode": mode.name, "selector": mode.selector, "budget": mode.budget, "chunk": mode.chunk,
+               "backend": mode.backend, **result,
                **step_flops(mode, bench)}
         rows.append(row)
         status = result.get("skipped") or result.get("error")
@@ -720,6 +747,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tip loss.chunk_size values to run: 'default' (the config's), 'full' (>= N), or numbers")
     p.add_argument("--score-chunk", type=int, help="tip's importance.chunk_size (default: the config's)")
     p.add_argument("--modes", default="naive,trl,liger,tip", help="subset of naive,trl,liger,tip")
+    p.add_argument("--backends", default="auto",
+                   help="tip's loss.backend per tip mode, comma-separated: auto, eager, compiled (e.g. eager,compiled)")
     p.add_argument("--out", default="bench_memory.json")
     return p.parse_args(argv)
 
@@ -756,13 +785,15 @@ def main(argv: list[str] | None = None) -> dict:
     chunks = [None if c == "default" else c if c == FULL else int(c) for c in args.chunks.split(",")]
     kinds = set(args.modes.split(","))
     budgets, selectors = tuple(map(float, args.budgets.split(","))), tuple(args.selectors.split(","))
-    modes = [m for m in default_modes(chunks, budgets, selectors) if m.kind in kinds]
+    modes = [m for m in default_modes(chunks, budgets, selectors, tuple(args.backends.split(","))) if m.kind in kinds]
     report = run(modes, bench, log=lambda s: print(s, file=sys.stderr, flush=True))
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown(report["rows"]))
     print()
     print(ceiling_text(report["flops"]))
     print()
+    if compared := backend_text(report["rows"]):
+        print(compared + "\n")
     for t in report["targets"]:
         verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
         print(f"- issue {t['issue']}: {t['target']}: {_fmt(t['value'], '.2f')} (target <= {t['limit']:g}) {verdict}")

@@ -92,6 +92,25 @@ def test_targets_and_table_read_the_rows(bench):
     assert table.count("\n") == len(rows) + 1 and "out of memory" in table
 
 
+def test_backends_are_compared_side_by_side_and_targets_read_the_first(bench):
+    """--backends eager,compiled: each tip mode once per loss.backend, its overrides carry it, ratios of full-token
+    are taken within a backend, backend_text compares each to the first, and targets read the first's rows."""
+    modes = bench.default_modes([None], (0.1,), ("soft_or",), ("eager", "compiled"))
+    assert [m.name for m in modes][3:] == ["tip all [eager]", "tip soft_or [eager]", "tip all [compiled]",
+                                           "tip soft_or [compiled]"]
+    assert "loss.backend=compiled" in modes[-1].overrides(bench.Bench())
+    rows = [{"mode": m.name, "selector": m.selector, "budget": m.budget, "chunk": None, "backend": m.backend,
+             "kept": 4, "loss_chunk": 4, "peak_mb": 10.0, "loss_peak_mb": 5.0, "step_s": s, "select_share": share}
+            for m, s, share in zip(modes[3:], (4.0, 3.0, 2.0, 1.2), (0.01, 0.3, 0.01, 0.1), strict=True)]
+    bench.add_ratios(rows)
+    assert [r["step_s_x_tip_full"] for r in rows] == pytest.approx([1.0, 0.75, 1.0, 0.6])
+    text = bench.backend_text(rows).splitlines()
+    assert text == ["- tip all 1: loss.backend=compiled / eager: s/step 0.50x; scoring+selection 1% vs 1%",
+                    "- tip soft_or 0.1: loss.backend=compiled / eager: s/step 0.40x; scoring+selection 10% vs 30%"]
+    got = {t["target"]: t["value"] for t in bench.targets(rows)}
+    assert got["step time, soft_or 0.1 / tip full"] == pytest.approx(0.75)  # the eager rows
+
+
 def test_naive_tip_and_trl_steps_compute_the_same_reverse_kl(bench):
     pytest.importorskip("trl")
     tiny = bench.Bench(vocab=2048, seq=24, prompt=6, batch=2)
