@@ -236,7 +236,7 @@ def analyze(
 ) -> None:
     """Compare finished runs: accuracy and cost vs token budget, entropy/divergence histograms with the quadrant
     shares, training curves, and a summary table (printed, and saved as summary.md)."""
-    from tip_cli.analyze import analyze as run_analysis
+    from tip_cli.analysis.report import analyze as run_analysis
 
     try:
         table, files = run_analysis(paths, out, step=step, benchmark=benchmark, use_wandb=wandb)
