@@ -220,7 +220,7 @@ def toy(
     force: bool = typer.Option(False, help="Rebuild even if cached"),
 ) -> None:
     """Build the embedded tiny teacher-student pair (cached under $TIP_CACHE, default ~/.cache/tip)."""
-    from tip_cli.toy.arith import build_toy
+    from tip_cli.toy.build import build_toy
 
     path = build_toy(seed=seed, force=force)
     console.print(f"toy pair: {path}")
