@@ -47,8 +47,8 @@ import torch
 from tip_cli.cli import compose_config
 from tip_cli.models import Pair, enable_checkpointing, head_weight, pick_device, response_hidden
 from tip_cli.rollout.batch import Batch, pack
-from tip_cli.toy import arith
-from tip_cli.toy.arith import ModelSpec
+from tip_cli.toy import build as toy_build
+from tip_cli.toy.sft import ModelSpec
 from tip_cli.train import step as train_step
 from tip_cli.train.chunks import chunk_rows
 
@@ -59,8 +59,8 @@ MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: big buffers via mmap, r
 QWEN3_VOCAB = 151_936
 # Random-init model presets (Qwen3 architecture). The Qwen3 rows are the published configs' sizes.
 MODELS: dict[str, ModelSpec] = {
-    "toy-student": arith.STUDENT,
-    "toy-teacher": arith.TEACHER,
+    "toy-student": toy_build.STUDENT,
+    "toy-teacher": toy_build.TEACHER,
     # Qwen3-1.7B / Qwen3-8B scaled down 8x in width (and the vocabulary 37x), so that the lm_head and loss are about
     # the same share of the step's FLOPs as at the real shapes (12% vs 11%, step_flops), unlike the toy pair (92%)
     "small-student": ModelSpec(hidden=256, layers=6, heads=4, kv_heads=2, intermediate=768),
@@ -106,8 +106,8 @@ def resolve_shape(shape: str) -> tuple[ModelSpec, ModelSpec, Preset]:
 @dataclass(frozen=True)
 class Bench:
     vocab: int = QWEN3_VOCAB
-    student: ModelSpec = arith.STUDENT
-    teacher: ModelSpec = arith.TEACHER
+    student: ModelSpec = toy_build.STUDENT
+    teacher: ModelSpec = toy_build.TEACHER
     shape: str = "toy"
     model: str | None = None  # HF id or path of the student (the random pair when None)
     teacher_model: str | None = None  # defaults to `model`

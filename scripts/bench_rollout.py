@@ -22,7 +22,8 @@ from tip_cli.config.schema import PairConfig, VLLMConfig
 from tip_cli.models import load_model, load_tokenizer, pick_device
 from tip_cli.rollout.batch import Sampling
 from tip_cli.rollout.hf import HFEngine
-from tip_cli.toy.arith import chat_prompt, toy_path
+from tip_cli.toy.build import toy_path
+from tip_cli.toy.tokenizer import chat_prompt
 
 
 def toy_prompts(tok, n: int) -> list[list[int]]:

@@ -126,7 +126,8 @@ def main() -> int:
               file=sys.stderr)
         return 1
 
-    from tip_cli.analyze import analyze, load_runs, save_compact_accuracy
+    from tip_cli.analysis.report import analyze, save_compact_accuracy
+    from tip_cli.analysis.runs import load_runs
 
     analysis = args.out / "analysis"
     run_dirs = [args.out / "runs" / name for name, _ in jobs]  # this grid's runs only, not others left in OUT/runs

@@ -23,7 +23,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def micro(tmp_path_factory) -> dict[str, Path]:
-    from tip_cli.toy.arith import build_micro_pair, generate_problems
+    from tip_cli.toy.build import build_micro_pair
+    from tip_cli.toy.task import generate_problems
 
     root = tmp_path_factory.mktemp("micro")
     teacher, student = build_micro_pair(root, seed=0)

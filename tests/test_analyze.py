@@ -9,16 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from tip_cli.analyze import (
-    BUDGET_COLUMNS,
-    COLUMNS,
-    analyze,
-    budget_rows,
-    load_runs,
-    load_token_sample,
-    quadrant_shares,
-    token_histogram,
-)
+from tip_cli.analysis.plots import token_histogram
+from tip_cli.analysis.report import BUDGET_COLUMNS, COLUMNS, analyze, budget_rows
+from tip_cli.analysis.runs import load_runs, load_token_sample, quadrant_shares
 from tip_cli.cli import app, compose_config
 from tip_cli.tracking import read_jsonl
 

@@ -144,7 +144,7 @@ def test_shapes_resolve_to_presets_or_student_teacher_pairs(bench):
     student, teacher, preset = bench.resolve_shape("qwen3-1.7b:qwen3-8b")
     assert (student, teacher) == (bench.MODELS["qwen3-1.7b"], bench.MODELS["qwen3-8b"])
     assert bench.resolve_shape("qwen3")[:2] == (student, teacher) and preset.vocab == 151_936
-    assert bench.resolve_shape("toy")[:2] == (bench.arith.STUDENT, bench.arith.TEACHER)
+    assert bench.resolve_shape("toy")[:2] == (bench.toy_build.STUDENT, bench.toy_build.TEACHER)
     with pytest.raises(SystemExit, match="qwen3-8b"):
         bench.resolve_shape("qwen3-1.7b:qwen3-9b")
     args = bench.parse_args(["--shape", "small", "--seq", "64"])

@@ -192,14 +192,14 @@ def test_unknown_file_type_and_bad_template(tmp_path):
 
 
 def test_toy_source_goes_through_toy_path(tmp_path, monkeypatch):
-    import tip_cli.toy.arith
+    import tip_cli.toy.build
 
     (tmp_path / "test.jsonl").write_text(
         json.dumps({"id": "toy-0", "problem": "Ann has 2.", "answer": "2"}) + "\n"
     )
     kinds = []
     monkeypatch.setattr(
-        tip_cli.toy.arith,
+        tip_cli.toy.build,
         "toy_path",
         lambda kind, seed=0: kinds.append(kind) or tmp_path / f"{kind}.jsonl",
         raising=False,

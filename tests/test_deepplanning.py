@@ -9,9 +9,9 @@ import pytest
 from tip_cli.cli import compose_config
 from tip_cli.config.schema import DatasetConfig
 from tip_cli.envs.base import ToolCall
-from tip_cli.envs.deepplanning import DatabaseMissing
-from tip_cli.envs.shopping import ShoppingEnv, score_cart
-from tip_cli.envs.travel import TravelEnv, commonsense_checks, hard_checks, score_plan
+from tip_cli.envs.deepplanning.common import DatabaseMissing
+from tip_cli.envs.deepplanning.shopping import ShoppingEnv, score_cart
+from tip_cli.envs.deepplanning.travel import TravelEnv, commonsense_checks, hard_checks, score_plan
 from tip_cli.eval.benchmark import load_benchmark
 
 

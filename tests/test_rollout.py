@@ -32,7 +32,7 @@ def test_hf_engine_logprobs_and_stop_tokens(tmp_path):
     from tip_cli.models import load_model, load_tokenizer
     from tip_cli.rollout.batch import Sampling
     from tip_cli.rollout.hf import HFEngine
-    from tip_cli.toy.arith import build_micro_pair
+    from tip_cli.toy.build import build_micro_pair
 
     _, path = build_micro_pair(tmp_path)
     model = load_model(str(path), PairConfig(), torch.device("cpu"), trainable=False)

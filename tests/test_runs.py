@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tip_cli import checkpoint
-from tip_cli.analyze import load_runs
+from tip_cli.analysis.runs import load_runs
 from tip_cli.cli import app, compose_config
 from tip_cli.config.schema import ConfigError
 from tip_cli.eval.benchmark import run_eval_command

@@ -20,7 +20,7 @@ from tip_cli.cli import compose_config
 from tip_cli.config.schema import ConfigError, PairConfig
 from tip_cli.models import load_model, load_tokenizer
 from tip_cli.teacher.server import ServerTeacher, TeacherServerError
-from tip_cli.toy.arith import build_micro_pair
+from tip_cli.toy.build import build_micro_pair
 from tip_cli.train import loop
 from tip_cli.train import step as train_step
 

@@ -8,14 +8,11 @@ import pytest
 import torch
 
 from tip_cli.grading import grade
-from tip_cli.toy import arith
-from tip_cli.toy.arith import (
-    build_micro_pair,
-    generate_problems,
-    make_splits,
-    toy_accuracy,
-    train_tokenizer,
-)
+from tip_cli.toy import build, task
+from tip_cli.toy.build import build_micro_pair
+from tip_cli.toy.sft import toy_accuracy
+from tip_cli.toy.task import generate_problems, make_splits
+from tip_cli.toy.tokenizer import chat_prompt, train_tokenizer
 
 STEP = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.")
 
@@ -59,19 +56,19 @@ def test_solutions_follow_from_the_problem():
 
 
 def test_misread_solutions_read_the_misread_losses_as_gains():
-    gold, misread = generate_problems(300, seed=1), generate_problems(300, seed=1, misread=arith.MISREAD)
+    gold, misread = generate_problems(300, seed=1), generate_problems(300, seed=1, misread=task.MISREAD)
     assert [(p["id"], p["problem"]) for p in gold] == [(p["id"], p["problem"]) for p in misread]
     n_wrong = 0
     for g, m in zip(gold, misread, strict=True):
-        check_solution(m, arith.MISREAD)
+        check_solution(m, task.MISREAD)
         sentences = g["problem"].split(". ")[1:-1]
-        has_misread_verb = any(phrasing(t).search(x) for t in arith.MISREAD for x in sentences)
+        has_misread_verb = any(phrasing(t).search(x) for t in task.MISREAD for x in sentences)
         assert (m["solution"] != g["solution"]) == has_misread_verb
         # a misread step adds what should have been taken away, so the misread answer is always wrong
         assert grade(m["solution"], g["answer"]).correct != has_misread_verb
         n_wrong += has_misread_verb
     assert 0.4 < n_wrong / len(gold) < 0.8  # the student's starting accuracy depends on this share
-    assert set(arith.LOSS) - set(arith.MISREAD)  # some losses are still read right, so the student learns to subtract
+    assert set(task.LOSS) - set(task.MISREAD)  # some losses are still read right, so the student learns to subtract
     with pytest.raises(ValueError, match="not LOSS phrasings"):
         generate_problems(5, seed=1, misread=("buys {k} more",))
 
@@ -139,7 +136,7 @@ def test_micro_pair_loads_like_hub_models(tmp_path):
         loaded[d.name] = (tok, model)
     (t_tok, teacher), (s_tok, student) = loaded["teacher"], loaded["student"]
     assert t_tok.get_vocab() == s_tok.get_vocab()
-    prompt = arith.chat_prompt(t_tok, "Ann has 3 apples. She buys 5 more. How many apples does Ann have now?")
+    prompt = chat_prompt(t_tok, "Ann has 3 apples. She buys 5 more. How many apples does Ann have now?")
     ids = t_tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]  # [1, T]
     with torch.no_grad():
         t_logp = teacher(ids).logits.log_softmax(-1)  # [1, T, V]
@@ -195,16 +192,16 @@ def _fake_build(out, seed, log):
 def test_build_toy_caches_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("TIP_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(arith, "_build_into", lambda *a: calls.append(a) or _fake_build(*a))
-    root = arith.build_toy(seed=5, log=lambda _: None)
-    assert root == tmp_path / f"{arith.TOY_VERSION}-seed5"
+    monkeypatch.setattr(build, "_build_into", lambda *a: calls.append(a) or _fake_build(*a))
+    root = build.build_toy(seed=5, log=lambda _: None)
+    assert root == tmp_path / f"{build.TOY_VERSION}-seed5"
     assert json.loads((root / "build.json").read_text())["seed"] == 5
-    assert arith.toy_path("train", seed=5) == root / "train.jsonl"
-    assert arith.toy_path("student", seed=5) == root / "student"
+    assert build.toy_path("train", seed=5) == root / "train.jsonl"
+    assert build.toy_path("student", seed=5) == root / "student"
     assert len(calls) == 1  # the second and third lookups hit the cache
-    arith.build_toy(seed=5, force=True, log=lambda _: None)
+    build.build_toy(seed=5, force=True, log=lambda _: None)
     assert len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{arith.TOY_VERSION}-seed5"]  # no temp dirs left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{build.TOY_VERSION}-seed5"]  # no temp dirs left behind
 
 
 def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
@@ -214,12 +211,12 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
         (out / "teacher").mkdir()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(arith, "_build_into", crash)
+    monkeypatch.setattr(build, "_build_into", crash)
     with pytest.raises(KeyboardInterrupt):
-        arith.build_toy(seed=0, log=lambda _: None)
+        build.build_toy(seed=0, log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_toy_path_rejects_unknown_kind():
     with pytest.raises(ValueError, match="teacher, student, train, test"):
-        arith.toy_path("tokenizer")
+        build.toy_path("tokenizer")

@@ -99,7 +99,9 @@ def test_killed_run_resumes_and_continues_the_curve(tmp_path, micro_overrides, m
 
 
 def test_pair_with_a_different_tokenizer_fails_naming_both(tmp_path, micro, micro_overrides):
-    from tip_cli.toy.arith import generate_problems, save_model, train_tokenizer
+    from tip_cli.toy.sft import save_model
+    from tip_cli.toy.task import generate_problems
+    from tip_cli.toy.tokenizer import train_tokenizer
 
     other = tmp_path / "other_teacher"
     model = AutoModelForCausalLM.from_pretrained(micro["teacher"])

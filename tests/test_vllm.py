@@ -17,7 +17,7 @@ from tip_cli.rollout.batch import Sampling  # noqa: E402
 from tip_cli.rollout.hf import HFEngine  # noqa: E402
 from tip_cli.rollout.vllm import VLLMEngine  # noqa: E402
 from tip_cli.teacher.vllm import VLLMTeacher  # noqa: E402
-from tip_cli.toy.arith import chat_prompt  # noqa: E402
+from tip_cli.toy.tokenizer import chat_prompt  # noqa: E402
 
 CFG = VLLMConfig(kv_cache_gb=0.25)
 GREEDY = Sampling(n=1, temperature=0.0, max_new_tokens=40, logprobs=True)

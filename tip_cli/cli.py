@@ -220,7 +220,7 @@ def toy(
     force: bool = typer.Option(False, help="Rebuild even if cached"),
 ) -> None:
     """Build the embedded tiny teacher-student pair (cached under $TIP_CACHE, default ~/.cache/tip)."""
-    from tip_cli.toy.arith import build_toy
+    from tip_cli.toy.build import build_toy
 
     path = build_toy(seed=seed, force=force)
     console.print(f"toy pair: {path}")
@@ -236,7 +236,7 @@ def analyze(
 ) -> None:
     """Compare finished runs: accuracy and cost vs token budget, entropy/divergence histograms with the quadrant
     shares, training curves, and a summary table (printed, and saved as summary.md)."""
-    from tip_cli.analyze import analyze as run_analysis
+    from tip_cli.analysis.report import analyze as run_analysis
 
     try:
         table, files = run_analysis(paths, out, step=step, benchmark=benchmark, use_wandb=wandb)

@@ -195,7 +195,7 @@ def _resolve(cfg: DatasetConfig) -> Path:
     """The local file behind cfg.path: `toy://<kind>` or a path, relative ones taken from the current directory."""
     assert cfg.path is not None
     if cfg.path.startswith("toy://"):
-        from tip_cli.toy.arith import toy_path
+        from tip_cli.toy.build import toy_path
 
         return toy_path(cfg.path.removeprefix("toy://"))
     path = Path(cfg.path).expanduser().absolute()

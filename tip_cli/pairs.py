@@ -16,7 +16,7 @@ def resolve_model(ref: str) -> str:
     """`toy://`, `toy_agent://`, `qwen3_shapes://` or `qwen3_shapes_tiny://` + `teacher|student` -> a cached
     embedded pair (built on first use); else a HF id or path."""
     if ref.startswith("toy://"):
-        from tip_cli.toy.arith import toy_path
+        from tip_cli.toy.build import toy_path
 
         return str(toy_path(ref.removeprefix("toy://")))
     if ref.split("://")[0] in ("qwen3_shapes", "qwen3_shapes_tiny"):

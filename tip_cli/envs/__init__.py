@@ -9,8 +9,8 @@ and `score(final)` -> metrics of the final answer. Every `score` returns `accura
 | name | what | needs |
 |---|---|---|
 | `toy_agent` | price lookups in a generated table + a calculator (tip_cli.envs.toy_agent) | nothing |
-| `deepplanning_shopping` | DeepPlanning shopping (tip_cli.envs.shopping) | the `Qwen/DeepPlanning` database |
-| `deepplanning_travel` | DeepPlanning travel (tip_cli.envs.travel) | the `Qwen/DeepPlanning` database |
+| `deepplanning_shopping` | DeepPlanning shopping (tip_cli.envs.deepplanning.shopping) | the `Qwen/DeepPlanning` database |
+| `deepplanning_travel` | DeepPlanning travel (tip_cli.envs.deepplanning.travel) | the `Qwen/DeepPlanning` database |
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 from tip_cli.config.schema import ENVS, ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import Environment, Resolve
-from tip_cli.envs.shopping import ShoppingEnv
+from tip_cli.envs.deepplanning.shopping import ShoppingEnv
+from tip_cli.envs.deepplanning.travel import TravelEnv
 from tip_cli.envs.toy_agent import ToyAgentEnv
-from tip_cli.envs.travel import TravelEnv
 
 REGISTRY: dict[str, Callable[[DatasetConfig, PairConfig, Resolve | None], Environment]] = {
     "toy_agent": ToyAgentEnv, "deepplanning_shopping": ShoppingEnv, "deepplanning_travel": TravelEnv,

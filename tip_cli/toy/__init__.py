@@ -1,2 +1,2 @@
-"""The embedded pairs, built on first use: the arithmetic pair (arith), the tool-use pair (agent_pair), and pairs of
+"""The embedded pairs, built on first use: the arithmetic pair (task, tokenizer, sft, build), the tool-use pair (agent_pair), and pairs of
 Qwen3 shapes (qwen3_shapes)."""

@@ -25,7 +25,9 @@ from tip_cli.envs.toy_agent import SPLITS, ToyAgentEnv, ToyAgentEpisode, calcula
 from tip_cli.rollout import agent
 from tip_cli.rollout.batch import Sampling, eos_ids
 from tip_cli.rollout.hf import HFEngine
-from tip_cli.toy.arith import ModelSpec, cached_build, new_model, save_model, sft, train_tokenizer
+from tip_cli.toy.build import cached_build
+from tip_cli.toy.sft import ModelSpec, new_model, save_model, sft
+from tip_cli.toy.tokenizer import train_tokenizer
 
 TOY_AGENT_VERSION = "toy-agent-v1"
 TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]

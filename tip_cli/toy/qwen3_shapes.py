@@ -6,7 +6,7 @@ of the paper's pair, on one GPU; `pair=qwen3_shapes_tiny` keeps the vocabulary, 
 shrinks depth and width, for a CPU test in seconds. The models are random, so accuracy stays near 0: the point is
 the shapes (the [N, 151936] logits, a 36-layer 8B teacher beside a 28-layer 1.7B student), not what they learn.
 
-The tokenizer is synthetic: the toy pair's byte-level BPE (tip_cli.toy.arith, lossless on any text) padded with
+The tokenizer is synthetic: the toy pair's byte-level BPE (tip_cli.toy.tokenizer, lossless on any text) padded with
 unreachable reserved entries to 151,936 ids, since no PyPI package ships Qwen3's own tokenizer files.
 
 Shapes are Qwen3's config.json values: hidden 2048 / 4096, layers 28 / 36, heads 16 / 32, KV heads 8 / 8,
@@ -24,8 +24,9 @@ from tokenizers import Tokenizer
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from tip_cli.config.schema import ConfigError
-from tip_cli.toy import arith
-from tip_cli.toy.arith import ModelSpec
+from tip_cli.toy import sft
+from tip_cli.toy.build import cached_build
+from tip_cli.toy.sft import ModelSpec
 
 VERSION = "qwen3-shapes-v1"
 VOCAB = 151_936
@@ -51,13 +52,14 @@ SHAPES["qwen3_shapes_tiny"] = {
 
 def qwen3_config(shape: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen3Config:
     """Qwen3's own vocabulary, context, RoPE base and norm epsilon at `shape`'s sizes."""
-    return arith.qwen3_config(shape, tokenizer, VOCAB, 40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+    return sft.qwen3_config(shape, tokenizer, VOCAB, 40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
 
 
 def synthetic_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     """The toy byte-level BPE and ChatML template, its vocabulary padded to `vocab` ids with reserved entries that
     no text maps to (like the unused rows of Qwen's own 151,936-row embedding)."""
-    from tip_cli.toy.arith import CHAT_TEMPLATE, generate_problems, train_tokenizer
+    from tip_cli.toy.task import generate_problems
+    from tip_cli.toy.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
     base = train_tokenizer(generate_problems(500, seed=0))
     spec = json.loads(base.backend_tokenizer.to_str())
@@ -106,5 +108,5 @@ def shapes_path(scheme: str, kind: str) -> Path:
         raise ConfigError("pair=qwen3_shapes builds Qwen3-8B- and 1.7B-sized models (about 20 GB in bf16): it needs "
                           "a CUDA device; on CPU use pair=qwen3_shapes_tiny (same vocabulary, scaled-down layers)")
     name = f"{VERSION}-{scheme.removeprefix('qwen3_shapes').strip('_') or 'full'}"
-    final, _ = arith.cached_build(name, lambda out: build(scheme, out) or {"version": VERSION, "scheme": scheme})
+    final, _ = cached_build(name, lambda out: build(scheme, out) or {"version": VERSION, "scheme": scheme})
     return final / kind

@@ -20,14 +20,13 @@ The checks are tip's reading of upstream's rule names and the plan format, not a
 
 Deviation from upstream: upstream converts the Markdown plan to JSON with a hosted LLM (an API model). Here the
 conversion model is `env_options.converter`: an HF model id or path, default the pair's teacher; a final answer that
-already holds a JSON plan is used as is.
+already holds a JSON plan is used as is (tip_cli.envs.deepplanning.convert).
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 import re
 from collections.abc import Callable
@@ -36,7 +35,8 @@ from typing import Any
 
 from tip_cli.config.schema import ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import Environment, Episode, Resolve, Task, dumps
-from tip_cli.envs.deepplanning import find_database, load_json, missing, split
+from tip_cli.envs.deepplanning.common import find_database, load_json, missing, split
+from tip_cli.envs.deepplanning.convert import HFConverter, extract_json
 
 TABLES = {"trains": "trains/trains.csv", "flights": "flights/flights.csv", "hotels": "hotels/hotels.csv",
           "attractions": "attractions/attractions.csv", "restaurants": "restaurants/restaurants.csv",
@@ -197,57 +197,6 @@ def score_plan(plan: dict | None, meta: dict, db: dict[str, list[dict]]) -> dict
     return {"accuracy": case_acc, "case_acc": case_acc, "commonsense_score": commonsense,
             "personalized_score": personalized, "composite_score": (commonsense + personalized) / 2,
             "plan_parsed": float(plan is not None), **{f"commonsense/{d}": v for d, v in dims.items()}}
-
-
-def extract_json(text: str) -> dict | None:
-    """The JSON object in `<JSON>...</JSON>` tags, a ```json fence, or the outermost braces; None if none parses."""
-    for pattern in (r"<JSON>([\s\S]*?)</JSON>", r"```(?:json)?\s*([\s\S]*?)```", r"(\{[\s\S]*\})"):
-        found = re.search(pattern, text)
-        if found:
-            try:
-                obj = json.loads(found.group(1))
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    return None
-
-
-CONVERT_PROMPT = (
-    "Convert the travel plan below into one JSON object, wrapped in <JSON></JSON>, without adding or dropping "
-    "anything. Schema: {\"budget_summary\": {\"transportation\": number, \"accommodation\": number, \"meals\": number, "
-    "\"attractions_and_tickets\": number, \"other\": number, \"total_estimated_budget\": number, \"currency\": string}, "
-    "\"daily_plans\": [{\"day_number\": number, \"current_city\": string, \"accommodation\": {\"name\": string, "
-    "\"price_per_night\": number}, \"activities\": [{\"time_slot\": \"HH:MM-HH:MM\", \"type\": "
-    "\"travel_intercity_public|travel_city|attraction|meal|hotel|buffer\", \"details\": {...}}]}]}. details: "
-    "travel_intercity_public {mode, number, from, to, cost}; travel_city {from, to, distance, duration, cost}; "
-    "attraction {name, city, cost}; meal {meal_type, name, cost}; hotel {activity, name}; buffer {description}. "
-    "Prices are plain numbers; omit accommodation on a day whose accommodation is '-'."
-)
-
-
-class HFConverter:
-    """Markdown plan -> JSON with a local causal LM (greedy), loaded on first use. `resolve` turns the model
-    reference into a path (tip_cli.pairs.resolve_model: toy:// pairs); without it the reference is a HF id or path."""
-
-    def __init__(self, model: str, pair: PairConfig, resolve: Resolve | None = None, max_new_tokens: int = 4096):
-        self.ref, self.pair, self.max_new_tokens, self.model = model, pair, max_new_tokens, None
-        self.resolve = resolve or str
-
-    def __call__(self, text: str) -> dict | None:
-        import torch
-
-        from tip_cli.models import load_model, load_tokenizer, pick_device, render_prompt
-
-        if self.model is None:
-            path = self.resolve(self.ref)
-            self.model = load_model(path, self.pair, pick_device("auto"), trainable=False)
-            self.tok = load_tokenizer(path, self.pair)
-        ids = torch.tensor([render_prompt(self.tok, f"{CONVERT_PROMPT}\n\n{text}", self.pair)], device=self.model.device)
-        with torch.no_grad():
-            out = self.model.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tok.pad_token_id)
-        return extract_json(self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 def _haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

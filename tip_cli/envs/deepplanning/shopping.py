@@ -27,7 +27,7 @@ from typing import Any
 
 from tip_cli.config.schema import ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import Environment, Episode, Resolve, Task, dumps
-from tip_cli.envs.deepplanning import find_database, load_json, missing
+from tip_cli.envs.deepplanning.common import find_database, load_json, missing
 
 SCHEMA_FILE = "shopping_tool_schema.json"
 VALID_COUPONS = (  # the coupon names the benchmark defines
