@@ -292,3 +292,22 @@ def test_compiled_scoring_matches_the_float64_formula(dtype, rel, _, n, chunk):
     m = ((p + q) / 2).log()
     want = 0.5 * (q * (logq - m)).sum(-1) + 0.5 * (p * (logp - m)).sum(-1)
     torch.testing.assert_close(jsd.double(), want, rtol=tol, atol=tol)
+
+
+def test_a_kernel_that_fails_to_compile_stops_with_the_eager_setting(monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    from tip_cli.losses import compiled
+
+    def no_compiler(fn, **kwargs):
+        def kernel(*args):
+            raise TorchDynamoException("no C++ compiler found")
+        return kernel
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+
+    def softmax_rows(z):  # a new function: `compiled` caches one kernel per function
+        return z.softmax(-1)
+
+    with pytest.raises(RuntimeError, match="torch.compile of softmax_rows failed.*set loss.backend=eager"):
+        compiled(softmax_rows)(torch.zeros(2, 3))

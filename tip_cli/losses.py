@@ -129,8 +129,21 @@ def reverse_kl_from_logits(
 @functools.cache
 def compiled(fn):
     """`fn` under torch.compile, built on first use: one graph, any row count (dynamic shapes), so the chunks of
-    every step reuse it (a new dtype or vocabulary compiles once more)."""
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    every step reuse it (a new dtype or vocabulary compiles once more). A failure to compile (no working Triton or
+    C++ compiler, say) stops the run with what to set instead."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    kernel = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        try:
+            return kernel(*args)
+        except TorchDynamoException as err:
+            raise RuntimeError(f"torch.compile of {fn.__name__} failed on this machine ({type(err).__name__}); "
+                               "set loss.backend=eager to run the same formulas without compiling") from err
+
+    return run
 
 
 def _compiled_reverse_kl_chunk(
