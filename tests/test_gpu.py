@@ -98,3 +98,32 @@ def test_memory_bench_at_a_small_shape_on_cuda(tmp_path):
         os.environ.update(env)
     rows = json.loads(out.read_text())["rows"]
     assert {r["mode"] for r in rows} == {"naive", "tip"} and all(r["peak_mb"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_compiled_loss_and_scoring_on_cuda_match_float64(dtype, rel):
+    """loss.backend=compiled (auto's choice on CUDA): the Triton kernels' loss, gradients and H/D against float64."""
+    from tip_cli.losses import LossSpec, selected_token_loss
+    from tip_cli.selection.scores import ScoreSpec
+    from tip_cli.teacher.scoring import score
+    from tip_cli.teacher.targets import DenseTeacher
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k, vocab, d = 300, 5000, 64
+    h_s, w_s, h_t, w_t = (torch.randn(*shape, device="cuda", generator=g, dtype=torch.float64)
+                          for shape in ((k, d), (vocab, d), (k, d), (vocab, d)))
+    low = [t.to(dtype).requires_grad_(i < 2) for i, t in enumerate((h_s, w_s, h_t, w_t))]
+    ref = [t.detach().double().requires_grad_(i < 2) for i, t in enumerate(low)]
+    loss = selected_token_loss(low[0], low[1], DenseTeacher(low[2], low[3], vocab),
+                               LossSpec(vocab, chunk=128, normalizer=float(k), compiled=True))
+    logp = (ref[0] @ ref[1].T).log_softmax(-1)
+    logq = (ref[2] @ ref[3].T).log_softmax(-1)
+    want = (logp.exp() * (logp - logq)).sum() / k
+    assert loss.item() == pytest.approx(want.item(), rel=rel)
+    for a, b in zip(torch.autograd.grad(loss, low[:2]), torch.autograd.grad(want, ref[:2]), strict=True):
+        assert (a.double() - b).norm() <= 3 * rel * b.norm()
+    ent, div, _, _ = score(low[0].detach(), low[1].detach(), DenseTeacher(low[2], low[3], vocab), vocab, 128,
+                           ScoreSpec(), fused=True)
+    p = logp.detach().exp()
+    torch.testing.assert_close(ent.double(), -(p * logp.detach()).sum(-1), rtol=rel, atol=rel)
+    torch.testing.assert_close(div.double(), (p * (logp - logq).detach()).sum(-1), rtol=rel, atol=rel * 10)
