@@ -41,11 +41,12 @@ def _build_micro(root: Path) -> dict[str, Path]:
 
 
 def pytest_collection_finish(session):
-    """With test_teacher_server.py among the tests and vLLM installed: build the micro pair and launch `vllm serve`
-    of its teacher now, not when that module's first test asks (its start-up takes about a minute on CPU)."""
-    if session.config.option.collectonly or importlib.util.find_spec("vllm") is None:
+    """With a test that uses the `server` fixture selected and vLLM installed: build the micro pair and launch
+    `vllm serve` of its teacher now, not when the first such test asks (its start-up takes about a minute on CPU)."""
+    option = session.config.option
+    if option.collectonly or option.showfixtures or option.show_fixtures_per_test:
         return
-    if not any(item.path.name == "test_teacher_server.py" for item in session.items):
+    if importlib.util.find_spec("vllm") is None or not any("server" in getattr(i, "fixturenames", ()) for i in session.items):
         return
     from vllm_serve import VLLMServer
 

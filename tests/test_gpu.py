@@ -100,6 +100,13 @@ def test_memory_bench_at_a_small_shape_on_cuda(tmp_path):
     assert {r["mode"] for r in rows} == {"naive", "tip"} and all(r["peak_mb"] > 0 for r in rows)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compile_cache():
+    """The CPU tests' kernels (one per dtype and for one-row chunks) count toward torch.compile's recompile limit of
+    the same functions; CUDA's start from an empty cache."""
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_compiled_loss_and_scoring_on_cuda_match_float64(dtype, rel):
     """loss.backend=compiled (auto's choice on CUDA): the Triton kernels' loss, gradients and H/D against float64."""

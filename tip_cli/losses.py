@@ -72,10 +72,12 @@ class StatsSink:
 class Teacher(Protocol):
     """The teacher's side of the loss for K rows (tip_cli.teacher.targets: DenseTeacher, TopKTeacher)."""
 
-    dense: bool  # target(rows) is full-vocab log-probs [C, V] (a fresh tensor), logits(rows) the raw logits
+    dense: bool  # target(rows) is full-vocab log-probs [C, V] (a fresh tensor); then logits(rows) gives raw logits
 
     def __len__(self) -> int: ...
+    def rows(self, index: torch.Tensor | slice) -> Teacher: ...
     def target(self, rows: slice): ...
+    def logits(self, rows: slice) -> torch.Tensor: ...
     def divergence_to(self, logp_s: torch.Tensor, target, kind: str, beta: float) -> torch.Tensor: ...
     def stats_to(self, logp_s: torch.Tensor, target, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -116,7 +118,7 @@ def reverse_kl_from_logits(
     dL/dz_S = scale * p_S * (log p_S - log p_T - KL) [C, V] in z_s's dtype), at least fp32 inside; `scale` is a 0-d tensor
     (a Python float would recompile at every new value). Written for torch.compile (`compiled`), which fuses it
     into a few passes over z_s and z_t; the eager path is `_reverse_kl_chunk`, in place over fp32 blocks."""
-    acc = torch.promote_types(z_s.dtype, torch.float32)
+    acc = torch.promote_types(torch.promote_types(z_s.dtype, z_t.dtype), torch.float32)
     zs, zt = z_s.to(acc), z_t.to(acc)
     logp_s = zs - zs.logsumexp(-1, keepdim=True)
     diff = logp_s - (zt - zt.logsumexp(-1, keepdim=True))  # log p_S - log p_T
@@ -128,10 +130,10 @@ def reverse_kl_from_logits(
 
 @functools.cache
 def compiled(fn):
-    """`fn` under torch.compile, built on first use: one graph, any row count (dynamic shapes), so the chunks of
-    every step reuse it (a new dtype or vocabulary compiles once more). A failure to compile (no working Triton or
+    """`fn` under torch.compile, built on first use, with dynamic shapes: one graph serves every row count and
+    vocabulary (a one-row chunk and each new dtype compile once more). A failure to compile (no working Triton or
     C++ compiler, say) stops the run with what to set instead."""
-    from torch._dynamo.exc import TorchDynamoException
+    from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit
 
     kernel = torch.compile(fn, dynamic=True, fullgraph=True)
 
@@ -139,8 +141,8 @@ def compiled(fn):
     def run(*args):
         try:
             return kernel(*args)
-        except TorchDynamoException as err:
-            raise RuntimeError(f"torch.compile of {fn.__name__} failed on this machine ({type(err).__name__}); "
+        except (BackendCompilerFailed, FailOnRecompileLimitHit) as err:
+            raise RuntimeError(f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "
                                "set loss.backend=eager to run the same formulas without compiling") from err
 
     return run
@@ -152,7 +154,7 @@ def _compiled_reverse_kl_chunk(
     """`_reverse_kl_chunk` with its softmax, KL and gradient fused by torch.compile: the lm_head matmuls stay in
     the compute dtype, the [C, V] work reads each model's logits a few times and writes dL/dz once."""
     z_s = h @ w.T  # [C, V]
-    scale_t = torch.tensor(scale, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    scale_t = torch.full((), scale, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)  # no host copy
     kl_rows, ent, grad_z = compiled(reverse_kl_from_logits)(z_s, teacher.logits(rows), scale_t)
     del z_s
     if sink is not None:
@@ -247,8 +249,8 @@ def selected_token_loss(
     hidden [K, d_S] and weight [V_S, d_S] carry grad (the student's final hidden states at the selected positions
     and its lm_head); `target` is the teacher's side for the same K rows (`DenseTeacher`: its hidden states and
     lm_head, or its top-K log-probs: tip_cli.teacher.targets). With a `sink`, each row's (H, D) is appended to it as the loss
-    computes the row. `log_z` [K], the student's log-partition of the K rows from a scoring pass, spares the loss
-    recomputing it.
+    computes the row. `log_z` [K], the student's log-partition of the K rows from a scoring pass, spares the eager
+    loss recomputing it (the compiled chunk, spec.compiled, recomputes both models' inside its fused kernel).
     """
     # the lm_head matmuls run in the hidden states' dtype: bf16 hidden states of fp32 master weights (bf16_mixed)
     # multiply a bf16 copy of the head, whose gradient autograd casts back onto the fp32 weight

@@ -154,7 +154,8 @@ class LossConfig:
     chunk_size: Any = "auto"
     # the [chunk, V] softmax, reverse KL and gradient of the loss, and H and D of the scoring pass: compiled
     # (torch.compile fuses them), eager, or auto (compiled on CUDA; eager on CPU, where compiling costs more than
-    # a short run saves). Only the default reverse KL against an in-process teacher has a compiled kernel.
+    # a short run saves). Compiled kernels exist for loss.kind=reverse_kl and for importance.divergence=reverse_kl
+    # (topk null), each against an in-process teacher; the rest runs eagerly.
     backend: str = "auto"
 
     def __post_init__(self) -> None:

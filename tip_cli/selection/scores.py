@@ -59,7 +59,7 @@ def stats_from_logits(
     Written for torch.compile (`backend=compiled`), which fuses it into a few reductions over z_s and z_t without
     an fp32 [C, V] block; run eagerly it holds several (the eager scoring pass uses entropy_and_reverse_kl).
     """
-    acc = torch.promote_types(z_s.dtype, torch.float32)
+    acc = torch.promote_types(torch.promote_types(z_s.dtype, z_t.dtype), torch.float32)
     zs, zt = z_s.to(acc), z_t.to(acc)
     log_z_s, log_z_t = zs.logsumexp(-1, keepdim=True), zt.logsumexp(-1, keepdim=True)  # [C, 1]
     logp_s = zs - log_z_s

@@ -1,2 +1,2 @@
-"""The teacher's side of the loss when it is not the in-process model: top-K log-probs from an in-process vLLM
-engine (vllm) or from vLLM serve replicas (server)."""
+"""The teacher's side of a step: its targets (targets: the in-process model's hidden states, or top-K log-probs from
+an in-process vLLM engine, vllm, or from vLLM serve replicas, server) and the scoring pass over them (scoring)."""
