@@ -45,8 +45,10 @@ reproduce: setup
 	$(PY) scripts/reproduce.py $(REPRO_ARGS)
 
 # The suite includes the real vLLM engine tests (on CPU here), so it installs vLLM first; lint runs before it.
+# TEST_WORKERS pytest-xdist workers, one thread each, a test file per worker at a time (0: one process, no xdist).
+TEST_WORKERS ?= 2
 test: setup-vllm lint
-	WANDB_MODE=offline $(PY) -m pytest tests
+	WANDB_MODE=offline $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 # The CUDA path only (tests marked gpu: a bf16_mixed step, HF rollouts, a one-rank NCCL FSDP2 step, the memory
 # bench at a small shape); they skip without a CUDA device.

@@ -13,6 +13,9 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N` (make test): one thread a worker, its subprocesses too
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +48,8 @@ def pytest_collection_finish(session):
     `vllm serve` of its teacher now, not when the first such test asks (its start-up takes about a minute on CPU)."""
     option = session.config.option
     if option.collectonly or option.showfixtures or option.show_fixtures_per_test:
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects every test: the server's worker starts it
         return
     if importlib.util.find_spec("vllm") is None or not any("server" in getattr(i, "fixturenames", ()) for i in session.items):
         return

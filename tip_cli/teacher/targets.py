@@ -10,12 +10,11 @@ then taken over K + 1 buckets. Both give tip_cli.losses what it needs per chunk 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tip_cli.losses import logprobs, scored_logprobs
-from tip_cli.models import Pair, head_weight, response_hidden
-from tip_cli.rollout.batch import Batch
 from tip_cli.selection.scores import ScoreSpec, entropy, token_divergence, token_stats_chunk, topk_buckets
 
 
@@ -88,6 +87,10 @@ class TopKTeacher:
 
 Teacher = DenseTeacher | TopKTeacher
 
+if TYPE_CHECKING:  # the targets themselves need torch only; building them needs the models (transformers)
+    from tip_cli.models import Pair
+    from tip_cli.rollout.batch import Batch
+
 
 @torch.no_grad()
 def teacher_targets(
@@ -96,6 +99,8 @@ def teacher_targets(
     """The teacher's view of the N response positions: its hidden states (divided by `temperature`) per micro-batch
     of `parts`, or top-K log-probs from `scorer` (a VLLMTeacher or ServerTeacher; at T = 1 only:
     tip_cli.train.step.check_temperature)."""
+    from tip_cli.models import head_weight, response_hidden
+
     if scorer is not None:
         lengths = batch.attention_mask.sum(1).tolist()
         seqs = [row[:n] for row, n in zip(batch.input_ids.tolist(), lengths, strict=True)]
