@@ -246,3 +246,14 @@ def test_liger_mode_calls_the_0_8_5_signature(bench, monkeypatch):
     batch = bench.make_batch(b, pair.vocab, pair.device)
     naive = _step(bench, bench.Mode("naive"), pair, batch, b)
     assert bench.liger_loss(pair, batch, bench.Meter(pair.device), {}) == pytest.approx(naive, rel=1e-5)
+
+
+def test_kernel_bench_times_both_backends_of_both_kernels(capsys):
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT.parent / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--rows", "8", "--vocab", "64", "--dim", "8", "--repeat", "1", "--device", "cpu"])
+    for name in ("scoring H, D", "loss + gradients"):
+        assert report[name]["eager_s"] > 0 and report[name]["compiled_s"] > 0
+    out = capsys.readouterr().out
+    assert out.count("compiled") == 2 and "chunk [8, 64]" in out
