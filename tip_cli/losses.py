@@ -120,12 +120,14 @@ def reverse_kl_from_logits(
     into a few passes over z_s and z_t; the eager path is `_reverse_kl_chunk`, in place over fp32 blocks."""
     acc = torch.promote_types(torch.promote_types(z_s.dtype, z_t.dtype), torch.float32)
     zs, zt = z_s.to(acc), z_t.to(acc)
-    logp_s = zs - zs.logsumexp(-1, keepdim=True)
-    diff = logp_s - (zt - zt.logsumexp(-1, keepdim=True))  # log p_S - log p_T
-    p_s = logp_s.exp()
-    kl_rows = (p_s * diff).sum(-1)
-    ent = -(p_s * logp_s).sum(-1)
-    return kl_rows, ent, (scale * p_s * (diff - kl_rows[:, None])).to(z_s.dtype)
+    log_z_s = zs.logsumexp(-1, keepdim=True)  # [C, 1]
+    shift = log_z_s - zt.logsumexp(-1, keepdim=True)  # log p_S - log p_T = z_s - z_t - shift
+    # p_S is written out at each use, not named once: inductor then recomputes it inside each fused pass instead of
+    # keeping an fp32 [C, V] block of it, so the chunk holds only its inputs and dL/dz
+    kl_rows = (torch.exp(zs - log_z_s) * (zs - zt - shift)).sum(-1)
+    ent = -(torch.exp(zs - log_z_s) * (zs - log_z_s)).sum(-1)
+    grad_z = scale * torch.exp(zs - log_z_s) * (zs - zt - shift - kl_rows[:, None])
+    return kl_rows, ent, grad_z.to(z_s.dtype)
 
 
 @functools.cache
