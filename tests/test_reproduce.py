@@ -67,6 +67,28 @@ def test_a_run_is_finished_only_with_its_final_evaluation(tmp_path):
     assert final_accuracy(tmp_path, 8) is None  # a longer run of the same dir is not finished
 
 
+def test_a_run_dir_of_another_config_stops_the_grid_but_an_older_tips_missing_key_does_not(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A grid run dir whose config.yaml differs (train.lr here) stops the driver before any job, naming the key;
+    one written by an older tip that lacks a key added since (loss.backend) is the same run."""
+    from tip_cli.config.compose import to_yaml
+
+    driver = _driver()
+    monkeypatch.setattr(driver.subprocess, "run", lambda *a, **k: pytest.fail("the grid passed the config check"))
+    monkeypatch.setattr("sys.argv", ["reproduce.py", "--out", str(tmp_path), "--seeds", "0", "--figure", ""])
+    run = tmp_path / "runs" / "all_seed0"
+    run.mkdir(parents=True)
+    overrides = ["selector=all", "budget=1.0", "seed=0", "logger=none", f"out_dir={run}"]
+    (run / "config.yaml").write_text(to_yaml(compose_config([*overrides, "train.lr=0.001"])))
+    assert driver.main() == 2
+    assert "train.lr: 0.001 -> 0.0001" in capsys.readouterr().err
+    older = yaml.safe_load(to_yaml(compose_config(overrides)))
+    del older["loss"]["backend"]
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(pytest.fail.Exception, match="passed the config check"):
+        driver.main()  # on to building the pair: the first step after every run dir passed
+
+
 def test_a_selector_at_a_low_budget_keeps_more_signal_than_random(tmp_path, micro_overrides):
     """Regression guard for the scores: at budget 0.1 on the micro pair (fixed seed), the tokens Soft-OR and
     top-K divergence keep carry more teacher-student divergence than random's, on the same rollouts at step 1 and on
