@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from tip_cli.selection.scores import ScoreSpec, rowdot, token_stats_chunk
+from tip_cli.selection.scores import ScoreSpec, rowdot, stats_from_logits, token_stats_chunk
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -115,18 +115,14 @@ def reverse_kl_from_logits(
     z_s: torch.Tensor, z_t: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One closed-form reverse-KL chunk from both models' raw logits [C, V]: (KL(p_S || p_T) [C], H(p_S) [C],
-    dL/dz_S = scale * p_S * (log p_S - log p_T - KL) [C, V] in z_s's dtype), at least fp32 inside; `scale` is a 0-d tensor
-    (a Python float would recompile at every new value). Written for torch.compile (`compiled`), which fuses it
-    into a few passes over z_s and z_t; the eager path is `_reverse_kl_chunk`, in place over fp32 blocks."""
-    acc = torch.promote_types(torch.promote_types(z_s.dtype, z_t.dtype), torch.float32)
-    zs, zt = z_s.to(acc), z_t.to(acc)
-    log_z_s = zs.logsumexp(-1, keepdim=True)  # [C, 1]
-    shift = log_z_s - zt.logsumexp(-1, keepdim=True)  # log p_S - log p_T = z_s - z_t - shift
-    # p_S is written out at each use, not named once: inductor then recomputes it inside each fused pass instead of
-    # keeping an fp32 [C, V] block of it, so the chunk holds only its inputs and dL/dz
-    kl_rows = (torch.exp(zs - log_z_s) * (zs - zt - shift)).sum(-1)
-    ent = -(torch.exp(zs - log_z_s) * (zs - log_z_s)).sum(-1)
-    grad_z = scale * torch.exp(zs - log_z_s) * (zs - zt - shift - kl_rows[:, None])
+    dL/dz_S = scale * p_S * (log p_S - log p_T - KL) [C, V] in z_s's dtype), at least fp32 inside; `scale` is a 0-d
+    tensor (a Python float would recompile at every new value). Written for torch.compile (`compiled`), which fuses
+    it with stats_from_logits into a few passes over z_s and z_t that keep no [C, V] block but dL/dz; the eager path
+    is `_reverse_kl_chunk`, in place over fp32 blocks."""
+    ent, kl_rows, log_z_s, log_z_t = stats_from_logits(z_s, z_t)
+    zs, zt = z_s.to(kl_rows.dtype), z_t.to(kl_rows.dtype)
+    # log p_S - log p_T - KL = z_s - z_t - (log Z_S - log Z_T + KL)
+    grad_z = scale * torch.exp(zs - log_z_s[:, None]) * (zs - zt - (log_z_s - log_z_t + kl_rows)[:, None])
     return kl_rows, ent, grad_z.to(z_s.dtype)
 
 
@@ -175,12 +171,15 @@ class _SelectedTokenLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(hidden_s.dtype, torch.float32), device=hidden_s.device)
         closed_form = kind == "reverse_kl" and teacher.dense
         # the compiled chunk gives the sink (H, reverse KL) only: another importance divergence takes the eager one
-        fused = fused and closed_form and (sink is None or (sink.spec.divergence == "reverse_kl" and sink.spec.topk is None))
+        fused = fused and closed_form and (sink is None or sink.spec.plain_reverse_kl)
         for start in range(0, hidden_s.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            if fused:
-                chunk_loss, g_h, g_w = _compiled_reverse_kl_chunk(
-                    hidden_s[rows].detach(), weight_s.detach()[:vocab], teacher, rows, scale, grad_w is not None, sink
+            if closed_form:
+                h, w, want_w = hidden_s[rows].detach(), weight_s.detach()[:vocab], grad_w is not None
+                chunk_loss, g_h, g_w = (
+                    _compiled_reverse_kl_chunk(h, w, teacher, rows, scale, want_w, sink) if fused else
+                    _reverse_kl_chunk(h, w, teacher.target(rows), scale, want_w, sink,
+                                      None if log_z_s is None else log_z_s[rows])
                 )
                 grad_h[rows] = g_h
                 if grad_w is not None:
@@ -188,16 +187,6 @@ class _SelectedTokenLoss(torch.autograd.Function):
                 total += chunk_loss
                 continue
             target = teacher.target(rows)
-            if closed_form:
-                chunk_loss, g_h, g_w = _reverse_kl_chunk(
-                    hidden_s[rows].detach(), weight_s.detach()[:vocab], target, scale, grad_w is not None, sink,
-                    None if log_z_s is None else log_z_s[rows],
-                )
-                grad_h[rows] = g_h
-                if grad_w is not None:
-                    grad_w[:vocab] += g_w
-                total += chunk_loss
-                continue
             with torch.enable_grad():
                 h = hidden_s[rows].detach().requires_grad_()
                 w = weight_s.detach().requires_grad_(grad_w is not None)

@@ -23,6 +23,11 @@ class ScoreSpec:
     jsd_beta: float = 0.5
     topk: int | None = None
 
+    @property
+    def plain_reverse_kl(self) -> bool:
+        """D is KL(p_S || p_T) over the full vocabulary: what the compiled kernels (stats_from_logits) compute."""
+        return self.divergence == "reverse_kl" and self.topk is None
+
 
 def _finite(logp: torch.Tensor) -> torch.Tensor:
     """log p with -inf raised to the lowest finite value, so that p * log p is 0, not NaN, where p = 0.

@@ -24,7 +24,7 @@ def score(
     against a dense teacher comes from one torch.compile'd kernel over both models' logits (stats_from_logits).
     """
     ent, div, z_s, z_t = [], [], [], []
-    fused = fused and isinstance(teacher, DenseTeacher) and spec.divergence == "reverse_kl" and spec.topk is None
+    fused = fused and isinstance(teacher, DenseTeacher) and spec.plain_reverse_kl
     for i in range(0, h_s.shape[0], chunk):
         rows = slice(i, i + chunk)
         if fused:
