@@ -3,7 +3,9 @@
 Each scored sequence goes to a replica's OpenAI-compatible `/v1/completions` as token ids (never re-tokenised
 text) with `prompt_logprobs=K` and one new token; entry t + 1 of the returned prompt log-probs holds the teacher's
 top-K next-token ids and log-probs after token t, the same numbers `VLLMTeacher.topk_logprobs` reads from an
-in-process engine, so the K + 1-bucket divergence and loss (`TopKTeacher`) are unchanged. Sequences are spread
+in-process engine, so the K + 1-bucket divergence and loss (`TopKTeacher`) are unchanged. The answer carries each
+candidate's decoded token too (~1.3 kB of JSON per position; /v1/completions has no switch to leave them out of
+prompt_logprobs), so it is scanned as bytes into arrays (`tip_cli.teacher.topk`), not decoded. Sequences are spread
 round-robin over the replicas, `concurrency` requests in flight per replica (vLLM batches them). A failed request
 is retried on the next replica after a doubling backoff; when every attempt fails, the run stops with a message
 naming the URL and the last checkpoint (a rerun of the same command resumes from it).
@@ -28,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tip_cli.checkpoint import latest_checkpoint
 from tip_cli.config.schema import ConfigError, TeacherConfig
-from tip_cli.teacher import topk
+from tip_cli.teacher.topk import json_rows, targets
 
 # Chat markup, digits, punctuation, accents, CJK and an emoji: pieces where two tokenizers tend to disagree.
 PROBE_TEXT = "What is 12 + 345? Think step by step.\n\tThe answer is 357. Naïve café, 東京, 🙂 {x_1}^2 = ½!"
@@ -145,7 +147,7 @@ class ServerTeacher:
         rows' widths, for `topk.best_k`), read from the answer's bytes (~1.3 kB of JSON per position)."""
         body = {"model": self.model, "prompt": seq, "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": self.topk, "add_special_tokens": False}
-        rows = topk.json_rows(_request(url + "/v1/completions", body, self.cfg.timeout_s, raw=True), len(seq), positions)
+        rows = json_rows(_request(url + "/v1/completions", body, self.cfg.timeout_s, raw=True), len(seq), positions)
         if rows[0].size and (top := int(rows[0].max())) >= self.vocab:
             raise ConfigError(f"teacher server {url} returned token id {top}, outside the "
                               f"{self.vocab} ids teacher and student share")
@@ -185,7 +187,7 @@ class ServerTeacher:
             results = [f.result() for f in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        return topk.targets(results, self.topk)
+        return targets(results, self.topk)
 
 
 def _served_models(url: str, timeout: float) -> list[str]:

@@ -6,7 +6,7 @@ import torch
 
 from tip_cli.config.schema import VLLMConfig
 from tip_cli.rollout.vllm import engine_kwargs, import_vllm
-from tip_cli.teacher import topk
+from tip_cli.teacher.topk import flat_rows, targets
 
 
 class VLLMTeacher:
@@ -26,5 +26,5 @@ class VLLMTeacher:
         # flat_logprobs: each sequence's log-probs as a few flat lists rather than a dict of objects per position
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=self.topk, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
-        parts = [topk.flat_rows(out.prompt_logprobs, pos) for out, pos in zip(outputs, positions, strict=True)]
-        return topk.targets(parts, self.topk)
+        parts = [flat_rows(out.prompt_logprobs, pos) for out, pos in zip(outputs, positions, strict=True)]
+        return targets(parts, self.topk)
