@@ -55,14 +55,13 @@ def targets(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -> t
     return torch.from_numpy(ids), torch.from_numpy(logp.astype(np.float32))
 
 
-def gather_rows(
-    ids_E: np.ndarray, logp_E: np.ndarray, start_P: np.ndarray, width_P: np.ndarray, rows: list[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Positions `rows` of flat candidates (position p: entries start_P[p] .. + width_P[p]) padded to [R, M]."""
+def entries_of(start_P: np.ndarray, width_P: np.ndarray, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The flat entries of positions `rows` (position p: entries start_P[p] .. + width_P[p]) as an [R, M] index
+    (a narrower row repeats its last entry), and the rows' widths [R]."""
     rows = np.asarray(rows, dtype=np.int64)
     start, width = start_P[rows], width_P[rows]
-    at = start[:, None] + np.minimum(np.arange(max(int(width.max(initial=0)), 1)), np.maximum(width - 1, 0)[:, None])
-    return ids_E[at], logp_E[at], width
+    cols = np.arange(max(int(width.max(initial=0)), 1))
+    return start[:, None] + np.minimum(cols, np.maximum(width - 1, 0)[:, None]), width
 
 
 def flat_rows(flat, positions: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,7 +71,8 @@ def flat_rows(flat, positions: list[int]) -> tuple[np.ndarray, np.ndarray, np.nd
     width = np.asarray(flat.end_indices, dtype=np.int64) - start
     ids = np.asarray(flat.token_ids, dtype=np.int64)
     logp = np.asarray(flat.logprobs, dtype=np.float64)
-    return gather_rows(ids, logp, start, width, [t + 1 for t in positions])
+    at, width = entries_of(start, width, [t + 1 for t in positions])
+    return ids[at], logp[at], width
 
 
 def json_rows(raw: bytes, length: int, positions: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,12 +100,13 @@ def json_rows(raw: bytes, length: int, positions: list[int]) -> tuple[np.ndarray
     first = np.flatnonzero(before == ord("{"))  # a position's first entry opens its dict
     if len(first) != length - 1:
         raise ValueError(f"the answer holds {len(first)} scored positions, not {length - 1}")
-    number = buf[np.minimum(at[:, None] + len(key) + np.arange(_MAX_NUMBER_BYTES), len(buf) - 1)]  # [E, 32]
+    rows, width = entries_of(first, np.diff(np.append(first, len(at))), positions)
+    at = at[rows].ravel()  # only the kept rows' log-probs are parsed
+    number = buf[np.minimum(at[:, None] + len(key) + np.arange(_MAX_NUMBER_BYTES), len(buf) - 1)]  # [R * M, 25]
     ends = (number == ord(",")) | (number == ord("}"))
     if not ends.any(1).all():
         raise ValueError("a prompt log-prob is not a JSON number")
-    number = np.where(np.arange(_MAX_NUMBER_BYTES) < ends.argmax(1)[:, None], number, 0).astype(np.uint8)  # NUL-padded,
-    # which a bytes dtype strips
-    logp = number.view(f"S{_MAX_NUMBER_BYTES}")[:, 0].astype(np.float64)
-    width = np.diff(np.append(first, len(at)))
-    return gather_rows(ids, logp, first, width, positions)
+    # NUL-padded after the number, which a bytes dtype strips
+    number = np.where(np.arange(_MAX_NUMBER_BYTES) < ends.argmax(1)[:, None], number, 0).astype(np.uint8)
+    logp = number.view(f"S{_MAX_NUMBER_BYTES}")[:, 0].astype(np.float64).reshape(rows.shape)
+    return ids[rows], logp, width
