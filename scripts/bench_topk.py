@@ -4,7 +4,7 @@ tip_cli.teacher.topk, side by side in one run, on a synthetic payload of the rea
     python scripts/bench_topk.py                              # 8 sequences x 4,096 tokens, K 20
     python scripts/bench_topk.py --seqs 2 --length 8192 --vllm   # also vLLM's own building of the two layouts
 
-Two paths, per 1,000 scored positions (median of --repeat):
+Two paths, in CPU milliseconds of this process per 1,000 scored positions (median of --repeat):
 - server (teacher.backend=vllm_server): a `/v1/completions` answer's bytes (JSON as `vllm serve` writes it, with its
   `decoded_token` strings) to targets: json.loads then a sort of each position's dict, against `topk.json_rows`.
 - engine (teacher.backend=vllm_topk): vLLM's per-sequence output to targets: a sort of each position's
