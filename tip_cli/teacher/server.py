@@ -12,7 +12,7 @@ naming the URL and the last checkpoint (a rerun of the same command resumes from
 
 At start-up `connect` checks each replica: reachable, serving the named model, the same tokenizer as the student
 (a probe text's token ids from the server's `/tokenize`), the same vocabulary size (the server accepts the
-student's last token id as a prompt and refuses the next one), and that it accepts `prompt_logprobs=K`.
+last id of the student's vocabulary, tokens or model rows whichever is larger, and refuses the next one), and that it accepts `prompt_logprobs=K`.
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ class ServerTeacher:
                 f"(server {theirs[at:at + 5]} vs student {ours[at:at + 5]}); serve a teacher that shares the "
                 "student's tokenizer"
             )
-        last = len(tokenizer) - 1  # the server's engine refuses prompt ids past its tokenizer's last id
+        # vLLM refuses a prompt id past both its tokenizer's last id and its model's last row (Qwen3's 151,936 rows
+        # outnumber its 151,669 tokens), so the probe sits at the last id of the pair's shared vocabulary
+        size = max(len(tokenizer), self.vocab)
+        last = size - 1
         for token, should_pass in ((last, True), (last + 1, False)):
             try:
                 self._post(url, "/v1/completions", {"prompt": [token], "max_tokens": 1}, timeout)
@@ -119,7 +122,7 @@ class ServerTeacher:
             if passed != should_pass:
                 raise ConfigError(
                     f"teacher server {url} ({self.model}) has a {'smaller' if should_pass else 'larger'} vocabulary "
-                    f"than the student's {len(tokenizer)} tokens: it {'refuses' if should_pass else 'accepts'} "
+                    f"than the student's {size} ids: it {'refuses' if should_pass else 'accepts'} "
                     f"token id {token}; serve a teacher that shares the student's tokenizer"
                 )
 
