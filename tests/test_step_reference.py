@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -304,3 +305,41 @@ def test_rows_cut_to_the_longest_row_keep_every_token():
             assert part.attention_mask[b - start].sum() == n
             assert part.target_mask[b - start].tolist() == batch.target_mask[b, :width].tolist()
         assert not batch.target_mask[start:stop, width:].any()  # no loss position is cut
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One gradient reduction and one host sync per step
+
+
+@pytest.mark.parametrize("budget", [0.5, 1.0])  # the scored step, and the full-token step (no scoring pass)
+def test_gradients_sync_on_the_last_micro_batch_only_and_the_loss_is_read_once(pairs, monkeypatch, budget):
+    from torch.distributed.fsdp import FSDPModule
+
+    events = []
+
+    class Sharded(type(pairs["tied"][0]), FSDPModule):
+        """What fully_shard makes of the student (its class gains FSDPModule), recording the sync requests."""
+
+        def set_requires_gradient_sync(self, requires_gradient_sync, *, recurse=True):
+            events.append(("sync", requires_gradient_sync))
+
+    student, teacher = copy.deepcopy(pairs["tied"][0]), pairs["tied"][1]
+    student.__class__ = Sharded
+    student.get_output_embeddings().weight.register_hook(lambda g: events.append(("backward",)))
+    readers = []
+    item = torch.Tensor.item
+
+    def spy_item(self):
+        readers.append(sys._getframe(1).f_code.co_filename)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", spy_item)
+    batch = make_batch(seed=3)
+    metrics, _, _, _ = run_distill_step(student, teacher, batch, make_cfg("soft_or", budget, "reverse_kl", 2))
+
+    backwards = [i for i, e in enumerate(events) if e == ("backward",)]
+    assert len(backwards) == 3  # rows 5, micro-batches of 2: each holds a kept token
+    assert [events[i - 1] for i in backwards] == [("sync", False), ("sync", False), ("sync", True)]
+    assert events[-1] == ("sync", True)  # left on for whatever runs next
+    assert sum(f.endswith("tip_cli/train/step.py") for f in readers) == 1
+    assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0
