@@ -54,7 +54,8 @@ def skipped_step(n_tokens: int) -> tuple[dict, None, torch.Tensor]:
 
 
 def micro_slices(batch: Batch, micro: int) -> list[tuple[Batch, int, int]]:
-    """Split rows into micro-batches; each comes with the range [lo, hi) of its tokens in the flat [N] order."""
+    """Split rows into micro-batches, each cut to its own longest row (Batch.rows); each comes with the range
+    [lo, hi) of its tokens in the flat [N] order."""
     counts = batch.target_mask.sum(1).tolist()
     out, lo = [], 0
     for start in range(0, batch.input_ids.shape[0], micro):
