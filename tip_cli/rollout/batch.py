@@ -69,7 +69,12 @@ class Batch:
         return int(self.target_mask.sum())
 
     def rows(self, start: int, stop: int) -> Batch:
-        return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.target_mask[start:stop])
+        """Rows [start, stop), cut to the longest of them. Rows are right-padded and positions count from the left,
+        so the columns past every row's end feed no real position under causal attention: cutting them changes no
+        hidden state, and a micro-batch of short rows no longer pays for the rollout batch's longest one."""
+        mask = self.attention_mask[start:stop]
+        width = int((mask.any(0) * torch.arange(1, mask.shape[1] + 1, device=mask.device)).max())  # one host sync
+        return Batch(self.input_ids[start:stop, :width], mask[:, :width], self.target_mask[start:stop, :width])
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))

@@ -36,7 +36,7 @@ from tip_cli.pairs import load_pair, resolve_model
 from tip_cli.rollout import make_engine
 from tip_cli.rollout.batch import Batch, Sampling, eos_ids, pack
 from tip_cli.selection.quadrants import TokenStats
-from tip_cli.tracking import MetricsLogger, peak_memory_gb, read_jsonl, timed
+from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, timed
 from tip_cli.train import parallel, precision, rundir
 from tip_cli.train.schedule import apply_schedule, lr_lambda, prompt_indices
 from tip_cli.train.step import check_temperature, distill_step
@@ -202,6 +202,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     logger: object
     bench: list[Problem] | EnvBenchmark
+    memory: PeakMemory  # perf/peak_mem_gb, net of the rollout engine
     start: int = 0
     skipped: int = 0  # consecutive steps without an update (non-finite H, D, loss or gradient)
     skipped_total: int = 0
@@ -229,7 +230,9 @@ def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoin
         enable_checkpointing(student)
     parallel.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
     scorer = make_scorer(cfg, pair, prec, run_dir)
-    engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
+    memory = PeakMemory(device)
+    with memory.engine_build():
+        engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
     source = rollout_source(cfg, pair, problems)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -241,14 +244,13 @@ def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoin
     logger = parallel.NullLogger()
     if parallel.is_main():
         logger = MetricsLogger(run_dir, cfg.logger, to_container(cfg), start, run_dir.name)
-    return Run(cfg, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, start)
+    return Run(cfg, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, memory,
+               start)
 
 
 def step_generator(run: Run, step: int) -> torch.Generator:
     """Seed the step: every random draw derives from (seed, step) (and the rank), so a resumed run replays exactly."""
     torch.manual_seed(parallel.rank_seed(run.cfg.seed * 1_000_003 + step))
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
     return torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + step)
 
 
@@ -261,6 +263,7 @@ def rollout(run: Run, step: int, m: dict) -> Rollout:
     with timed("time/rollout", m), parallel.gathered(student), run.prec.autocast(run.device, student):
         out = run.source.generate(run.engine, idx, sampling)
         run.engine.sleep()
+    run.memory.start()
     return run.source.pack(out, idx, sampling, run.device)
 
 
@@ -289,7 +292,7 @@ def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> di
     m["optim/grad_norm"] = float(grad_norm)
     m["perf/tokens_per_s"] = m["tokens/total"] / m["time/step"]
     m["perf/rollout_tokens_per_s"] = generated / max(m["time/rollout"], 1e-9)
-    m["perf/peak_mem_gb"] = peak_memory_gb(run.device)
+    m["perf/peak_mem_gb"] = run.memory.gb()
     return parallel.merge_metrics(m)
 
 
