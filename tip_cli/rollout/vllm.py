@@ -6,6 +6,10 @@ The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), colocated with tr
 names, the same stacking of q/k/v and gate/up as a load from disk), then resets the prefix cache so no KV computed
 with the old weights is reused. With sleep mode (default on CUDA) the engine drops its KV cache and offloads its
 weights while the trainer runs the training step.
+
+Sampling draws no per-request seed (vLLM would then draw each request's noise in a loop of its own); a call's
+`Sampling.seed` seeds the workers' RNG instead, so the batch's noise is one draw and a call's responses follow from
+its prompts and seed.
 """
 
 from __future__ import annotations
@@ -63,6 +67,12 @@ def engine_kwargs(path: str, cfg: VLLMConfig, dtype: torch.dtype, seed: int, max
     return kwargs
 
 
+def _seed_sampler(worker, seed: int) -> None:
+    """On each vLLM worker: seed the RNG its sampler draws a step's noise from (CUDA: the device's default
+    generator; CPU: the per-row seeds of the fused Gumbel sampler)."""
+    torch.manual_seed(seed)
+
+
 def _refresh_packed_lm_head(model: torch.nn.Module) -> None:
     """CPU backend: the lm_head keeps a packed copy of its (possibly tied) weight; repack it from the new weight."""
     head = getattr(model, "lm_head", None)
@@ -103,7 +113,7 @@ class VLLMEngine:
         self.asleep = False
         self._weights_awake = False
 
-    def _params(self, sampling: Sampling, seed: int | None):
+    def _params(self, sampling: Sampling):
         """Every sampling field set from tip's settings: softmax(logits / T) cut by top_p / top_k, no penalties."""
         return self._vllm.SamplingParams(
             n=sampling.n,
@@ -117,7 +127,6 @@ class VLLMEngine:
             min_tokens=0,
             max_tokens=sampling.max_new_tokens,
             stop_token_ids=sorted(self.eos_ids | set(sampling.stop_token_ids)),
-            seed=seed,
             logprobs=0 if sampling.logprobs else None,
             detokenize=False,
         )
@@ -129,9 +138,9 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
-        params = [self._params(sampling, s) for s in seeds]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if sampling.seed is not None:
+            self.llm.collective_rpc(_seed_sampler, args=(sampling.seed,))
+        outputs = self.llm.generate(requests, self._params(sampling), use_tqdm=False)
         stops = self.eos_ids | set(sampling.stop_token_ids)
         tokens, logprobs = [], []
         for out in outputs:  # vLLM returns requests in submission order, each with its n completions
