@@ -1,5 +1,7 @@
-"""The in-process vLLM engines' wiring, checked without a GPU: seeded sampling without per-request seeds. vLLM's
-`LLM` is a recording fake here; the real CPU engine runs in test_vllm.py."""
+"""The in-process vLLM engines' wiring, checked without a GPU: the engine arguments under torchrun (against vLLM's
+own executor code where vLLM is installed), one sleep-mode engine per process, sleep level 2 with the weights
+reloaded before waking, and seeded sampling without per-request seeds. vLLM's `LLM` is a recording fake here; the
+real CPU engine runs in test_vllm.py."""
 
 import itertools
 from dataclasses import dataclass, field
@@ -8,9 +10,64 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tip_cli.config.schema import VLLMConfig
+from tip_cli.config.schema import ConfigError, TeacherConfig, VLLMConfig
 from tip_cli.rollout import vllm as rollout_vllm
 from tip_cli.rollout.batch import Sampling, derive_seed
+from tip_cli.teacher import vllm as teacher_vllm
+
+TORCHRUN_RANK1 = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+def _torchrun(monkeypatch, env):
+    for key in TORCHRUN_RANK1:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_engines_under_torchrun_run_in_vllms_torchrun_mode(monkeypatch):
+    _torchrun(monkeypatch, {})
+    alone = rollout_vllm.engine_kwargs("m", VLLMConfig(), torch.bfloat16, seed=3)
+    assert "distributed_executor_backend" not in alone  # one process: vLLM's own choice
+    ranks = []
+    for rank in ("0", "1"):
+        _torchrun(monkeypatch, TORCHRUN_RANK1 | {"RANK": rank, "LOCAL_RANK": rank})
+        ranks.append(rollout_vllm.engine_kwargs("m", VLLMConfig(), torch.bfloat16, seed=3))
+        teacher = teacher_vllm.engine_kwargs("t", VLLMConfig(), torch.bfloat16, seed=3, sleep=False)
+        assert teacher["distributed_executor_backend"] == "external_launcher"
+    assert [k["distributed_executor_backend"] for k in ranks] == ["external_launcher"] * 2
+    assert ranks[0]["seed"] == ranks[1]["seed"] == 3  # vLLM's rule for ranks that share an engine holds trivially
+    assert ranks[0]["tensor_parallel_size"] == 1
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 under torchrun"):
+        rollout_vllm.engine_kwargs("m", VLLMConfig(tensor_parallel_size=2), torch.bfloat16, seed=3)
+
+
+def test_vllms_torchrun_executor_takes_the_gpu_of_the_local_rank(monkeypatch):
+    """vLLM's own code: the executor the arguments select reads the device from LOCAL_RANK, where the
+    single-process executor (what an engine without the argument gets) takes device index 0 on every rank."""
+    pytest.importorskip("vllm")
+    from vllm.v1.executor.abstract import Executor
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    _torchrun(monkeypatch, TORCHRUN_RANK1)
+    kwargs = rollout_vllm.engine_kwargs("m", VLLMConfig(), torch.bfloat16, seed=0)
+    parallel = SimpleNamespace(distributed_executor_backend=kwargs["distributed_executor_backend"])
+    executor = Executor.get_class(SimpleNamespace(parallel_config=parallel))
+    assert executor._distributed_args(None) == ("env://", 1, 1)  # (init method, rank, local rank)
+    uni = SimpleNamespace(vllm_config=SimpleNamespace(device_config=SimpleNamespace(device=torch.device("cuda"))))
+    assert UniProcExecutor._distributed_args(uni)[1:] == (0, 0)
+
+
+def test_at_most_one_sleep_mode_engine_per_process(monkeypatch):
+    monkeypatch.setattr(rollout_vllm, "_on_cpu", lambda: False)  # the CUDA defaults
+    assert rollout_vllm.engine_kwargs("m", VLLMConfig(), torch.bfloat16, 0)["enable_sleep_mode"] is True
+    assert "enable_sleep_mode" not in rollout_vllm.engine_kwargs("m", VLLMConfig(), torch.bfloat16, 0, sleep=False)
+    fake = FakeVLLM()
+    monkeypatch.setattr(teacher_vllm, "import_vllm", lambda: fake)
+    teacher_vllm.VLLMTeacher("t", VLLMConfig(), torch.bfloat16, topk=5)
+    assert "enable_sleep_mode" not in fake.built[-1] and fake.built[-1]["max_logprobs"] == 5
+    with pytest.raises(ConfigError, match="one sleep-mode engine per process"):
+        TeacherConfig(backend="vllm_topk", vllm=VLLMConfig(enable_sleep_mode=True))
 
 
 @dataclass
@@ -79,6 +136,20 @@ def test_seed_sampler_sets_the_rng_the_sampler_draws_from():
     rollout_vllm._seed_sampler(None, 5)
     drawn = torch.randint(0, 2**31, (4,))
     assert torch.equal(drawn, torch.randint(0, 2**31, (4,), generator=torch.Generator().manual_seed(5)))
+
+
+def test_sleep_discards_the_weights_and_the_sync_reloads_them_before_waking(engine):
+    engine.sleep()
+    engine.sync_weights(torch.nn.Linear(2, 2))
+    engine.generate([[1]], Sampling())
+    names = [c[0] if c[0] != "rpc" else c[1] for c in engine.llm.calls]
+    assert engine.llm.calls[0] == ("sleep", 2)
+    assert names[:3] == ["sleep", "wake_up", "reload_weights"] and engine.llm.calls[1] == ("wake_up", ["weights"])
+    assert ("wake_up", ["kv_cache"]) in engine.llm.calls and names[-1] == "generate"
+    engine.llm.calls.clear()
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="sync_weights"):  # waking on discarded weights would sample garbage
+        engine.generate([[1]], Sampling())
 
 
 def test_derived_seeds_differ_across_runs_steps_ranks_and_turns():
