@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from tip_cli.rollout import vllm as rollout_vllm
 from tip_cli.rollout.batch import Sampling, derive_seed
 from tip_cli.teacher import vllm as teacher_vllm
 
+INT64 = np.iinfo(np.int64)
 TORCHRUN_RANK1 = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
 
@@ -132,10 +134,16 @@ def test_a_seeded_call_seeds_the_workers_rng_and_no_request(engine):
     assert [c[0] for c in engine.llm.calls] == ["generate"]  # unseeded: the RNG as it is
 
 
-def test_seed_sampler_sets_the_rng_the_sampler_draws_from():
-    rollout_vllm._seed_sampler(None, 5)
-    drawn = torch.randint(0, 2**31, (4,))
-    assert torch.equal(drawn, torch.randint(0, 2**31, (4,), generator=torch.Generator().manual_seed(5)))
+def test_seed_sampler_sets_the_rngs_the_samplers_draw_from():
+    """V1 runner: torch's RNG (the batch's noise); V2 runner: NumPy's (a seed per request, drawn as vLLM does)."""
+    seed = derive_seed(1, 2, 3)  # 63 bits: more than np.random.seed takes as one integer
+    rollout_vllm._seed_sampler(None, seed)
+    drawn, per_request = torch.randint(0, 2**31, (4,)), np.random.randint(INT64.min, INT64.max, size=3)
+    assert torch.equal(drawn, torch.randint(0, 2**31, (4,), generator=torch.Generator().manual_seed(seed)))
+    rollout_vllm._seed_sampler(None, seed)
+    assert np.array_equal(per_request, [np.random.randint(INT64.min, INT64.max) for _ in range(3)])
+    rollout_vllm._seed_sampler(None, seed + 1)
+    assert not np.array_equal(per_request, np.random.randint(INT64.min, INT64.max, size=3))
 
 
 def test_sleep_discards_the_weights_and_the_sync_reloads_them_before_waking(engine):

@@ -8,9 +8,9 @@ with the old weights is reused. With sleep mode (default on CUDA) the engine fre
 (sleep level 2: they are reloaded from the student before the next rollout anyway) while the trainer runs the step.
 
 Under torchrun every rank runs its own engine on its own GPU (vLLM's torchrun mode, `external_launcher`) on its own
-slice of the prompts. Sampling draws no per-request seed (vLLM would then draw each request's noise in a loop of its
-own); a call's `Sampling.seed` seeds the workers' RNG instead, so the batch's noise is one draw and a call's
-responses follow from its prompts and seed.
+slice of the prompts. Requests carry no seed of their own (vLLM gives sample c of a request seeded s the seed s + c,
+and its V1 runner draws seeded requests' noise in a loop over them); a call's `Sampling.seed` seeds the RNGs the
+workers' sampler draws from instead, so a call's responses follow from its prompts and seed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -88,9 +89,12 @@ def engine_kwargs(path: str, cfg: VLLMConfig, dtype: torch.dtype, seed: int, max
 
 
 def _seed_sampler(worker, seed: int) -> None:
-    """On each vLLM worker: seed the RNG its sampler draws a step's noise from (CUDA: the device's default
-    generator; CPU: the per-row seeds of the fused Gumbel sampler)."""
+    """On each vLLM worker: seed the RNGs its sampler draws from for requests without a seed of their own. Torch's:
+    the V1 runner's noise for the whole batch (CUDA: the device's default generator; CPU: the per-row seeds of the
+    fused Gumbel sampler). NumPy's: the V2 runner (the CUDA default) gives each such request a seed from it, its
+    noise then a function of (that seed, position)."""
     torch.manual_seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
 
 
 def _refresh_packed_lm_head(model: torch.nn.Module) -> None:
