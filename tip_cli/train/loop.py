@@ -34,7 +34,7 @@ from tip_cli.models import (
 )
 from tip_cli.pairs import load_pair, resolve_model
 from tip_cli.rollout import make_engine
-from tip_cli.rollout.batch import Batch, Sampling, eos_ids, pack
+from tip_cli.rollout.batch import Batch, Sampling, derive_seed, eos_ids, pack
 from tip_cli.selection.quadrants import TokenStats
 from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, timed
 from tip_cli.train import parallel, precision, rundir
@@ -259,7 +259,7 @@ def rollout(run: Run, step: int, m: dict) -> Rollout:
     cfg, r, student = run.cfg, run.cfg.rollout, run.pair.student
     idx = parallel.my_slice(prompt_indices(len(run.source), cfg.train.prompts_per_step, step, cfg.seed))
     sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
-                        seed=parallel.rank_seed(cfg.seed * 1_000_003 + step))
+                        seed=derive_seed(cfg.seed, step, parallel.rank()))
     with timed("time/rollout", m), parallel.gathered(student), run.prec.autocast(run.device, student):
         out = run.source.generate(run.engine, idx, sampling)
         run.engine.sleep()
