@@ -306,7 +306,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     save_every: int = 50
-    keep_checkpoints: int = 0  # 0 = keep all
+    # the newest N checkpoints stay (one to fall back to if the newest is damaged), 0 = keep all. A checkpoint holds
+    # the fp32 weights and AdamW's two moments (12 bytes a parameter) plus the HF export (2 a parameter, bf16): at
+    # 1.7B parameters 20.7 + 3.4 = 24 GB, so 2 kept take 48 GB (72 GB while the next is written); all of a 200-step
+    # run's at save_every=50, 96 GB
+    keep_checkpoints: int = 2
     eval_every: int = 50  # 0 = only before and after training
     eval_before: bool = True
     token_sample_every: int = 10  # save per-token (H, D, quadrant, kept) every N steps for `tip analyze`; 0 = never
