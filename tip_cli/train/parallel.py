@@ -10,7 +10,9 @@ Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK set) every rank, each step:
      seed), and keeps the selected indices that fall in its own slice;
   4. divides its loss by the global kept (or total) count and has FSDP *sum* the gradients across ranks (its
      default is the mean), so the summed loss and the step equal one process on the whole batch.
-Only rank 0 logs, prints and writes checkpoints' HF exports and eval results. Without torchrun every function here
+An evaluation is split over the ranks (`RankShard`: each generates and grades its share of the benchmark, the
+records are gathered); a checkpoint's files are hashed by the ranks in parallel (`hash_shares`). Only rank 0 logs,
+prints and writes checkpoints' HF exports, manifests and eval results. Without torchrun every function here
 is the single-process identity and no process group exists; torchrun with one process still shards (a world of 1),
 which is how `train.cpu_offload` runs on a single GPU.
 """
