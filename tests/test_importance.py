@@ -181,6 +181,21 @@ def test_quadrants_with_other_quantile_and_absolute_thresholds():
     assert stats.quadrant.tolist() == [4, 4, 1, 2, 1]
 
 
+def test_median_split_of_adjacent_fp32_middle_values():
+    """An even batch whose two middle values a < b are adjacent fp32 numbers: the median (a + b) / 2 lies strictly
+    between them (float64 reference), so b is high and a is low. In fp32 the midpoint rounds onto b (a's last
+    mantissa bit is odd: ties to even), which would make b 'at the median', i.e. low."""
+    a = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+    b = torch.nextafter(a, torch.tensor(2.0))
+    h = torch.stack([b, torch.tensor(0.5), a, torch.tensor(3.0)])  # sorted: 0.5, a, b, 3.0
+    mid = (a.double() + b.double()) / 2
+    assert a.double() < mid < b.double() and torch.quantile(h, 0.5) == b  # the fp32 premise
+    stats = compute_stats(h, h.clone(), torch.zeros(4, dtype=torch.long), ImportanceConfig())
+    want = (h.double() > mid).tolist()  # [True, False, False, True]
+    assert stats.h_thr == mid.item() and stats.high_h.tolist() == want and stats.high_d.tolist() == want
+    assert stats.quadrant.tolist() == [1, 4, 4, 1]
+
+
 def test_compute_stats_degenerate_batches():
     seq = torch.zeros(5, dtype=torch.long)
     flat = compute_stats(torch.zeros(5), torch.full((5,), 0.3), seq, ImportanceConfig())

@@ -311,3 +311,35 @@ def test_a_kernel_that_fails_to_compile_stops_with_the_eager_setting(monkeypatch
 
     with pytest.raises(RuntimeError, match="torch.compile of softmax_rows failed .*recompile_limit.*set loss.backend=eager"):
         compiled(softmax_rows)(torch.zeros(2, 3))
+
+
+def test_compiled_kernels_stay_finite_at_minus_inf_logits():
+    """Masked tokens (-inf logits, p = 0) in both models' rows: the fused scoring and loss kernels, compiled and
+    as plain functions, give the eager scoring pass's H and D and the float64 formulas' H, D and dL/dz (0 where
+    p_S = 0), not NaN rows. The teacher is -inf only where the student is too, so every KL is finite."""
+    from tip_cli.losses import compiled, reverse_kl_from_logits
+    from tip_cli.selection.scores import entropy_and_reverse_kl, stats_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    z_s, z_t = torch.randn(5, 64, generator=g) * 3, torch.randn(5, 64, generator=g) * 3
+    masked_s = torch.rand(5, 64, generator=g) < 0.3
+    masked_s[:, 0] = True  # every row has a masked student token
+    masked_t = masked_s & (torch.rand(5, 64, generator=g) < 0.5)
+    masked_t[:, 0] = True  # and a token both models mask
+    z_s, z_t = z_s.masked_fill(masked_s, float("-inf")), z_t.masked_fill(masked_t, float("-inf"))
+    logp, logq = z_s.double().log_softmax(-1), z_t.double().log_softmax(-1)
+    p = logp.exp()
+    ent = -torch.where(p > 0, p * logp, 0.0).sum(-1)
+    kl_rows = torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
+    grad = torch.where(p > 0, 0.5 * p * (logp - logq - kl_rows[:, None]), 0.0)
+    eager = entropy_and_reverse_kl(z_s.log_softmax(-1), z_t.log_softmax(-1))
+    scale = torch.tensor(0.5)
+    for run in (lambda f: f, compiled):
+        h, d, log_z_s, log_z_t = run(stats_from_logits)(z_s, z_t)
+        kl_got, h_got, grad_got = run(reverse_kl_from_logits)(z_s, z_t, scale)
+        for got, want in ((h, ent), (d, kl_rows), (h_got, ent), (kl_got, kl_rows), (grad_got, grad),
+                          (h, eager[0]), (d, eager[1])):
+            assert got.isfinite().all()
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(log_z_s.double(), z_s.double().logsumexp(-1))
+        torch.testing.assert_close(log_z_t.double(), z_t.double().logsumexp(-1))

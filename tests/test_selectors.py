@@ -65,6 +65,19 @@ def test_budget_count():
     assert budget_count(0, 0.5) == 0 and budget_count(1, 0.01) == 1 and budget_count(5, 0.5) == 3
 
 
+# (N, b, K by hand): b * N is a half in decimal (13.5, 4.5, 6.5, 0.5), rounded up; the first is 13.499999999999998
+# in binary floating point, so floor(b * N + 0.5) on floats would give 13
+@pytest.mark.parametrize("n,budget,k", [(1500, 0.009, 14), (10, 0.45, 5), (2000, 0.00325, 7), (3, 0.5, 2), (2, 0.25, 1),
+                                        (1500, 0.0091, 14), (1500, 0.0089, 13)])
+def test_budget_count_rounds_a_decimal_half_up(n, budget, k):
+    assert budget_count(n, budget) == k
+
+
+def test_budget_count_half_case_misses_in_binary():
+    """The premise of the case above: the binary product lies below the half."""
+    assert 1500 * 0.009 < 13.5 and int(1500 * 0.009 + 0.5) == 13
+
+
 def test_registry_covers_every_configurable_selector():
     assert sorted(SELECTORS) == sorted(ALL_NAMES)
 

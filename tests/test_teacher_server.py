@@ -16,7 +16,7 @@ from vllm_serve import TOPK, free_port
 from tip_cli.cli import compose_config
 from tip_cli.config.schema import ConfigError, PairConfig
 from tip_cli.models import load_model, load_tokenizer
-from tip_cli.teacher.server import ServerTeacher, TeacherServerError
+from tip_cli.teacher.server import ServerTeacher, TeacherServerError, _HTTPFailure
 from tip_cli.toy.build import build_micro_pair
 from tip_cli.train import loop
 from tip_cli.train import step as train_step
@@ -120,7 +120,7 @@ def test_a_server_with_fewer_tokens_than_the_student_fails_at_start_up(server, m
     tok = load_tokenizer(str(micro["student"]), PairConfig())
     tok.add_tokens(["<extra_token>"])
     cfg = compose_config([f"teacher.url={server.ensure()}", "teacher.backend=vllm_server", f"teacher.topk={TOPK}"]).teacher
-    with pytest.raises(ConfigError, match=rf"has a smaller vocabulary than the student's {len(tok)} tokens: "
+    with pytest.raises(ConfigError, match=rf"has a smaller vocabulary than the student's {len(tok)} ids: "
                                           rf"it refuses token id {len(tok) - 1}"):
         ServerTeacher.connect(cfg, tok, len(tok))
 
@@ -164,3 +164,26 @@ def test_a_killed_server_is_retried_then_the_run_stops_naming_the_url_and_checkp
     assert waited >= 0.2 + 0.4  # the two backoffs were waited out before giving up
     assert len(calls) == 2 and time.monotonic() - start < 300
     assert (out / "checkpoints" / "step_1").is_dir() and not (out / "checkpoints" / "step_2").exists()
+
+
+def test_the_vocabulary_probe_reaches_the_models_rows_past_the_tokenizer(micro, monkeypatch):
+    """Qwen3's models have more rows than its tokenizer has tokens; vLLM accepts prompt ids up to the larger of the
+    two, so the probe must sit at the pair's vocabulary, not the tokenizer's length (here: a fake server's rule)."""
+    tok = load_tokenizer(str(micro["student"]), PairConfig())
+    rows = len(tok) + 267
+    probed = []
+
+    def post(self, url, path, body, timeout):
+        if path == "/tokenize":
+            return {"tokens": tok(body["prompt"], add_special_tokens=False)["input_ids"]}
+        probed.append(body["prompt"][0])
+        if body["prompt"][0] > rows - 1:  # vLLM: max(tokenizer.max_token_id, model rows - 1)
+            raise _HTTPFailure(f"Token id {body['prompt'][0]} is out of vocabulary")
+        return {}
+
+    monkeypatch.setattr(ServerTeacher, "_post", post)
+    cfg = compose_config(["teacher.url=http://x", "teacher.backend=vllm_server"]).teacher
+    ServerTeacher(cfg, "m", rows)._check_tokenizer("http://x", tok)
+    assert probed == [rows - 1, rows]
+    with pytest.raises(ConfigError, match=rf"larger vocabulary than the student's {len(tok)} ids"):
+        ServerTeacher(cfg, "m", len(tok))._check_tokenizer("http://x", tok)

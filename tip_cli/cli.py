@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from tip_cli import __version__
 from tip_cli.config.compose import CONF_DIR, GROUPS, group_options, register, validate
 from tip_cli.config.schema import ConfigError, TipConfig
 
@@ -192,6 +193,19 @@ app = typer.Typer(
 )
 OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. selector=soft_or budget=0.5 train.steps=100")
 MULTIRUN = typer.Option(False, "--multirun", "-m", help="Sweep: comma lists become one job each (budget=0.1,0.5,1.0)")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"tip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit"),
+) -> None:
+    pass
 
 
 @app.command(epilog=groups_help())

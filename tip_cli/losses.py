@@ -121,8 +121,10 @@ def reverse_kl_from_logits(
     is `_reverse_kl_chunk`, in place over fp32 blocks."""
     ent, kl_rows, log_z_s, log_z_t = stats_from_logits(z_s, z_t)
     zs, zt = z_s.to(kl_rows.dtype), z_t.to(kl_rows.dtype)
-    # log p_S - log p_T - KL = z_s - z_t - (log Z_S - log Z_T + KL)
-    grad_z = scale * torch.exp(zs - log_z_s[:, None]) * (zs - zt - (log_z_s - log_z_t + kl_rows)[:, None])
+    # log p_S - log p_T - KL = z_s - z_t - (log Z_S - log Z_T + KL); where p_S = 0 (z_s = -inf) the gradient is 0,
+    # not 0 * (-inf - z_t) = NaN
+    p_s = torch.exp(zs - log_z_s[:, None])
+    grad_z = torch.where(p_s > 0, scale * p_s * (zs - zt - (log_z_s - log_z_t + kl_rows)[:, None]), 0.0)
     return kl_rows, ent, grad_z.to(z_s.dtype)
 
 

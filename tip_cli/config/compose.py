@@ -10,7 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from tip_cli.config.schema import TipConfig
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# An installed wheel carries the groups inside the package (pyproject.toml maps conf/ to tip_cli.conf); a checkout,
+# editable install included, has them at the top of the repository. A plain path, not Hydra's pkg://, so a checkout
+# on PYTHONPATH works too.
+CONF_DIR = next((d for d in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if d.is_dir()), _PACKAGE.parent / "conf")
 GROUPS = ("task", "pair", "selector", "benchmark", "data", "rollout", "train", "logger")
 
 

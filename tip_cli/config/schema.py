@@ -52,13 +52,15 @@ def _check_chunk(where: str, value: Any) -> None:
 class PairConfig:
     """A teacher-student pair. Model fields take a HF id, a local path, or `toy://teacher|student`."""
 
-    name: str = "toy"
-    teacher: str = "toy://teacher"
-    student: str = "toy://student"
+    name: str = "toy"  # the pair's label (run names, analysis)
+    teacher: str = "toy://teacher"  # the teacher model: HF id, local dir or toy://teacher
+    student: str = "toy://student"  # the student model, trained: HF id, local dir or toy://student
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     chat_template: str | None = None  # a Jinja template replacing the tokenizer's own
+    # extra arguments of the chat template, e.g. {enable_thinking: false}
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # let transformers run the model repository's own code
+    # transformers' attention kernel (eager, sdpa, flash_attention_2); null = its choice
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
@@ -69,9 +71,10 @@ class PairConfig:
 class SelectorConfig:
     """Which tokens enter the loss (SPEC section 5)."""
 
-    name: str = "soft_or"
+    name: str = "soft_or"  # the selector (conf/selector/); set it with selector=NAME
     mode: str = "topk"  # topk | sample
     alpha: float = 1.0  # sampling weight = score ** alpha
+    # selector=quadrant: the quadrants kept, e.g. [Q3] (low entropy, high divergence)
     quadrants: list[str] = field(default_factory=lambda: ["Q3"])
     cap_by: str = "divergence"  # ranking used when a mask selector holds more tokens than the budget
     scope: str = "batch"  # batch | per_sequence: where the budget K is counted
@@ -99,15 +102,15 @@ class SelectorConfig:
 class ImportanceConfig:
     """The two axes (entropy H, divergence D), their normalisation and quadrant thresholds (SPEC 2-4)."""
 
-    divergence: str = "reverse_kl"
-    jsd_beta: float = 0.5
+    divergence: str = "reverse_kl"  # D: reverse_kl = KL(p_S || p_T), forward_kl = KL(p_T || p_S), or jsd
+    jsd_beta: float = 0.5  # divergence=jsd: m = beta p_T + (1 - beta) p_S; 0 is forward KL, 1 reverse KL
     topk: int | None = None  # restrict D to the teacher's top-K tokens, renormalised
     norm: str = "minmax"  # minmax | rank | quantile_clip
-    clip_lo: float = 0.01
-    clip_hi: float = 0.99
+    clip_lo: float = 0.01  # norm=quantile_clip: lower quantile clipped to
+    clip_hi: float = 0.99  # norm=quantile_clip: upper quantile clipped to
     threshold: str = "quantile"  # quantile (per batch) | absolute (nats)
     h_threshold: float = 0.5  # the median by default
-    d_threshold: float = 0.5
+    d_threshold: float = 0.5  # as h_threshold, for D
     # rows of [chunk, V] logits scored at once (256 x 152k fp32 = 155 MB a block); auto/null: tip_cli.train.chunks
     chunk_size: Any = "auto"
 
@@ -143,8 +146,8 @@ class ImportanceConfig:
 class LossConfig:
     """Per-token distillation loss over the full vocabulary (SPEC section 1)."""
 
-    kind: str = "reverse_kl"
-    jsd_beta: float = 0.5
+    kind: str = "reverse_kl"  # the per-token loss: reverse_kl = KL(p_S || p_T), forward_kl, or jsd
+    jsd_beta: float = 0.5  # kind=jsd: m = beta p_T + (1 - beta) p_S; 0 is forward KL, 1 reverse KL
     norm: str = "selected"  # selected: mean over kept tokens | total: divide by all response tokens
     # both models' logits are divided by it in H, D and the loss; null = rollout.temperature (the distribution the
     # rollouts were sampled from; greedy rollouts, T = 0, use 1)
@@ -175,20 +178,20 @@ ENVS = ("toy_agent", "deepplanning_shopping", "deepplanning_travel")  # tip_cli.
 class DatasetConfig:
     """A prompt source: a local JSONL/JSON/Parquet path, `toy://train|test`, or a HF dataset id (path wins)."""
 
-    name: str = "toy"
-    path: str | None = "toy://test"
-    hf_id: str | None = None
-    hf_config: str | None = None
-    split: str = "test"
-    problem_field: str = "problem"
-    answer_field: str = "answer"
-    id_field: str | None = "id"
-    prompt_template: str = "{problem}"
+    name: str = "toy"  # the source's label; evaluation metrics are logged as eval/<name>/<metric>
+    path: str | None = "toy://test"  # local JSONL/JSON/Parquet file, or toy://train|test; wins over hf_id
+    hf_id: str | None = None  # a Hugging Face dataset id, used when path is null
+    hf_config: str | None = None  # the HF dataset's config name
+    split: str = "test"  # the split to read (HF datasets; DeepPlanning: train, test or all)
+    problem_field: str = "problem"  # the column holding the problem (dotted for nested fields)
+    answer_field: str = "answer"  # the column holding the gold answer (dotted for nested fields)
+    id_field: str | None = "id"  # the column holding a problem id; null = row numbers
+    prompt_template: str = "{problem}"  # the user message; {problem} is replaced by the problem
     # sampling defaults for evaluation on this source (eval.* overrides them)
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256  # with an env: per model turn
+    n: int = 1  # samples per problem
+    temperature: float = 0.0  # evaluation sampling temperature; 0 = greedy
+    top_p: float = 1.0  # evaluation nucleus-sampling mass
+    max_new_tokens: int = 256  # tokens per response (with an env: per model turn)
     # tool-use environments (tip_cli.envs): null = single-turn prompts graded by math-verify
     env: str | None = None  # toy_agent | deepplanning_shopping | deepplanning_travel
     db_path: str | None = None  # the environment's database (DeepPlanning: a local copy of Qwen/DeepPlanning)
@@ -223,7 +226,7 @@ class VLLMConfig:
 
     gpu_memory_utilization: float = 0.3  # share of GPU memory for weights + KV cache (colocated with training)
     kv_cache_gb: float | None = None  # an explicit KV-cache size; null = from gpu_memory_utilization (CPU: 1 GiB)
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # GPUs the engine shards the model over
     max_model_len: int | None = None  # null = the model's own context length
     enable_sleep_mode: bool | None = None  # null = on with CUDA: KV cache freed and weights offloaded while training
     enforce_eager: bool = False  # no CUDA graphs (always eager on CPU)
@@ -240,11 +243,12 @@ class VLLMConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "hf"  # hf (transformers generate on the training module) | vllm (needs the vllm extra)
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # tokens sampled per response (with an environment: per model turn)
+    # sampling temperature of the rollouts; 0 = greedy. H, D and the loss use it too (loss.temperature)
     temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    samples_per_prompt: int = 1
+    top_p: float = 1.0  # nucleus-sampling mass of the rollouts
+    top_k: int = 0  # top-k sampling; 0 = off
+    samples_per_prompt: int = 1  # responses sampled per prompt
     batch_size: int = 64  # sequences generated at once (hf)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
@@ -269,7 +273,7 @@ class TeacherConfig:
     """
 
     backend: str = "hf"  # hf | vllm_topk | vllm_server
-    topk: int = 20
+    topk: int = 20  # vllm_topk / vllm_server: K teacher log-probs per position (the server needs --max-logprobs >= K)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     url: Any = None  # vllm_server: base URL of a replica, or a list of them, e.g. http://10.0.0.2:8000
     model: str | None = None  # vllm_server: the served model name; null = the one model the server lists
@@ -297,24 +301,25 @@ class TeacherConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    prompts_per_step: int = 16
+    steps: int = 200  # optimizer steps
+    prompts_per_step: int = 16  # prompts per step (a multiple of the number of ranks under torchrun)
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole rollout batch at once
-    lr: float = 1e-4
+    lr: float = 1e-4  # AdamW learning rate
     lr_schedule: str = "constant"  # constant | cosine | linear
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    save_every: int = 50
-    # the newest N checkpoints stay (one to fall back to if the newest is damaged), 0 = keep all. A checkpoint holds
-    # the fp32 weights and AdamW's two moments (12 bytes a parameter) plus the HF export (2 a parameter, bf16): at
-    # 1.7B parameters 20.7 + 3.4 = 24 GB, so 2 kept take 48 GB (72 GB while the next is written); all of a 200-step
-    # run's at save_every=50, 96 GB
+    warmup_steps: int = 0  # linear warm-up steps before the schedule
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient's global norm to this
+    save_every: int = 50  # checkpoint every N steps; the last step is always saved
+    # the newest N checkpoints stay (one to fall back on if the newest is damaged); 0 = keep all. A checkpoint holds
+    # the fp32 weights and AdamW's two moments (12 bytes a parameter) and the bf16 HF export (2 bytes): at 1.7B
+    # parameters 20.6 + 3.4 = 24 GB, so 2 take 48 GB (72 GB while the next is written), where keeping all of a
+    # 200-step run saved every 50 steps takes 96 GB
     keep_checkpoints: int = 2
     eval_every: int = 50  # 0 = only before and after training
-    eval_before: bool = True
+    eval_before: bool = True  # evaluate the student before the first step
     token_sample_every: int = 10  # save per-token (H, D, quadrant, kept) every N steps for `tip analyze`; 0 = never
     token_sample_size: int = 20000  # tokens kept per sample (drawn uniformly from the rollout batch)
+    # recompute the student's layers in backward (less activation memory, more time)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     # under torchrun (tip_cli.train.parallel): where normalisation, quadrant thresholds and the budget are computed
@@ -350,12 +355,12 @@ class TrainConfig:
 class EvalConfig:
     """Overrides of the benchmark's own sampling defaults; null = the benchmark's value."""
 
-    n: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_new_tokens: int | None = None
+    n: int | None = None  # samples per problem
+    temperature: float | None = None  # sampling temperature; 0 = greedy
+    top_p: float | None = None  # nucleus-sampling mass
+    max_new_tokens: int | None = None  # tokens per response (with an environment: per model turn)
     limit: int | None = None  # evaluate only the first N problems
-    batch_size: int = 64
+    batch_size: int = 64  # prompts generated at once
     skip_bad_rows: bool = False  # skip malformed dataset rows (each reported with its line) instead of failing
 
     def __post_init__(self) -> None:
@@ -368,10 +373,10 @@ class EvalConfig:
 @dataclass
 class LoggerConfig:
     name: str = "wandb"  # wandb | none; metrics.jsonl is always written
-    project: str = "tip"
-    entity: str | None = None
+    project: str = "tip"  # the W&B project
+    entity: str | None = None  # the W&B entity (user or team); null = the default one
     mode: str = "auto"  # auto: online with credentials, else offline | online | offline | disabled
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # W&B run tags
 
     def __post_init__(self) -> None:
         _one_of("logger.name", self.name, ("wandb", "none"))
@@ -392,9 +397,9 @@ class TipConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
-    budget: float = 0.5
-    seed: int = 0
-    out_dir: str | None = None  # null = Hydra's run dir
+    budget: float = 0.5  # fraction of response tokens kept, K = max(1, round(budget * N)); 1.0 is full-token OPD
+    seed: int = 0  # every random draw of the run derives from it and the step
+    out_dir: str | None = None  # the run dir; null = Hydra's outputs/DATE/TIME
     checkpoint: str | None = None  # what `tip eval` evaluates
 
     def __post_init__(self) -> None:

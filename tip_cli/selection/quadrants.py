@@ -19,13 +19,15 @@ from tip_cli.selection.options import THRESHOLDS
 def threshold(x: torch.Tensor, value: float, kind: str) -> float:
     """The quadrant split of one axis: `quantile` -> the value-quantile of x over the batch; `absolute` -> value (nats).
 
-    An empty batch under `quantile` gives 0.0.
+    The quantile is taken in float64: the median of an even batch is the midpoint of its two middle values, which
+    fp32 cannot hold when they are adjacent fp32 numbers (it rounds onto one of them, putting that token on the
+    wrong side of the strict >). An empty batch under `quantile` gives 0.0.
     """
     if kind == "absolute":
         return float(value)
     if kind != "quantile":
         raise ValueError(f"unknown threshold kind {kind!r}; expected one of: {', '.join(THRESHOLDS)}")
-    return torch.quantile(x.float(), value).item() if x.numel() else 0.0
+    return torch.quantile(x.double(), value).item() if x.numel() else 0.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ def compute_stats(
         )
     h_thr = threshold(entropy, spec.h_threshold, spec.threshold)
     d_thr = threshold(divergence, spec.d_threshold, spec.threshold)
-    high_h, high_d = entropy > h_thr, divergence > d_thr
+    # compared in float64: a Python float against an fp32 tensor would be rounded to fp32 first
+    high_h, high_d = entropy.double() > h_thr, divergence.double() > d_thr
     return TokenStats(
         entropy=entropy,
         divergence=divergence,

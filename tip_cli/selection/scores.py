@@ -67,10 +67,12 @@ def stats_from_logits(
     acc = torch.promote_types(torch.promote_types(z_s.dtype, z_t.dtype), torch.float32)
     zs, zt = z_s.to(acc), z_t.to(acc)
     log_z_s, log_z_t = zs.logsumexp(-1, keepdim=True), zt.logsumexp(-1, keepdim=True)  # [C, 1]
-    logp_s = zs - log_z_s
+    # a -inf logit (a masked token) has p = 0: as in the eager path (_finite), log p is raised to the lowest finite
+    # value so that p * log p is 0 instead of 0 * -inf = NaN, which the row sum would spread to the whole row
+    logp_s, logp_t = _finite(zs - log_z_s), _finite(zt - log_z_t)
     p_s = logp_s.exp()
     ent = -(p_s * logp_s).sum(-1)
-    div = (p_s * (logp_s - (zt - log_z_t))).sum(-1)
+    div = (p_s * (logp_s - logp_t)).sum(-1)
     return ent, div, log_z_s[:, 0], log_z_t[:, 0]
 
 

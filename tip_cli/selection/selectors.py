@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 
@@ -34,8 +35,15 @@ class SelectorSpec:
 
 
 def budget_count(n: int, budget: float) -> int:
-    """K = max(1, round(budget * n)) for n > 0 (round half up, capped at n); 0 for n = 0."""
-    return min(n, max(1, math.floor(budget * n + 0.5))) if n > 0 else 0
+    """K = max(1, floor(b * N + 1/2)) for N = n > 0 tokens (SPEC 5: round half up), capped at N; 0 for N = 0.
+
+    b * N is taken exactly on b's decimal value (the shortest decimal that reads back as the float `budget`, i.e.
+    what the user wrote), so a product that is a decimal half rounds up: 0.009 * 1500 = 13.5 gives K = 14, where
+    the binary product 13.499999999999998 would give 13.
+    """
+    if n <= 0:
+        return 0
+    return min(n, max(1, math.floor(Decimal(repr(float(budget))) * n + Decimal("0.5"))))
 
 
 def _sort_desc(order: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,16 @@
 Each scored sequence goes to a replica's OpenAI-compatible `/v1/completions` as token ids (never re-tokenised
 text) with `prompt_logprobs=K` and one new token; entry t + 1 of the returned prompt log-probs holds the teacher's
 top-K next-token ids and log-probs after token t, the same numbers `VLLMTeacher.topk_logprobs` reads from an
-in-process engine, so the K + 1-bucket divergence and loss (`TopKTeacher`) are unchanged. Sequences are spread
+in-process engine, so the K + 1-bucket divergence and loss (`TopKTeacher`) are unchanged. The answer carries each
+candidate's decoded token too (~1.3 kB of JSON per position; /v1/completions has no switch to leave them out of
+prompt_logprobs), so it is scanned as bytes into arrays (`tip_cli.teacher.topk`), not decoded. Sequences are spread
 round-robin over the replicas, `concurrency` requests in flight per replica (vLLM batches them). A failed request
 is retried on the next replica after a doubling backoff; when every attempt fails, the run stops with a message
 naming the URL and the last checkpoint (a rerun of the same command resumes from it).
 
 At start-up `connect` checks each replica: reachable, serving the named model, the same tokenizer as the student
 (a probe text's token ids from the server's `/tokenize`), the same vocabulary size (the server accepts the
-student's last token id as a prompt and refuses the next one), and that it accepts `prompt_logprobs=K`.
+last id of the student's vocabulary, tokens or model rows whichever is larger, and refuses the next one), and that it accepts `prompt_logprobs=K`.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from tip_cli.checkpoint import latest_checkpoint
 from tip_cli.config.schema import ConfigError, TeacherConfig
+from tip_cli.teacher.topk import json_rows, targets
 
 # Chat markup, digits, punctuation, accents, CJK and an emoji: pieces where two tokenizers tend to disagree.
 PROBE_TEXT = "What is 12 + 345? Think step by step.\n\tThe answer is 357. Naïve café, 東京, 🙂 {x_1}^2 = ½!"
@@ -41,13 +45,15 @@ class _HTTPFailure(Exception):
     """A request that reached the server and was refused (4xx): retrying will not help."""
 
 
-def _request(url: str, body: dict | None, timeout: float) -> dict:
-    """GET (body None) or POST JSON to `url`; the decoded JSON answer. Raises _HTTPFailure on a 4xx answer."""
+def _request(url: str, body: dict | None, timeout: float, raw: bool = False) -> dict | bytes:
+    """GET (body None) or POST JSON to `url`; the decoded JSON answer, or its bytes when `raw`. Raises _HTTPFailure
+    on a 4xx answer."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            answer = resp.read()
+            return answer if raw else json.loads(answer)
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")[:500]
         if 400 <= err.code < 500:
@@ -101,7 +107,10 @@ class ServerTeacher:
                 f"(server {theirs[at:at + 5]} vs student {ours[at:at + 5]}); serve a teacher that shares the "
                 "student's tokenizer"
             )
-        last = len(tokenizer) - 1  # the server's engine refuses prompt ids past its tokenizer's last id
+        # vLLM refuses a prompt id past both its tokenizer's last id and its model's last row (Qwen3's 151,936 rows
+        # outnumber its 151,669 tokens), so the probe sits at the last id of the pair's shared vocabulary
+        size = max(len(tokenizer), self.vocab)
+        last = size - 1
         for token, should_pass in ((last, True), (last + 1, False)):
             try:
                 self._post(url, "/v1/completions", {"prompt": [token], "max_tokens": 1}, timeout)
@@ -113,7 +122,7 @@ class ServerTeacher:
             if passed != should_pass:
                 raise ConfigError(
                     f"teacher server {url} ({self.model}) has a {'smaller' if should_pass else 'larger'} vocabulary "
-                    f"than the student's {len(tokenizer)} tokens: it {'refuses' if should_pass else 'accepts'} "
+                    f"than the student's {size} ids: it {'refuses' if should_pass else 'accepts'} "
                     f"token id {token}; serve a teacher that shares the student's tokenizer"
                 )
 
@@ -125,7 +134,9 @@ class ServerTeacher:
         except _HTTPFailure as err:
             raise ConfigError(f"teacher server {url} refused teacher.topk={self.topk} prompt log-probs ({err}); "
                               f"restart it with --max-logprobs {self.topk} or lower teacher.topk") from err
-        except (OSError, KeyError, IndexError) as err:
+        except ConfigError:  # token ids outside the shared vocabulary
+            raise
+        except (OSError, ValueError) as err:  # no answer, or no prompt log-probs in it
             raise ConfigError(f"teacher server {url} gave no prompt log-probs ({err!r}); {START_HINT}") from err
 
     def _post(self, url: str, path: str, body: dict, timeout: float) -> dict:
@@ -134,22 +145,16 @@ class ServerTeacher:
         except (OSError, ValueError) as err:  # URLError, timeouts and refused connections are OSErrors
             raise ConfigError(f"teacher server {url} is not reachable ({err}); {START_HINT}") from err
 
-    def _score(self, url: str, seq: list[int], positions: list[int]) -> tuple[list[list[int]], list[list[float]]]:
-        """One sequence's top-K (ids, log-probs) at `positions` from the replica at `url`."""
+    def _score(self, url: str, seq: list[int], positions: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One sequence's top-K candidates at `positions` from the replica at `url` ([R, M] ids, log-probs and the
+        rows' widths, for `topk.best_k`), read from the answer's bytes (~1.3 kB of JSON per position)."""
         body = {"model": self.model, "prompt": seq, "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": self.topk, "add_special_tokens": False}
-        out = _request(url + "/v1/completions", body, self.cfg.timeout_s)
-        entries_T = out["choices"][0]["prompt_logprobs"]  # [T]: None, then {token id: {logprob, rank, ...}}
-        ids, lps = [], []
-        for t in positions:
-            # the distribution of token t + 1: its top K, plus token t + 1 itself; ties keep the server's order
-            best = sorted(entries_T[t + 1].items(), key=lambda kv: kv[1]["logprob"], reverse=True)[: self.topk]
-            ids.append([int(tok) for tok, _ in best])
-            lps.append([float(lp["logprob"]) for _, lp in best])
-        if ids and max(max(row) for row in ids) >= self.vocab:
-            raise ConfigError(f"teacher server {url} returned token id {max(max(row) for row in ids)}, outside the "
+        rows = json_rows(_request(url + "/v1/completions", body, self.cfg.timeout_s, raw=True), len(seq), positions)
+        if rows[0].size and (top := int(rows[0].max())) >= self.vocab:
+            raise ConfigError(f"teacher server {url} returned token id {top}, outside the "
                               f"{self.vocab} ids teacher and student share")
-        return ids, lps
+        return rows
 
     def _score_with_retries(self, i: int, seq: list[int], positions: list[int]):
         """Sequence i on replica i mod R; attempt a on replica (i + a) mod R after backoff * 2^(a-1) seconds."""
@@ -164,7 +169,7 @@ class ServerTeacher:
                 raise TeacherServerError(f"teacher server {url} refused a request: {failure}") from failure
             except ConfigError:  # token ids outside the shared vocabulary
                 raise
-            except (OSError, ValueError, KeyError, IndexError) as failure:  # down, timed out, or a truncated answer
+            except (OSError, ValueError) as failure:  # down, timed out, or a truncated answer
                 err = failure
         ckpt = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
         resume = (f"the last checkpoint is {ckpt.path} (step {ckpt.step}); run the same command again to resume "
@@ -185,10 +190,7 @@ class ServerTeacher:
             results = [f.result() for f in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        ids = [row for r in results for row in r[0]]
-        lps = [row for r in results for row in r[1]]
-        return (torch.tensor(ids, dtype=torch.long).view(-1, self.topk),
-                torch.tensor(lps, dtype=torch.float32).view(-1, self.topk))
+        return targets(results, self.topk)
 
 
 def _served_models(url: str, timeout: float) -> list[str]:

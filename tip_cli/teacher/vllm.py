@@ -6,6 +6,7 @@ import torch
 
 from tip_cli.config.schema import VLLMConfig
 from tip_cli.rollout.vllm import engine_kwargs, import_vllm
+from tip_cli.teacher.topk import flat_rows, targets
 
 
 class VLLMTeacher:
@@ -22,13 +23,8 @@ class VLLMTeacher:
         token ids and log-probs of the next token: ([N, K] int64, [N, K] float32), rows in the given order."""
         from vllm.inputs import TokensPrompt
 
-        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=self.topk, detokenize=False)
+        # flat_logprobs: each sequence's log-probs as a few flat lists rather than a dict of objects per position
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=self.topk, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
-        ids, lps = [], []
-        for out, pos in zip(outputs, positions, strict=True):
-            for t in pos:
-                entries = out.prompt_logprobs[t + 1]  # the distribution of token t + 1 (plus that token itself)
-                best = sorted(entries.items(), key=lambda kv: kv[1].logprob, reverse=True)[: self.topk]
-                ids.append([tok for tok, _ in best])
-                lps.append([lp.logprob for _, lp in best])
-        return torch.tensor(ids, dtype=torch.long), torch.tensor(lps, dtype=torch.float32)
+        parts = [flat_rows(out.prompt_logprobs, pos) for out, pos in zip(outputs, positions, strict=True)]
+        return targets(parts, self.topk)
