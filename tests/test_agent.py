@@ -13,7 +13,7 @@ from tip_cli.envs.toy_agent import ToyAgentEnv, ToyAgentEpisode, calculate, gene
 from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark
 from tip_cli.pairs import load_pair
 from tip_cli.rollout import agent
-from tip_cli.rollout.batch import Generation, Sampling
+from tip_cli.rollout.batch import Generation, Sampling, derive_seed
 from tip_cli.toy.agent_pair import build_micro_agent_pair, make_tokenizer
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop, parallel
@@ -82,20 +82,21 @@ class ScriptedEngine:
     """Returns the next scripted turn (text + EOS) for every episode still running."""
 
     def __init__(self, tok, turns: list[str], eos: bool = True):
-        self.tok, self.turns, self.eos, self.prompts = tok, turns, eos, []
+        self.tok, self.turns, self.eos, self.prompts, self.seeds = tok, turns, eos, [], []
 
     def generate(self, prompts, sampling):
         self.prompts.append(prompts)
+        self.seeds.append(sampling.seed)
         text = self.turns[len(self.prompts) - 1]
         ids = self.tok(text + (self.tok.eos_token if self.eos else ""), add_special_tokens=False)["input_ids"]
         return Generation([list(ids) for _ in prompts])
 
 
-def run_script(tok, turns, task, **agent_kw):
+def run_script(tok, turns, task, seed=None, **agent_kw):
     env = ToyAgentEnv(DatasetConfig(name="t", env="toy_agent", path="toy_agent://train"))
     engine = ScriptedEngine(tok, turns)
     cfg = AgentConfig(**({"max_turns": 10, "max_tokens": 1000} | agent_kw))
-    (traj,) = agent.rollout(engine, tok, env, [task], Sampling(n=1), cfg, PairConfig(), {tok.eos_token_id})
+    (traj,) = agent.rollout(engine, tok, env, [task], Sampling(n=1, seed=seed), cfg, PairConfig(), {tok.eos_token_id})
     return traj, engine
 
 
@@ -142,6 +143,14 @@ def test_rollout_stops_at_max_turns_and_max_tokens(tok):
     # a turn is cut at the cap
     traj, _ = run_script(tok, [CALL] * 10, task, max_tokens=prompt + call + result + 5)
     assert (traj.turns, len(traj.ids), sum(traj.model_mask)) == (2, prompt + call + result + 5, call + 5)
+
+
+def test_every_turn_samples_with_its_own_seed(tok):
+    task = generate_tasks(1, seed=0)[0]
+    _, engine = run_script(tok, [CALL] * 10, task, seed=9, max_turns=4)
+    assert engine.seeds == [derive_seed(9, turn) for turn in range(4)] and len(set(engine.seeds)) == 4
+    _, engine = run_script(tok, [CALL] * 10, task, max_turns=2)
+    assert engine.seeds == [None, None]  # unseeded stays unseeded
 
 
 @pytest.mark.parametrize("selector", ["all", "soft_or"])

@@ -35,7 +35,7 @@ from tip_cli.rollout.vllm import VLLMEngine
 from tip_cli.selection import quadrants as importance
 from tip_cli.selection import selectors
 from tip_cli.teacher.targets import DenseTeacher
-from tip_cli.tracking import read_jsonl
+from tip_cli.tracking import PeakMemory, read_jsonl
 from tip_cli.train import loop, parallel, precision, schedule
 from tip_cli.train import step as train_step
 
@@ -374,7 +374,7 @@ def unshards_in_rollout(cfg: TipConfig, pair, engine) -> int:
             return None
 
     run = SimpleNamespace(cfg=cfg, source=Source(), engine=engine, pair=pair, device=torch.device("cpu"),
-                          prec=precision.resolve("fp32", "auto", torch.device("cpu")))
+                          prec=precision.resolve("fp32", "auto", torch.device("cpu")), memory=PeakMemory(torch.device("cpu")))
     FSDPModule.unshard = unshard
     try:
         loop.rollout(run, 1, {})

@@ -102,3 +102,47 @@ def test_export_keeps_the_pair_dtype_and_resume_continues_from_the_master_weight
     for n, p in pair.student.named_parameters():
         assert torch.equal(p.detach(), master[n])
     assert any(not torch.equal(rounded[n], master[n]) for n in rounded)  # the export alone would have lost bits
+
+
+def test_head_gradient_adds_up_in_fp32_under_bf16_compute(monkeypatch):
+    """Under bf16 compute each loss chunk's head gradient is a bf16 product; across chunks and micro-batches they
+    must add up in fp32 onto the fp32 master weight, not be rounded to bf16 on the way (a bf16 copy's gradient)."""
+    from tip_cli import losses
+    from tip_cli.teacher.targets import DenseTeacher
+
+    g = torch.Generator().manual_seed(0)
+    vocab, d, rows, micro = 96, 16, 40, 6
+    weight = (torch.randn(vocab, d, generator=g) * 0.5).requires_grad_()  # the fp32 master lm_head
+    hidden = torch.randn(rows * micro, d, generator=g).bfloat16()  # the student's bf16 hidden states
+    teacher = DenseTeacher(torch.randn(rows * micro, d, generator=g).bfloat16(),
+                           (torch.randn(vocab, d, generator=g) * 0.5).bfloat16(), vocab)
+    spec = losses.LossSpec(vocab, chunk=8, normalizer=rows * micro)
+    parts: list[list[torch.Tensor]] = []  # each micro-batch's chunk head gradients, as the chunks computed them
+    chunk = losses._reverse_kl_chunk
+
+    def recorded(*args):
+        out = chunk(*args)
+        assert out[2].dtype == torch.bfloat16  # the chunk's product is in the compute dtype
+        parts[-1].append(out[2].double())
+        return out
+
+    monkeypatch.setattr(losses, "_reverse_kl_chunk", recorded)
+    for m in range(micro):
+        parts.append([])
+        part = slice(m * rows, (m + 1) * rows)
+        losses.selected_token_loss(hidden[part], weight, teacher.rows(part), spec).backward()
+
+    assert weight.grad.dtype == torch.float32
+    exact = sum(sum(p) for p in parts)  # float64 sum of the chunks' contributions
+    fp32_err = ((weight.grad.double() - exact).norm() / exact.norm()).item()
+    # the same contributions with each micro-batch's sum rounded to bf16 before the fp32 .grad adds it
+    bf16_err = ((sum(sum(p).float().bfloat16().double() for p in parts) - exact).norm() / exact.norm()).item()
+    assert fp32_err < 1e-6 < 1e-4 < bf16_err, (fp32_err, bf16_err)
+
+    # and the contributions are the head gradient: float64 autograd of the same loss on the bf16 inputs, within
+    # what bf16 logits and a bf16 dL/dz allow
+    w64 = weight.detach().bfloat16().double().requires_grad_()
+    logp_s = torch.log_softmax(hidden.double() @ w64.T, -1)
+    logp_t = torch.log_softmax(teacher.hidden.double() @ teacher.weight.double().T, -1)
+    ((logp_s.exp() * (logp_s - logp_t)).sum() / (rows * micro)).backward()
+    assert ((weight.grad.double() - w64.grad).norm() / w64.grad.norm()).item() < 2e-2

@@ -64,3 +64,23 @@ def test_hf_rollouts_sample_the_tempered_softmax_whatever_the_generation_config(
     assert model.generation_config.repetition_penalty == 1.3  # the checkpoint asks for it; the engine ignores it
     torch.manual_seed(0)
     tempered_check(model, HFEngine(model, load_tokenizer(str(penalized_student), PairConfig())), 0.8)
+
+
+def test_hf_samples_follow_from_the_seed_whatever_the_rng_state(micro):
+    from tip_cli.config.schema import PairConfig
+    from tip_cli.models import load_model, load_tokenizer
+    from tip_cli.rollout.batch import Sampling
+    from tip_cli.rollout.hf import HFEngine
+
+    path = str(micro["teacher"])  # a few SFT steps: varied samples (the untrained micro student repeats a token)
+    engine = HFEngine(load_model(path, PairConfig(), torch.device("cpu"), trainable=False),
+                      load_tokenizer(path, PairConfig()), batch_size=2)  # two calls to generate: the seed spans both
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 5]]
+
+    def sample(seed, rng_seed):
+        torch.manual_seed(rng_seed)  # whatever drew from the global RNG before
+        return engine.generate(prompts, Sampling(n=1, temperature=1.0, max_new_tokens=16, seed=seed)).tokens
+
+    first = sample(5, rng_seed=0)
+    assert sample(5, rng_seed=1) == first
+    assert sample(6, rng_seed=0) != first

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -234,3 +235,111 @@ def test_the_reference_selection_is_not_the_trivial_one(pairs):
             for s in ("soft_or", "entropy", "divergence", "quadrant")}
     assert len({tuple(v) for v in sets.values()}) == 4, sets
     assert sets["soft_or"] != list(range(12))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Micro-batches cut to their own longest row
+
+
+def full_width_rows(self: Batch, start: int, stop: int) -> Batch:
+    """Rows [start, stop) at the rollout batch's full width: the slicing before micro-batches were cut."""
+    return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.target_mask[start:stop])
+
+
+@pytest.mark.parametrize("pair_name,selector,budget,micro", [
+    ("untied", "soft_or", 0.5, 2),  # scoring pass, then the loss pass, per micro-batch
+    ("tied", "entropy", 0.1, 1),
+    ("tied", "soft_or", 1.0, 2),  # every token kept: the loss pass alone
+])
+def test_micro_batches_cut_to_their_longest_row_keep_the_loss_and_gradients(
+    pairs, monkeypatch, pair_name, selector, budget, micro
+):
+    import tip_cli.models
+
+    student, teacher = pairs[pair_name]
+    batch = make_batch(seed=3)
+    lengths = batch.attention_mask.sum(1).tolist()  # [7, 6, 11, 6, 8]
+    cfg = make_cfg(selector, budget, "reverse_kl", micro)
+    widths = []
+    forward = tip_cli.models.final_hidden
+
+    def spy(model, input_ids, attention_mask):
+        widths.append((model is student, input_ids.shape[1]))
+        return forward(model, input_ids, attention_mask)
+
+    monkeypatch.setattr(tip_cli.models, "final_hidden", spy)
+    metrics, stats, kept, grads = run_distill_step(student, teacher, batch, cfg)
+    own_max = [max(lengths[i : i + micro]) for i in range(0, len(lengths), micro)]
+    assert own_max != [max(lengths)] * len(own_max)  # some micro-batch is shorter than the batch
+    assert [w for is_s, w in widths if not is_s] == own_max  # the teacher's passes
+    student_widths = [w for is_s, w in widths if is_s]
+    if budget < 1.0:  # the scoring pass runs every micro-batch
+        assert student_widths[: len(own_max)] == own_max
+        student_widths = student_widths[len(own_max) :]
+    remaining = iter(own_max)  # the loss pass: the micro-batches holding a kept token, in order
+    assert student_widths and all(w in remaining for w in student_widths)
+
+    seen = len(widths)
+    monkeypatch.setattr(Batch, "rows", full_width_rows)
+    metrics_full, stats_full, kept_full, grads_full = run_distill_step(student, teacher, batch, cfg)
+    assert {w for _, w in widths[seen:]} == {max(lengths)}
+    assert kept.tolist() == kept_full.tolist()
+    torch.testing.assert_close(stats.entropy, stats_full.entropy, rtol=1e-5, atol=1e-6)
+    assert metrics["loss"] == pytest.approx(metrics_full["loss"], rel=1e-5)
+    for name, want in grads_full.items():
+        scale = want.norm().item()
+        assert scale > 0, name
+        assert (grads[name] - want).norm().item() <= 1e-5 * scale, (name, (grads[name] - want).norm().item() / scale)
+
+
+def test_rows_cut_to_the_longest_row_keep_every_token():
+    batch = make_batch(seed=0)
+    lengths = batch.attention_mask.sum(1).tolist()
+    for start, stop in [(0, 2), (1, 2), (2, 5), (4, 5), (0, 5)]:
+        part = batch.rows(start, stop)
+        width = max(lengths[start:stop])
+        assert part.input_ids.shape == part.attention_mask.shape == part.target_mask.shape == (stop - start, width)
+        for b in range(start, stop):
+            n = lengths[b]
+            assert part.input_ids[b - start, :n].tolist() == batch.input_ids[b, :n].tolist()
+            assert part.attention_mask[b - start].sum() == n
+            assert part.target_mask[b - start].tolist() == batch.target_mask[b, :width].tolist()
+        assert not batch.target_mask[start:stop, width:].any()  # no loss position is cut
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One gradient reduction and one host sync per step
+
+
+@pytest.mark.parametrize("budget", [0.5, 1.0])  # the scored step, and the full-token step (no scoring pass)
+def test_gradients_sync_on_the_last_micro_batch_only_and_the_loss_is_read_once(pairs, monkeypatch, budget):
+    from torch.distributed.fsdp import FSDPModule
+
+    events = []
+
+    class Sharded(type(pairs["tied"][0]), FSDPModule):
+        """What fully_shard makes of the student (its class gains FSDPModule), recording the sync requests."""
+
+        def set_requires_gradient_sync(self, requires_gradient_sync, *, recurse=True):
+            events.append(("sync", requires_gradient_sync))
+
+    student, teacher = copy.deepcopy(pairs["tied"][0]), pairs["tied"][1]
+    student.__class__ = Sharded
+    student.get_output_embeddings().weight.register_hook(lambda g: events.append(("backward",)))
+    readers = []
+    item = torch.Tensor.item
+
+    def spy_item(self):
+        readers.append(sys._getframe(1).f_code.co_filename)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", spy_item)
+    batch = make_batch(seed=3)
+    metrics, _, _, _ = run_distill_step(student, teacher, batch, make_cfg("soft_or", budget, "reverse_kl", 2))
+
+    backwards = [i for i, e in enumerate(events) if e == ("backward",)]
+    assert len(backwards) == 3  # rows 5, micro-batches of 2: each holds a kept token
+    assert [events[i - 1] for i in backwards] == [("sync", False), ("sync", False), ("sync", True)]
+    assert events[-1] == ("sync", True)  # left on for whatever runs next
+    assert sum(f.endswith("tip_cli/train/step.py") for f in readers) == 1
+    assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0

@@ -180,6 +180,86 @@ def test_full_token_step_takes_its_stats_from_the_loss_pass(micro_overrides, mon
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+GiB = 2**30
+
+
+class FakeCuda:
+    """torch's allocator counts, by hand: a sleeping vLLM pool stays counted as allocated, as it does on CUDA."""
+
+    def __init__(self):
+        self.now = self.high = 0
+        self.resets = 0
+
+    def alloc(self, n: int) -> None:
+        self.now += n
+        self.high = max(self.high, self.now)
+
+    def allocated(self) -> int:
+        return self.now
+
+    def peak(self) -> int:
+        return self.high
+
+    def reset_peak(self) -> None:
+        self.high, self.resets = self.now, self.resets + 1
+
+
+def test_peak_memory_is_the_training_phase_net_of_the_engine():
+    from tip_cli.tracking import PeakMemory
+
+    cuda = FakeCuda()
+    memory = PeakMemory(torch.device("cuda"), cuda)
+    cuda.alloc(3 * GiB)  # the student, its AdamW state, the teacher
+    with memory.engine_build():
+        cuda.alloc(20 * GiB)  # the engine's weights and KV cache pool
+    assert memory.engine == 20 * GiB
+    for activations in (4, 6):  # two steps
+        cuda.alloc(9 * GiB)  # rollouts: the pool awake, plus generation's own buffers
+        cuda.alloc(-9 * GiB)
+        memory.start()  # the engine sleeps; torch still counts its pool
+        cuda.alloc(activations * GiB)  # the training step
+        cuda.alloc(-activations * GiB)
+        assert memory.gb() == 3 + activations  # not 23 + ..., nor the rollout's 32
+    assert cuda.resets == 2
+
+
+def test_each_step_starts_its_peak_when_the_engine_sleeps(tmp_path, micro_overrides, monkeypatch):
+    """The loop's wiring: the engine's build is measured, the peak restarts after the engine sleeps, and
+    perf/peak_mem_gb is read net of the engine."""
+    from tip_cli import tracking
+
+    cuda, events = FakeCuda(), []
+    monkeypatch.setattr(loop, "PeakMemory", lambda device: tracking.PeakMemory(device, cuda))
+    build = loop.make_engine
+
+    def engine_with_a_pool(*args, **kwargs):
+        engine = build(*args, **kwargs)
+        cuda.alloc(20 * GiB)
+        sleep = engine.sleep
+
+        def logged_sleep():
+            events.append(("sleep", cuda.resets))
+            sleep()
+
+        engine.sleep = logged_sleep
+        return engine
+
+    monkeypatch.setattr(loop, "make_engine", engine_with_a_pool)
+    step = train_step.distill_step
+
+    def step_with_a_peak(*args, **kwargs):
+        events.append(("step", cuda.resets))
+        cuda.alloc(2 * GiB)
+        cuda.alloc(-2 * GiB)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "distill_step", step_with_a_peak)
+    loop.train(compose_config([*micro_overrides, "train.eval_before=false"]), tmp_path)
+    assert events == [("sleep", 0), ("step", 1), ("sleep", 1), ("step", 2)]
+    peaks = [r["perf/peak_mem_gb"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert peaks == [2.0, 2.0]
+
+
 def test_adamw_is_fused_when_every_parameter_is_on_cuda(monkeypatch):
     """torch's default on CUDA (foreach) makes a temporary as large as the weights; fused steps in place. On CPU and
     with any parameter off CUDA (offloaded shards), torch's default stays."""

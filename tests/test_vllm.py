@@ -59,10 +59,21 @@ def test_seeded_sampling_is_reproducible_and_n_is_grouped(student, micro):
     _, tok, engine = student
     prompts = _prompts(tok, micro["test"], 3)
     s = Sampling(n=2, temperature=1.0, max_new_tokens=20, seed=7)
-    first, again = engine.generate(prompts, s), engine.generate(prompts, s)
+    first = engine.generate(prompts, s)
+    torch.manual_seed(1)  # whatever drew from the process's RNG in between: the seed alone decides
+    again = engine.generate(prompts, s)
     other = engine.generate(prompts, Sampling(n=2, temperature=1.0, max_new_tokens=20, seed=8))
     assert len(first.tokens) == 6 and first.tokens == again.tokens
     assert first.tokens != other.tokens
+
+
+def test_no_two_samples_of_a_call_share_a_noise_stream(student, micro):
+    """One prompt twice, two samples each. With per-request seeds (request i: seed + i, its sample c: + c) samples
+    (0, 1) and (1, 0) would draw the same noise, hence the same response."""
+    _, tok, engine = student
+    prompt = _prompts(tok, micro["test"], 1)
+    out = engine.generate(prompt * 2, Sampling(n=2, temperature=1.0, max_new_tokens=20, seed=7)).tokens
+    assert len({tuple(r) for r in out}) == 4
 
 
 def test_weight_sync_makes_the_engine_follow_the_trained_model(student, micro):

@@ -167,7 +167,10 @@ def _compiled_reverse_kl_chunk(
 class _SelectedTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_s, weight_s, teacher, vocab, kind, beta, chunk_size, scale, sink, log_z_s, fused):
-        acc = torch.promote_types(weight_s.dtype, torch.float32)  # the chunks' head gradients add up in fp32 at least
+        # the matmuls run in the hidden states' dtype (a bf16 copy of fp32 master weights under bf16_mixed), while
+        # the chunks' head gradients add up in fp32 at least and reach weight_s, the master weight, unrounded
+        head = weight_s.detach().to(hidden_s.dtype)  # [V', d_S]
+        acc = torch.promote_types(weight_s.dtype, torch.float32)
         grad_h = torch.zeros_like(hidden_s)  # [K, d_S]
         grad_w = torch.zeros_like(weight_s, dtype=acc) if ctx.needs_input_grad[1] else None  # [V', d_S]
         total = torch.zeros((), dtype=torch.promote_types(hidden_s.dtype, torch.float32), device=hidden_s.device)
@@ -177,7 +180,7 @@ class _SelectedTokenLoss(torch.autograd.Function):
         for start in range(0, hidden_s.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             if closed_form:
-                h, w, want_w = hidden_s[rows].detach(), weight_s.detach()[:vocab], grad_w is not None
+                h, w, want_w = hidden_s[rows].detach(), head[:vocab], grad_w is not None
                 chunk_loss, g_h, g_w = (
                     _compiled_reverse_kl_chunk(h, w, teacher, rows, scale, want_w, sink) if fused else
                     _reverse_kl_chunk(h, w, teacher.target(rows), scale, want_w, sink,
@@ -191,7 +194,7 @@ class _SelectedTokenLoss(torch.autograd.Function):
             target = teacher.target(rows)
             with torch.enable_grad():
                 h = hidden_s[rows].detach().requires_grad_()
-                w = weight_s.detach().requires_grad_(grad_w is not None)
+                w = head.detach().requires_grad_(grad_w is not None)
                 logp_s = logprobs(h, w, vocab)
                 chunk_loss = teacher.divergence_to(logp_s, target, kind, beta).sum() * scale
                 inputs = (h, w) if grad_w is not None else (h,)
@@ -244,10 +247,14 @@ def selected_token_loss(
     lm_head, or its top-K log-probs: tip_cli.teacher.targets). With a `sink`, each row's (H, D) is appended to it as the loss
     computes the row. `log_z` [K], the student's log-partition of the K rows from a scoring pass, spares the eager
     loss recomputing it (the compiled chunk, spec.compiled, recomputes both models' inside its fused kernel).
+
+    Precision: the lm_head matmuls run in hidden's dtype, on a copy of `weight` in it. Under bf16 compute
+    (train.precision bf16_mixed or bf16) a chunk's [C, V] logits are bf16: the GEMM accumulates in fp32 and rounds
+    its output to bf16 (a relative error up to 2^-9, about 0.03 on a logit of 8); the softmax, log-probs, divergence
+    and dL/dz are computed in fp32 from those values, and dL/dz enters the two gradient matmuls as bf16. Each
+    chunk's head gradient [V, d] is thus a bf16 product; the chunks' add up in fp32 and reach `weight` unrounded
+    (the fp32 master under bf16_mixed, whose .grad then sums the micro-batches in fp32).
     """
-    # the lm_head matmuls run in the hidden states' dtype: bf16 hidden states of fp32 master weights (bf16_mixed)
-    # multiply a bf16 copy of the head, whose gradient autograd casts back onto the fp32 weight
-    weight = weight.to(hidden.dtype)
     if hidden.shape[0] != len(target):
         raise ValueError(f"student rows {hidden.shape[0]} != teacher rows {len(target)}")
     if hidden.shape[0] == 0:

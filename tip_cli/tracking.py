@@ -29,11 +29,57 @@ def timed(name: str, metrics: dict[str, float]) -> Iterator[None]:
         metrics[name] = metrics.get(name, 0.0) + time.perf_counter() - start
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: max allocated since the last reset; CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+class CudaMemory:
+    """torch's allocator counts on one CUDA device, in bytes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
+class PeakMemory:
+    """perf/peak_mem_gb: the training phase's peak memory, net of what the rollout engine holds.
+
+    A colocated vLLM engine allocates its weights and KV cache through torch's allocator (its sleep-mode memory
+    pool). Asleep, it has unmapped that memory, but torch still counts the blocks as allocated, so
+    max_memory_allocated alone would charge the engine's whole pool to every training step. Hence, on CUDA:
+
+        engine  = allocated after the engine is built - allocated before (`engine_build`, once)
+        peak    = max allocated since the engine went to sleep (`start`) - engine
+
+    covering the teacher, selection, loss, backward, optimizer step and weight sync; the rollouts themselves are
+    not in it. On CPU: the process's peak resident set size (no reset, no engine share). `source` gives the
+    allocator's counts (CudaMemory; a fake in tests)."""
+
+    def __init__(self, device: torch.device, source: CudaMemory | None = None):
+        self.source = source or (CudaMemory(device) if device.type == "cuda" else None)
+        self.engine = 0  # bytes
+
+    @contextmanager
+    def engine_build(self) -> Iterator[None]:
+        """Around the rollout engine's construction: what it adds to the allocator's count is the engine's."""
+        before = self.source.allocated() if self.source else 0
+        yield
+        if self.source:
+            self.engine = max(0, self.source.allocated() - before)
+
+    def start(self) -> None:
+        """The engine is asleep: the training phase's peak starts here."""
+        if self.source:
+            self.source.reset_peak()
+
+    def gb(self) -> float:
+        if self.source:
+            return (self.source.peak() - self.engine) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def wandb_mode(requested: str) -> str:

@@ -228,7 +228,8 @@ class VLLMConfig:
     kv_cache_gb: float | None = None  # an explicit KV-cache size; null = from gpu_memory_utilization (CPU: 1 GiB)
     tensor_parallel_size: int = 1  # GPUs the engine shards the model over
     max_model_len: int | None = None  # null = the model's own context length
-    enable_sleep_mode: bool | None = None  # null = on with CUDA: KV cache freed and weights offloaded while training
+    # rollout engine only; null = on with CUDA: KV cache and weights freed while training (reloaded at the sync)
+    enable_sleep_mode: bool | None = None
     enforce_eager: bool = False  # no CUDA graphs (always eager on CPU)
     enable_prefix_caching: bool = True  # safe: the cache is reset after every weight sync
 
@@ -286,6 +287,10 @@ class TeacherConfig:
         _one_of("teacher.backend", self.backend, ("hf", "vllm_topk", "vllm_server"))
         if self.topk < 1:
             raise ConfigError(f"teacher.topk={self.topk} must be >= 1")
+        if self.vllm.enable_sleep_mode:
+            raise ConfigError("teacher.vllm.enable_sleep_mode=true: the teacher's engine scores during the training "
+                              "step and never sleeps, and vLLM allows one sleep-mode engine per process (the rollout "
+                              "engine's); leave it null or false")
         urls = [self.url] if isinstance(self.url, str) else list(self.url or [])
         self.url = [str(u).rstrip("/").removesuffix("/v1") for u in urls]
         bad = [u for u in self.url if not u.startswith(("http://", "https://"))]

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tip_cli.config.schema import AgentConfig, ConfigError, PairConfig, TipConfig
 from tip_cli.envs.base import Environment, Episode, Task, ToolCall
-from tip_cli.rollout.batch import Batch, Sampling, pack_masked
+from tip_cli.rollout.batch import Batch, Sampling, derive_seed, pack_masked
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.S)
@@ -118,12 +118,13 @@ def rollout(engine, tok: PreTrainedTokenizerBase, env: Environment, tasks: list[
     for ep, task in zip(episodes, [t for t in tasks for _ in range(sampling.n)], strict=True):
         ids = render_chat(tok, ep.messages, ep.tools, pair)
         trajs.append(Trajectory(task, ids, [False] * len(ids)))
-    one = replace(sampling, n=1)
     active = [i for i, t in enumerate(trajs) if len(t.ids) < agent.max_tokens]
-    for _ in range(agent.max_turns):
+    for turn in range(agent.max_turns):
         if not active:
             break
-        turns = engine.generate([trajs[i].ids for i in active], one).tokens
+        # each turn its own seed: reseeded with the call's seed, turn 2 would replay turn 1's noise
+        seed = None if sampling.seed is None else derive_seed(sampling.seed, turn)
+        turns = engine.generate([trajs[i].ids for i in active], replace(sampling, n=1, seed=seed)).tokens
         still = []
         for i, toks in zip(active, turns, strict=True):
             t, ep = trajs[i], episodes[i]

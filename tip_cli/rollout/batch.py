@@ -3,6 +3,7 @@ training batch (one right-padded `Batch` whose `target_mask` marks the positions
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,17 @@ class Sampling:
     max_new_tokens: int = 128
     top_k: int = 0  # 0 = off
     stop_token_ids: tuple[int, ...] = ()  # extra tokens that end a response (EOS always does); kept in the output
-    seed: int | None = None  # vLLM: request i samples with seed + i; HF: the torch RNG, seeded by the trainer
+    # the one seed of a generate call: the engine's RNG is seeded with it, and every prompt and sample draws its own
+    # part of that stream (None: whatever state the RNG is in); derive_seed gives each call its own
+    seed: int | None = None
     logprobs: bool = False  # also return each sampled token's log-prob under the sampling distribution
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed hashed from `parts` (e.g. run seed, step, rank, turn): distinct tuples give unrelated seeds,
+    where sums such as seed + step + i coincide across parts."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass
@@ -69,7 +79,12 @@ class Batch:
         return int(self.target_mask.sum())
 
     def rows(self, start: int, stop: int) -> Batch:
-        return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.target_mask[start:stop])
+        """Rows [start, stop), cut to the longest of them. Rows are right-padded and positions count from the left,
+        so the columns past every row's end feed no real position under causal attention: cutting them changes no
+        hidden state, and a micro-batch of short rows no longer pays for the rollout batch's longest one."""
+        mask = self.attention_mask[start:stop]
+        width = int((mask.any(0) * torch.arange(1, mask.shape[1] + 1, device=mask.device)).max())  # one host sync
+        return Batch(self.input_ids[start:stop, :width], mask[:, :width], self.target_mask[start:stop, :width])
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))

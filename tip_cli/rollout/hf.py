@@ -61,6 +61,8 @@ class HFEngine:
     ) -> Generation:
         was_training = self.model.training
         self.model.eval()
+        if sampling.seed is not None:  # the responses follow from (prompts, seed), whatever drew from the RNG before
+            torch.manual_seed(sampling.seed)
         config = self.generation_config(sampling)
         stops = set(config.eos_token_id)
         per_call = max(1, self.batch_size // sampling.n)

@@ -15,7 +15,8 @@ class VLLMTeacher:
     def __init__(self, model_path: str, cfg: VLLMConfig, dtype: torch.dtype, topk: int, seed: int = 0):
         vllm = import_vllm()
         self._vllm, self.topk = vllm, topk
-        self.llm = vllm.LLM(**engine_kwargs(model_path, cfg, dtype, seed, max_logprobs=topk))
+        # never asleep: it scores during the training step; a sleep-mode allocator is the rollout engine's
+        self.llm = vllm.LLM(**engine_kwargs(model_path, cfg, dtype, seed, max_logprobs=topk, sleep=False))
 
     @torch.no_grad()
     def topk_logprobs(self, sequences: list[list[int]], positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,9 +34,9 @@ from tip_cli.models import (
 )
 from tip_cli.pairs import load_pair, resolve_model
 from tip_cli.rollout import make_engine
-from tip_cli.rollout.batch import Batch, Sampling, eos_ids, pack
+from tip_cli.rollout.batch import Batch, Sampling, derive_seed, eos_ids, pack
 from tip_cli.selection.quadrants import TokenStats
-from tip_cli.tracking import MetricsLogger, peak_memory_gb, read_jsonl, timed
+from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, timed
 from tip_cli.train import parallel, precision, rundir
 from tip_cli.train.schedule import apply_schedule, lr_lambda, make_optimizer, prompt_indices
 from tip_cli.train.step import check_temperature, distill_step
@@ -202,6 +202,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     logger: object
     bench: list[Problem] | EnvBenchmark
+    memory: PeakMemory  # perf/peak_mem_gb, net of the rollout engine
     start: int = 0
     skipped: int = 0  # consecutive steps without an update (non-finite H, D, loss or gradient)
     skipped_total: int = 0
@@ -230,7 +231,9 @@ def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoin
         enable_checkpointing(student)
     parallel.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
     scorer = make_scorer(cfg, pair, prec, run_dir)
-    engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
+    memory = PeakMemory(device)
+    with memory.engine_build():
+        engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
     source = rollout_source(cfg, pair, problems)
     optimizer = make_optimizer(student.parameters(), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -242,14 +245,13 @@ def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoin
     logger = parallel.NullLogger()
     if parallel.is_main():
         logger = MetricsLogger(run_dir, cfg.logger, to_container(cfg), start, run_dir.name)
-    return Run(cfg, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, start)
+    return Run(cfg, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, memory,
+               start)
 
 
 def step_generator(run: Run, step: int) -> torch.Generator:
     """Seed the step: every random draw derives from (seed, step) (and the rank), so a resumed run replays exactly."""
     torch.manual_seed(parallel.rank_seed(run.cfg.seed * 1_000_003 + step))
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
     return torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + step)
 
 
@@ -258,10 +260,11 @@ def rollout(run: Run, step: int, m: dict) -> Rollout:
     cfg, r, student = run.cfg, run.cfg.rollout, run.pair.student
     idx = parallel.my_slice(prompt_indices(len(run.source), cfg.train.prompts_per_step, step, cfg.seed))
     sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
-                        seed=parallel.rank_seed(cfg.seed * 1_000_003 + step))
+                        seed=derive_seed(cfg.seed, step, parallel.rank()))
     with timed("time/rollout", m), parallel.gathered(student, run.engine), run.prec.autocast(run.device, student):
         out = run.source.generate(run.engine, idx, sampling)
         run.engine.sleep()
+    run.memory.start()
     return run.source.pack(out, idx, sampling, run.device)
 
 
@@ -290,7 +293,7 @@ def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> di
     m["optim/grad_norm"] = float(grad_norm)
     m["perf/tokens_per_s"] = m["tokens/total"] / m["time/step"]
     m["perf/rollout_tokens_per_s"] = generated / max(m["time/rollout"], 1e-9)
-    m["perf/peak_mem_gb"] = peak_memory_gb(run.device)
+    m["perf/peak_mem_gb"] = run.memory.gb()
     return parallel.merge_metrics(m)
 
 

@@ -2,7 +2,9 @@
 and which dtype the forward and backward passes compute in.
 
     bf16_mixed  fp32 master weights and AdamW state, bf16 compute (autocast; under FSDP2 a MixedPrecisionPolicy
-                with bf16 parameters and fp32 gradient reduction). The default on CUDA.
+                with bf16 parameters and fp32 gradient reduction). The default on CUDA. The loss's [C, V] logits
+                are bf16 GEMM outputs, its softmax and KL fp32; the lm_head gradient adds up in fp32 onto the
+                master weight (tip_cli.losses.selected_token_loss).
     bf16        bf16 weights, AdamW state and compute. Half the memory of the weights and optimizer, but an AdamW
                 update smaller than a weight's bf16 spacing (about |w| / 256) rounds away: at lr 1e-6 and weights of
                 scale 0.02 almost no parameter changes. A warning says so below lr 1e-5.

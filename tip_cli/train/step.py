@@ -54,7 +54,8 @@ def skipped_step(n_tokens: int) -> tuple[dict, None, torch.Tensor]:
 
 
 def micro_slices(batch: Batch, micro: int) -> list[tuple[Batch, int, int]]:
-    """Split rows into micro-batches; each comes with the range [lo, hi) of its tokens in the flat [N] order."""
+    """Split rows into micro-batches, each cut to its own longest row (Batch.rows); each comes with the range
+    [lo, hi) of its tokens in the flat [N] order."""
     counts = batch.target_mask.sum(1).tolist()
     out, lo = [], 0
     for start in range(0, batch.input_ids.shape[0], micro):
@@ -62,6 +63,35 @@ def micro_slices(batch: Batch, micro: int) -> list[tuple[Batch, int, int]]:
         out.append((batch.rows(start, start + micro), lo, hi))
         lo = hi
     return out
+
+
+class Accumulator:
+    """Backward of a step's micro-batch losses, with one gradient reduction and one host sync per step.
+
+    Under FSDP2 each backward would reduce-scatter the gradients; here only the last micro-batch's does
+    (`set_requires_gradient_sync`): the ones before accumulate unsharded gradients on each rank (in fp32 under
+    bf16_mixed, FSDP2's reduce dtype) and the last reduces their sum. The losses add up on the device and are read
+    once, in `total`, instead of a `.item()` stall after every micro-batch."""
+
+    def __init__(self, model: torch.nn.Module, n_parts: int, device: torch.device):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.model = model if isinstance(model, FSDPModule) else None
+        self.last = n_parts - 1
+        self.sum = torch.zeros((), device=device)
+
+    def backward(self, part: int, loss: torch.Tensor) -> None:
+        """loss.backward() for micro-batch `part` of the step, syncing gradients when it is the last."""
+        if self.model is not None:
+            self.model.set_requires_gradient_sync(part == self.last)
+        loss.backward()
+        self.sum += loss.detach()
+
+    def total(self) -> float:
+        """The step's loss, the sum over its micro-batches; leaves gradient sync on for whatever runs next."""
+        if self.model is not None:
+            self.model.set_requires_gradient_sync(True)
+        return self.sum.item()
 
 
 def loss_spec(cfg: TipConfig, pair: Pair, normalizer: float) -> LossSpec:
@@ -120,18 +150,17 @@ def distill_step(
         kept = sel.local.to(pair.device)  # [K_r], indices into this batch's N tokens
         del h_s_scores
     spec = loss_spec(cfg, pair, sel.normalizer)
-    loss_total = 0.0
+    losses = Accumulator(pair.student, len(parts), pair.device)
     with timed("time/train", metrics):
-        for mb, lo, hi in parts:
+        for i, (mb, lo, hi) in enumerate(parts):
             local = kept[(kept >= lo) & (kept < hi)]
             if parallel.may_skip(local.numel()):
                 continue
             h_s = h_fused if fused else student_hidden(pair, mb, temp, prec)
-            loss = selected_token_loss(
+            losses.backward(i, selected_token_loss(
                 h_s[local - lo], head_weight(pair.student), teacher.rows(local), spec, log_z=log_z_s[local],
-            )
-            loss.backward()
-            loss_total += loss.item()
+            ))
+        loss_total = losses.total()
     return {"loss": loss_total, **sel.metrics}, sel.stats, sel.kept.cpu()
 
 
@@ -143,15 +172,14 @@ def _full_token_step(
     normalizer = max(1, parallel.global_count(int(seq_id.numel())))  # N = K: either loss.norm divides by it
     sink = StatsSink(cfg.importance.score_spec(), [])
     spec = loss_spec(cfg, pair, normalizer)
-    loss_total = 0.0
+    losses = Accumulator(pair.student, len(parts), pair.device)
     with timed("time/train", metrics):
-        for mb, lo, hi in parts:
-            loss = selected_token_loss(
+        for i, (mb, lo, hi) in enumerate(parts):
+            losses.backward(i, selected_token_loss(
                 student_hidden(pair, mb, temp, prec), head_weight(pair.student), teacher.rows(slice(lo, hi)), spec,
                 sink,
-            )
-            loss.backward()
-            loss_total += loss.item()
+            ))
+        loss_total = losses.total()
     with timed("time/select", metrics):
         ent, div = sink.tensors() if sink.parts else (torch.zeros(0, device=pair.device),) * 2
         if not parallel.all_true(_finite(ent, div)):
