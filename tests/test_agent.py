@@ -1,6 +1,7 @@
 """Agentic rollouts: the Hermes tool-call parser, the model-token mask, and OPD steps on the embedded tool-use env."""
 
 import json
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -9,12 +10,13 @@ from tip_cli.cli import compose_config
 from tip_cli.config.schema import AgentConfig, ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import ToolCall
 from tip_cli.envs.toy_agent import ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
+from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark
 from tip_cli.pairs import load_pair
 from tip_cli.rollout import agent
 from tip_cli.rollout.batch import Generation, Sampling, derive_seed
 from tip_cli.toy.agent_pair import build_micro_agent_pair, make_tokenizer
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop
+from tip_cli.train import loop, parallel
 from tip_cli.train import step as train_step
 
 CALL = '<tool_call>\n{"name": "lookup", "arguments": {"item": "apples"}}\n</tool_call>'
@@ -206,3 +208,44 @@ def test_a_template_without_an_end_of_turn_token_is_a_config_error(tok):
     assert agent.tool_turn_ids(tok, ["4"], PairConfig())  # the real template works
     with pytest.raises(ConfigError, match="EOS"):
         agent.tool_turn_ids(broken, ["4"], PairConfig())
+
+
+class AnswersEvenTasks:
+    """Answers every task in one turn: right for the even-numbered tasks, off by one for the others."""
+
+    def __init__(self, tok, tasks):
+        self.tok, self.tasks, self.eos_ids, self.prompts = tok, tasks, {tok.eos_token_id}, 0
+
+    def generate(self, prompts, sampling):
+        self.prompts += len(prompts)
+        out = []
+        for p in prompts:
+            i = next(i for i, t in enumerate(self.tasks) if t.prompt in self.tok.decode(p))
+            text = f"\\boxed{{{self.tasks[i].meta['answer'] + i % 2}}}" + self.tok.eos_token
+            out.append(self.tok(text, add_special_tokens=False)["input_ids"])
+        return Generation(out)
+
+
+def test_env_benchmark_split_over_two_ranks_gives_the_single_process_result(tok):
+    """Each rank runs the episodes of its share of the tasks (the collective injected); the gathered episodes give
+    rank 0 the metrics and records of one process running them all."""
+    cfg = compose_config(["task=toy_agent", "eval.n=2", "eval.temperature=0.6", "eval.limit=5"])
+    tasks = generate_tasks(5, seed=0)
+    bench = EnvBenchmark(ToyAgentEnv(cfg.benchmark), tasks)
+    want = evaluate_benchmark(None, tok, cfg, bench, engine=AnswersEvenTasks(tok, tasks))
+    assert want[0]["accuracy"] == pytest.approx(0.6)  # tasks 0, 2, 4 of 5
+
+    outs, got, prompts = {}, {}, {}
+
+    def all_gather_object(parts, out):  # the ranks' outputs so far: rank 1 runs first, so rank 0 gets both
+        outs[parallel.rank()] = out
+        parts[:] = [outs.get(r, out) for r in range(2)]
+
+    for r in (1, 0):
+        engine = AnswersEvenTasks(tok, tasks)
+        with patch.object(parallel, "rank", lambda r=r: r), patch.object(parallel, "world_size", lambda: 2), \
+                patch.object(parallel.dist, "all_gather_object", all_gather_object):
+            got[r] = evaluate_benchmark(None, tok, cfg, bench, engine=engine, shard=parallel.RankShard())
+        prompts[r] = engine.prompts
+    assert prompts == {0: 6, 1: 6}  # 3 tasks each (the last padded), 2 episodes per task
+    assert got[0][0] == want[0] and got[0][1] == want[1]

@@ -3,9 +3,13 @@ process holding the whole batch: the kept token set and the loss, one FSDP2 trai
 save -> kill -> resume."""
 
 import faulthandler
+import json
 import os
 import socket
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -21,15 +25,18 @@ from tip_cli.config.schema import (
     TipConfig,
     TrainConfig,
 )
+from tip_cli.eval.benchmark import evaluate_benchmark, load_benchmark
 from tip_cli.losses import LossSpec, selected_token_loss
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
+from tip_cli.rollout.hf import HFEngine
+from tip_cli.rollout.vllm import VLLMEngine
 from tip_cli.selection import quadrants as importance
 from tip_cli.selection import selectors
 from tip_cli.teacher.targets import DenseTeacher
-from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop, parallel
+from tip_cli.tracking import PeakMemory, read_jsonl
+from tip_cli.train import loop, parallel, precision, schedule
 from tip_cli.train import step as train_step
 
 WORLD = 2
@@ -300,3 +307,187 @@ def test_launch_checks():
     with pytest.raises(ConfigError, match="torchrun"):
         parallel.check(TipConfig(train=TrainConfig(cpu_offload=True)))
     assert parallel.my_slice([3, 1, 2]) == [3, 1, 2] and parallel.rank_seed(5) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weight sync, evaluation and checkpoint hashing on two ranks
+
+
+class SpyLLM:
+    """vllm.LLM's `collective_rpc("reload_weights")`, consuming the weights as vLLM's worker does (one at a time) and
+    counting, at each new tensor, how many of those before it are still alive."""
+
+    def __init__(self):
+        self.seen, self.alive = [], []
+
+    def collective_rpc(self, method, kwargs):
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"]
+        refs = []
+        for name, tensor in kwargs["weights_iterator"]:
+            self.alive.append(sum(r() is not None for r in refs))
+            self.seen.append((name, tensor.dtype, tuple(tensor.shape), type(tensor).__name__))
+            refs.append(weakref.ref(tensor))
+            del tensor
+
+    def reset_prefix_cache(self):
+        pass
+
+    def apply_model(self, fn):
+        pass
+
+
+def spy_vllm_engine() -> VLLMEngine:
+    engine = object.__new__(VLLMEngine)  # no vLLM: its entry points are the spy's
+    engine.llm, engine.dtype, engine.asleep, engine.sleep_mode = SpyLLM(), torch.bfloat16, False, False
+    return engine
+
+
+class CountingHF(HFEngine):
+    """The HF engine, counting the prompts it is asked to generate for."""
+
+    prompts = 0
+
+    def generate(self, prompts, sampling, on_batch=None):
+        self.prompts += len(prompts)
+        return super().generate(prompts, sampling, on_batch)
+
+
+def unshards_in_rollout(cfg: TipConfig, pair, engine) -> int:
+    """FSDP unshard calls while loop.rollout generates with `engine` (the source's generate and pack faked)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    calls = {"n": 0}
+    real = FSDPModule.unshard
+
+    def unshard(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    class Source:  # what loop.rollout asks of a rollout source, generating nothing
+        def __len__(self):
+            return 8
+
+        def generate(self, *args):
+            return []
+
+        def pack(self, *args):
+            return None
+
+    run = SimpleNamespace(cfg=cfg, source=Source(), engine=engine, pair=pair, device=torch.device("cpu"),
+                          prec=precision.resolve("fp32", "auto", torch.device("cpu")), memory=PeakMemory(torch.device("cpu")))
+    FSDPModule.unshard = unshard
+    try:
+        loop.rollout(run, 1, {})
+    finally:
+        FSDPModule.unshard = real
+    return calls["n"]
+
+
+def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
+    """On a sharded student: a weight sync into a spy vLLM, loop.rollout's gathers per engine, a sharded evaluation
+    and a sharded checkpoint whose files are hashed by the ranks that own them."""
+    from tip_cli import checkpoint
+
+    parallel.setup("cpu")
+    pair = load_pair(cfg.pair, torch.device("cpu"))
+    parallel.shard(pair, cfg.train)
+    out = {}
+    engine = spy_vllm_engine()
+    engine.sync_weights(pair.student)
+    out["sync"], out["alive"] = engine.llm.seen, engine.llm.alive
+    out["unshards"] = {"vllm": unshards_in_rollout(cfg, pair, spy_vllm_engine()),
+                       "hf": unshards_in_rollout(cfg, pair, HFEngine(pair.student, pair.tokenizer))}
+
+    hf = CountingHF(pair.student, pair.tokenizer, cfg.eval.batch_size)
+    bench = load_benchmark(cfg)
+    with parallel.gathered(pair.student, hf):
+        out["eval"] = evaluate_benchmark(pair.student, pair.tokenizer, cfg, bench, engine=hf, shard=parallel.eval_shard())
+    out["eval_prompts"] = hf.prompts
+
+    hashed = []
+    real_sha = checkpoint._sha256
+    checkpoint._sha256 = lambda path: hashed.append(str(path.relative_to(staging))) or real_sha(path)
+    staging = checkpoint.staging_dir(ckpt_root, 1)
+    optimizer = schedule.make_optimizer(pair.student.parameters(), cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parallel.save(ckpt_root, 1, pair.student, pair.tokenizer, optimizer, scheduler, keep=2)
+    checkpoint._sha256 = real_sha
+    out["hashed"] = hashed
+    parallel.teardown()
+    return out
+
+
+_IO_RANKS: list = []  # the ranks' run, made once for the tests below (micro_overrides is function-scoped)
+
+
+@pytest.fixture
+def io_ranks(tmp_path_factory, micro_overrides) -> tuple[TipConfig, Path, list[dict]]:
+    if not _IO_RANKS:
+        # greedy, one prompt per generate call: a problem's response cannot depend on which rank or batch it is in
+        cfg = compose_config([*micro_overrides, "eval.limit=5", "eval.n=1", "eval.temperature=0", "eval.batch_size=1"])
+        root = tmp_path_factory.mktemp("io")
+        _IO_RANKS.append((cfg, root / "run", spawn(io_on_ranks, root / "ranks", cfg, root / "run")))
+    return _IO_RANKS[0]
+
+
+def test_sync_to_vllm_gathers_one_parameter_at_a_time_in_the_compute_dtype(io_ranks):
+    cfg, _, ranks = io_ranks
+    student = load_pair(cfg.pair, torch.device("cpu"), load_teacher=False).student
+    want = [(n, torch.bfloat16, tuple(p.shape), "Tensor") for n, p in student.named_parameters()]
+    assert student.dtype == torch.float32  # the sharded master weights, cast before they are gathered
+    for r in ranks:
+        assert r["sync"] == want  # every parameter, full shape, a plain tensor in the engine's dtype
+        assert r["alive"] == [0] * len(want)  # none of the ones before is still held when the next is made
+
+
+def test_rollouts_gather_the_student_for_hf_only(io_ranks):
+    for r in io_ranks[2]:
+        assert r["unshards"]["vllm"] == 0 and r["unshards"]["hf"] > 0
+
+
+def test_evaluation_is_split_over_ranks_and_matches_one_process(io_ranks):
+    cfg, _, ranks = io_ranks
+    pair = load_pair(cfg.pair, torch.device("cpu"), load_teacher=False)
+    hf = CountingHF(pair.student, pair.tokenizer, cfg.eval.batch_size)
+    metrics, records = evaluate_benchmark(pair.student, pair.tokenizer, cfg, load_benchmark(cfg), engine=hf)
+    assert hf.prompts == 5 and [r["eval_prompts"] for r in ranks] == [3, 3]  # ceil(5 / 2) each, the last padded
+    for r in ranks:
+        got_metrics, got_records = r["eval"]
+        assert [g["id"] for g in got_records] == [w["id"] for w in records]
+        assert [g["responses"] for g in got_records] == [w["responses"] for w in records]
+        assert got_metrics == metrics
+
+
+def test_rank_shares_cover_the_rows_once_in_order():
+    rows = list(range(7))
+    shares = []
+    for r in range(3):
+        with patch.object(parallel, "rank", lambda r=r: r), patch.object(parallel, "world_size", lambda: 3):
+            shares.append(parallel.RankShard().split(rows))
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 6, 6]]
+    assert [x for s in shares for x in s][:7] == rows
+
+
+def test_sharded_checkpoint_files_are_hashed_once_each_by_their_own_rank(io_ranks):
+    from tip_cli import checkpoint
+
+    _, run, ranks = io_ranks
+    ckpt = checkpoint.list_checkpoints(run)[-1]
+    assert checkpoint.verify(ckpt) is None
+    manifest = json.loads((ckpt.path / checkpoint.MANIFEST).read_text())["files"]
+    hashed = [r["hashed"] for r in ranks]
+    assert sorted(hashed[0] + hashed[1]) == sorted(manifest)  # every file once, none twice
+    for r in range(WORLD):
+        assert f"dcp/__{r}_0.distcp" in hashed[r]
+    sizes = [sum(manifest[n]["size"] for n in h) for h in hashed]
+    assert min(sizes) > 0.25 * sum(sizes)  # shared, not all on rank 0
+
+
+def test_hash_shares_give_each_rank_its_shards_and_balance_the_rest():
+    sizes = {"dcp/__0_0.distcp": 100, "dcp/__1_0.distcp": 100, "dcp/.metadata": 5, "model.safetensors": 80,
+             "config.json": 1, "trainer_state.pt": 3}
+    owner = parallel.hash_shares(sizes, 2)
+    assert owner["dcp/__0_0.distcp"] == 0 and owner["dcp/__1_0.distcp"] == 1
+    assert owner["model.safetensors"] == 0 and owner["dcp/.metadata"] == 1  # largest first to the lighter rank
+    load = [sum(s for n, s in sizes.items() if owner[n] == r) for r in range(2)]
+    assert abs(load[0] - load[1]) <= max(sizes.values()) and set(owner) == set(sizes)

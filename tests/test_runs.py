@@ -403,3 +403,27 @@ def test_kill_9_at_random_points_then_identical_final_weights(tmp_path, micro_ov
     assert losses(crashed) == losses(reference)
     want, got = weights(reference, 4), weights(crashed, 4)
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ----------------------------------------------------------------------------------------- disk use and resume reads
+
+
+def test_default_keeps_two_checkpoints_and_a_resume_reads_the_state_once(tmp_path, micro_overrides, monkeypatch):
+    """By default the newest two checkpoints stay; resuming maps the trainer state for the safety check and reads
+    it once, to restore it."""
+    overrides = [*micro_overrides, *FAST, "train.save_every=1"]
+    loop.train(compose_config([*overrides, "train.steps=3"]), tmp_path)
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [2, 3]
+
+    loads = []
+    real_load = torch.load
+
+    def spy(path, *args, **kwargs):
+        loads.append((Path(path).name, kwargs.get("mmap", False)))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", spy)
+    loop.train(compose_config([*overrides, "train.steps=4"]), tmp_path)
+    states = [mmap for name, mmap in loads if name == checkpoint.STATE_FILE]
+    assert states == [True, False]  # the check maps it, the resume reads it
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [3, 4]

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tip_cli.cli import compose_config
-from tip_cli.config.schema import ConfigError
+from tip_cli.config.schema import ConfigError, TrainConfig
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop
+from tip_cli.train import loop, schedule
 from tip_cli.train import step as train_step
 
 SPEC_METRICS = [
@@ -257,3 +258,29 @@ def test_each_step_starts_its_peak_when_the_engine_sleeps(tmp_path, micro_overri
     assert events == [("sleep", 0), ("step", 1), ("sleep", 1), ("step", 2)]
     peaks = [r["perf/peak_mem_gb"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert peaks == [2.0, 2.0]
+
+
+def test_adamw_is_fused_when_every_parameter_is_on_cuda(monkeypatch):
+    """torch's default on CUDA (foreach) makes a temporary as large as the weights; fused steps in place. On CPU and
+    with any parameter off CUDA (offloaded shards), torch's default stays."""
+    made = []
+
+    def spy(params, **kwargs):
+        made.append(kwargs)
+        return kwargs
+
+    cfg = TrainConfig(lr=3e-4, weight_decay=0.1)
+    monkeypatch.setattr(schedule.torch.optim, "AdamW", spy)
+    on_cuda = SimpleNamespace(device=torch.device("cuda", 0))
+    on_cpu = SimpleNamespace(device=torch.device("cpu"))
+    for params in ([on_cuda, on_cuda], [on_cuda, on_cpu], [on_cpu]):
+        schedule.make_optimizer(iter(params), cfg)
+    assert made == [{"lr": 3e-4, "weight_decay": 0.1, "fused": fused} for fused in (True, None, None)]
+    monkeypatch.undo()
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = schedule.make_optimizer([p], cfg)
+    assert opt.defaults["fused"] is None and opt.defaults["foreach"] is None  # CPU: as torch has it
+    p.grad = torch.ones(3)
+    opt.step()
+    # AdamW's first step with m/sqrt(v) = 1: w (1 - lr wd) - lr
+    assert torch.allclose(p.detach(), torch.full((3,), 1 - 3e-4 * 0.1 - 3e-4))

@@ -73,11 +73,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(ckpt_dir: Path) -> None:
-    """MANIFEST.json: {"files": {relative path: {"size", "sha256"}}} of every file in ckpt_dir, written last."""
+def checkpoint_files(ckpt_dir: Path) -> dict[str, int]:
+    """Every file of ckpt_dir but its manifest: relative path -> size in bytes, sorted by path."""
     files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(ckpt_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    (ckpt_dir / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+    return {str(p.relative_to(ckpt_dir)): p.stat().st_size for p in files}
+
+
+def file_entries(ckpt_dir: Path, names) -> dict[str, dict]:
+    """The manifest entries {"size", "sha256"} of the files `names` (relative to ckpt_dir)."""
+    return {name: {"size": (ckpt_dir / name).stat().st_size, "sha256": _sha256(ckpt_dir / name)} for name in names}
+
+
+def write_manifest(ckpt_dir: Path, entries: dict[str, dict] | None = None) -> None:
+    """MANIFEST.json: {"files": {relative path: {"size", "sha256"}}} of every file in ckpt_dir, written last.
+    `entries` already hashed (by the ranks that share the hashing of a sharded checkpoint) are taken as given; the
+    other files are hashed here."""
+    entries = dict(entries or {})
+    entries |= file_entries(ckpt_dir, [name for name in checkpoint_files(ckpt_dir) if name not in entries])
+    (ckpt_dir / MANIFEST).write_text(json.dumps({"files": dict(sorted(entries.items()))}, indent=1))
 
 
 def verify(ckpt: Checkpoint) -> str | None:
@@ -161,12 +174,13 @@ def write_checkpoint(tmp: Path, step: int, model, tokenizer, trainer_state: dict
     torch.save({"step": step, **trainer_state}, tmp / STATE_FILE)
 
 
-def commit_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int = 0) -> Path:
-    """Seal the finished `tmp` with its manifest and rename it to step_N; with keep > 0, delete all but the newest
-    `keep` checkpoints."""
+def commit_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int = 0, entries: dict[str, dict] | None = None
+                      ) -> Path:
+    """Seal the finished `tmp` with its manifest (`entries`: files hashed already) and rename it to step_N; with
+    keep > 0, delete all but the newest `keep` checkpoints."""
     final = run_dir / "checkpoints" / f"step_{step}"
     with storage_errors(run_dir, tmp, cleanup=tmp):
-        write_manifest(tmp)
+        write_manifest(tmp, entries)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     if keep > 0:
@@ -186,11 +200,12 @@ def save_checkpoint(
     return commit_checkpoint(run_dir, tmp, step, keep)
 
 
-def load_trainer_state(ckpt: Checkpoint) -> dict:
-    """The step, optimizer and scheduler state: tensors and plain data only (weights_only), never code."""
+def load_trainer_state(ckpt: Checkpoint, mmap: bool = False) -> dict:
+    """The step, optimizer and scheduler state: tensors and plain data only (weights_only), never code. With `mmap`
+    the tensors are mapped from the file, not read: the refusal of code costs the unpickling alone."""
     path = ckpt.path / STATE_FILE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled objects other than tensors and plain data "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import Progress
@@ -44,14 +44,37 @@ def eval_sampling(bench: DatasetConfig, ev: EvalConfig) -> Sampling:
     )
 
 
+class Shard(Protocol):
+    """How the ranks of a job split an evaluation: `split(rows)` is this rank's share of the rows, `gather(out, n)`
+    every rank's outputs for its share, concatenated in row order, the first n (what one process would have)."""
+
+    def split(self, rows: list) -> list: ...
+
+    def gather(self, out: list, n: int) -> list: ...
+
+
+class Whole:
+    """One process evaluates every row."""
+
+    def split(self, rows: list) -> list:
+        return rows
+
+    def gather(self, out: list, n: int) -> list:
+        return out[:n]
+
+
 def evaluate(
-    model, tokenizer, pair_cfg: PairConfig, problems: list[Problem], sampling: Sampling, batch_size: int, engine=None
+    model, tokenizer, pair_cfg: PairConfig, problems: list[Problem], sampling: Sampling, batch_size: int, engine=None,
+    shard: Shard | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate `sampling.n` responses per problem and grade them; returns (metrics, per-problem records).
 
-    `engine` (e.g. the trainer's vLLM engine, synced with `model`) generates instead of `HFEngine(model)`.
+    `engine` (e.g. the trainer's vLLM engine, synced with `model`) generates instead of `HFEngine(model)`; under
+    `shard` this process generates and grades its share of the problems, and every process gets all the records.
     """
+    shard = shard or Whole()
     engine = engine or HFEngine(model, tokenizer, batch_size)
+    n_problems, problems = len(problems), shard.split(problems)
     prompts = [render_prompt(tokenizer, p.prompt, pair_cfg) for p in problems]
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("eval", total=len(prompts) * sampling.n)
@@ -66,6 +89,7 @@ def evaluate(
             "responses": texts, "correct": [v.correct for v in verdicts], "preds": [v.pred for v in verdicts],
             "response_lens": [len(r) for r in ids],
         })
+    records = shard.gather(records, n_problems)
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= sampling.n} | {sampling.n})
     metrics = summarize(records, ks)
     metrics["accuracy"] = metrics[f"avg@{sampling.n}"]
@@ -90,16 +114,20 @@ def load_benchmark(cfg: TipConfig) -> list[Problem] | EnvBenchmark:
     return EnvBenchmark(env, env.tasks()[: cfg.eval.limit])
 
 
-def evaluate_benchmark(model, tokenizer, cfg: TipConfig, bench: list[Problem] | EnvBenchmark, engine=None
-                       ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """`evaluate` for problem lists; agent episodes (tip_cli.rollout.agent) for an environment, `accuracy` its headline."""
+def evaluate_benchmark(model, tokenizer, cfg: TipConfig, bench: list[Problem] | EnvBenchmark, engine=None,
+                       shard: Shard | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """`evaluate` for problem lists; agent episodes (tip_cli.rollout.agent) for an environment, `accuracy` its
+    headline; under `shard` each process runs its share of the problems or tasks."""
     sampling = eval_sampling(cfg.benchmark, cfg.eval)
     if not isinstance(bench, EnvBenchmark):
-        return evaluate(model, tokenizer, cfg.pair, bench, sampling, cfg.eval.batch_size, engine=engine)
+        return evaluate(model, tokenizer, cfg.pair, bench, sampling, cfg.eval.batch_size, engine=engine, shard=shard)
     from tip_cli.rollout import agent
 
+    shard = shard or Whole()
     engine = engine or HFEngine(model, tokenizer, cfg.eval.batch_size)
-    trajs = agent.rollout(engine, tokenizer, bench.env, bench.tasks, sampling, cfg.agent, cfg.pair, engine.eos_ids)
+    trajs = agent.rollout(engine, tokenizer, bench.env, shard.split(bench.tasks), sampling, cfg.agent, cfg.pair,
+                          engine.eos_ids)
+    trajs = shard.gather(trajs, len(bench.tasks) * sampling.n)  # n episodes per task, task by task
     return agent.summarize(trajs, bench.env), agent.records(trajs, tokenizer)
 
 

@@ -2,7 +2,8 @@
 
 An engine has `generate(prompts, sampling) -> Generation` (response token ids and, on request, the log-prob of each
 sampled token), `sync_weights(model)` (push the trainer's student into the engine after an optimizer step), and
-`sleep()` / `wake()` (free the engine's memory during the training phase). `hf` (rollout.hf) generates with the
+`sleep()` / `wake()` (free the engine's memory during the training phase); `own_weights` says whether it decodes with
+a copy of its own (then a sharded student need not be gathered to generate). `hf` (rollout.hf) generates with the
 training module itself; `vllm` (rollout.vllm) runs an offline vLLM engine in the trainer process. Tool-use episodes
 (rollout.agent) run on either engine; rollout.batch packs rollouts into a training batch.
 """

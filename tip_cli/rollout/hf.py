@@ -29,6 +29,8 @@ def capped_new_tokens(max_new_tokens: int, prompt_len: int, context: int | None)
 class HFEngine:
     """Batched `generate` (KV cache, left padding) on the live student module, so weight sync is a no-op."""
 
+    own_weights = False  # decodes with the training module itself (gathered first when it is sharded)
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.eos_ids = eos_ids(model.generation_config.eos_token_id, tokenizer)

@@ -16,7 +16,7 @@ workers' sampler draws from instead, so a call's responses follow from its promp
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -105,19 +105,21 @@ def _refresh_packed_lm_head(model: torch.nn.Module) -> None:
         method.process_weights_after_loading(head)
 
 
-def _params_for_sync(model: PreTrainedModel) -> list[tuple[str, torch.Tensor]]:
-    """The student's parameters under their checkpoint names, full tensors (sharded ones gathered)."""
-    out = []
+def weights_for_sync(model: PreTrainedModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The student's parameters under their checkpoint names, in the engine's `dtype`, made one at a time as the
+    engine consumes them: a sharded (FSDP2) one is cast on its shard and then gathered, so the gather moves the
+    compute dtype and one full tensor is alive at a time, not the whole model in the master dtype."""
     for name, param in model.named_parameters():
-        tensor = param.detach()
+        tensor = param.detach().to(dtype)
         if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2)
             tensor = tensor.full_tensor()
-        out.append((name, tensor))
-    return out
+        yield name, tensor
 
 
 class VLLMEngine:
     """Rollouts from an offline `vllm.LLM`; same interface as `HFEngine`."""
+
+    own_weights = True  # decodes with its copy of the student (synced after each step), never the training module
 
     def __init__(
         self,
@@ -133,6 +135,7 @@ class VLLMEngine:
         kwargs = engine_kwargs(model_path, cfg, dtype, seed)
         self.llm = vllm.LLM(**kwargs)
         self.eos_ids = eos_ids(eos, tokenizer)
+        self.dtype = dtype
         self.sleep_mode = kwargs.get("enable_sleep_mode", False)
         self.asleep = False
         self._weights_awake = False
@@ -182,8 +185,10 @@ class VLLMEngine:
         if self.asleep and not self._weights_awake:
             self.llm.wake_up(tags=["weights"])  # memory mapped again; its contents are the reload's to write
             self._weights_awake = True
-        named = _params_for_sync(model)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True})
+        # an iterator, not a list: the in-process executor hands it to the worker as it is, which pulls one tensor
+        # at a time
+        weights = weights_for_sync(model, self.dtype)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if _on_cpu():
             self.llm.apply_model(_refresh_packed_lm_head)
         self.llm.reset_prefix_cache()

@@ -38,7 +38,7 @@ from tip_cli.rollout.batch import Batch, Sampling, derive_seed, eos_ids, pack
 from tip_cli.selection.quadrants import TokenStats
 from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, timed
 from tip_cli.train import parallel, precision, rundir
-from tip_cli.train.schedule import apply_schedule, lr_lambda, prompt_indices
+from tip_cli.train.schedule import apply_schedule, lr_lambda, make_optimizer, prompt_indices
 from tip_cli.train.step import check_temperature, distill_step
 
 console = Console()
@@ -208,10 +208,11 @@ class Run:
     skipped_total: int = 0
 
     def evaluate(self, step: int) -> dict:
-        """Evaluate the student on the benchmark; every rank evaluates (generation is collective), rank 0 logs."""
+        """Evaluate the student on the benchmark; each rank its share of the rows, rank 0 logs the metrics."""
         cfg, student = self.cfg, self.pair.student
-        with parallel.gathered(student), self.prec.autocast(self.device, student):
-            result, _ = evaluate_benchmark(student, self.pair.tokenizer, cfg, self.bench, engine=self.engine)
+        with parallel.gathered(student, self.engine), self.prec.autocast(self.device, student):
+            result, _ = evaluate_benchmark(student, self.pair.tokenizer, cfg, self.bench, engine=self.engine,
+                                           shard=parallel.eval_shard())
         self.logger.log({f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}, step)
         console.print(f"[bold]eval[/] step {step}: {cfg.benchmark.name} accuracy {result['accuracy']:.3f}")
         return result
@@ -234,7 +235,7 @@ def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoin
     with memory.engine_build():
         engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
     source = rollout_source(cfg, pair, problems)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(student.parameters(), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = 0
     if ckpt:
@@ -260,7 +261,7 @@ def rollout(run: Run, step: int, m: dict) -> Rollout:
     idx = parallel.my_slice(prompt_indices(len(run.source), cfg.train.prompts_per_step, step, cfg.seed))
     sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
                         seed=derive_seed(cfg.seed, step, parallel.rank()))
-    with timed("time/rollout", m), parallel.gathered(student), run.prec.autocast(run.device, student):
+    with timed("time/rollout", m), parallel.gathered(student, run.engine), run.prec.autocast(run.device, student):
         out = run.source.generate(run.engine, idx, sampling)
         run.engine.sleep()
     run.memory.start()

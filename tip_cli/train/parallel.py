@@ -1,15 +1,18 @@
 """Scale-out over torchrun ranks: the student sharded with FSDP2, rollouts split, token selection over the global batch.
 
 Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK set) every rank, each step:
-  1. generates the rollouts of its contiguous slice of the step's prompts (`my_slice`), with the whole student
-     gathered for the duration (`gathered`), so decoding runs without per-layer all-gathers;
+  1. generates the rollouts of its contiguous slice of the step's prompts (`my_slice`): the HF engine with the whole
+     student gathered for the duration (`gathered`), so decoding runs without per-layer all-gathers; vLLM with its
+     own copy, which `sync_weights` refreshes one gathered parameter at a time;
   2. runs the teacher (a full replica by default, no grads, no optimizer) and the sharded student on its own rows;
   3. all-gathers the compact per-token scores H, D [N_r] (`select_tokens`), so the normalisation, the quadrant
      thresholds and the top-K budget are computed over the global batch, identically on every rank (same generator
      seed), and keeps the selected indices that fall in its own slice;
   4. divides its loss by the global kept (or total) count and has FSDP *sum* the gradients across ranks (its
      default is the mean), so the summed loss and the step equal one process on the whole batch.
-Only rank 0 logs, prints and writes checkpoints' HF exports and eval results. Without torchrun every function here
+An evaluation is split over the ranks (`RankShard`: each generates and grades its share of the benchmark, the
+records are gathered); a checkpoint's files are hashed by the ranks in parallel (`hash_shares`). Only rank 0 logs,
+prints and writes checkpoints' HF exports, manifests and eval results. Without torchrun every function here
 is the single-process identity and no process group exists; torchrun with one process still shards (a world of 1),
 which is how `train.cpu_offload` runs on a single GPU.
 """
@@ -28,7 +31,9 @@ import torch.distributed as dist
 
 from tip_cli.checkpoint import (
     Checkpoint,
+    checkpoint_files,
     commit_checkpoint,
+    file_entries,
     load_trainer_state,
     save_checkpoint,
     staging_dir,
@@ -182,13 +187,14 @@ def shard(pair: Pair, cfg: TrainConfig) -> None:
 
 
 @contextmanager
-def gathered(model) -> Iterator[None]:
-    """The whole model unsharded inside the block, so generation (rollouts, evaluation) decodes without an all-gather
-    per layer and token. Every rank enters it; HF generate then keeps ranks in step (synced_gpus), so all ranks
-    must call it equally often. A plain (unsharded) model passes through."""
+def gathered(model, engine) -> Iterator[None]:
+    """The whole model unsharded inside the block, so `engine`'s generation (rollouts, evaluation) decodes without an
+    all-gather per layer and token. Every rank enters it; HF generate then keeps ranks in step (synced_gpus), so all
+    ranks must call it equally often. A plain (unsharded) model, or an engine with weights of its own (vLLM, synced
+    after each step), passes through."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    units = [] if engine.own_weights else [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -305,6 +311,28 @@ def merge_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
+class RankShard:
+    """An evaluation split over the ranks (tip_cli.eval.benchmark.Shard): rank r takes the contiguous rows
+    [r * s, (r + 1) * s) with s = ceil(n / world), the last ranks' shares padded with copies of the last row to s,
+    because HF generate on a sharded model keeps the ranks in step and so needs as many calls on each. Rank order
+    concatenates the shares back to the row order, the padding last, where `gather` cuts it off."""
+
+    def split(self, rows: list) -> list:
+        share = -(-len(rows) // world_size())
+        mine = rows[rank() * share : (rank() + 1) * share]
+        return mine + rows[-1:] * (share - len(mine))
+
+    def gather(self, out: list, n: int) -> list:
+        parts: list[list] = [[] for _ in range(world_size())]
+        dist.all_gather_object(parts, out)
+        return [x for part in parts for x in part][:n]
+
+
+def eval_shard() -> RankShard | None:
+    """How this process evaluates a benchmark: its share under torchrun, every row without (None)."""
+    return RankShard() if active() else None
+
+
 class NullLogger:
     """What ranks other than 0 log to: nothing."""
 
@@ -354,8 +382,33 @@ def save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, kee
     if is_main():
         state = {"scheduler": scheduler.state_dict(), "world_size": world_size()}
         write_checkpoint(tmp, step, student, tokenizer, state, state_dict=_export(full, export_dtype))
-        commit_checkpoint(run_dir, tmp, step, keep)
+    del full
+    dist.barrier()  # every file is written: the ranks hash them in parallel, each its share
+    sizes = checkpoint_files(tmp)
+    mine = [name for name, owner in hash_shares(sizes, world_size()).items() if owner == rank()]
+    hashed: list[dict] = [{} for _ in range(world_size())]
+    dist.all_gather_object(hashed, file_entries(tmp, mine))
+    if is_main():
+        commit_checkpoint(run_dir, tmp, step, keep, {name: e for part in hashed for name, e in part.items()})
     dist.barrier()
+
+
+def hash_shares(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Which rank hashes each file of a sharded checkpoint (relative path -> size): a rank's own DCP shards
+    (dcp/__R_*.distcp, the bulk: model and AdamW state) its own, so they are read back where they were written; the
+    rest (HF export, tokenizer, metadata) largest first to the rank with the fewest bytes so far."""
+    owner, load = {}, [0] * world
+    for name, size in sizes.items():
+        stem = Path(name).name
+        if Path(name).parent.name == DCP_DIR and stem.startswith("__") and stem.endswith(".distcp"):
+            r = int(stem[2:].split("_")[0])
+            if r < world:
+                owner[name] = r
+                load[r] += size
+    for name in sorted((n for n in sizes if n not in owner), key=lambda n: (-sizes[n], n)):
+        owner[name] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[name]] += sizes[name]
+    return owner
 
 
 def resume(ckpt: Checkpoint, student, optimizer, scheduler) -> int:

@@ -172,7 +172,8 @@ def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
                 f"to start over, move {run_dir / 'checkpoints'} away, or give a new out_dir"
             )
         if ckpt is not None:
-            load_trainer_state(ckpt)  # refuses a state that holds code, before any model is loaded
+            # refuses a state that holds code before any model is loaded; mapped, so that resuming reads it once
+            load_trainer_state(ckpt, mmap=True)
         with storage_errors(run_dir, recorded):
             if changes:
                 row = {"step": ckpt.step if ckpt else 0, "changed": {k: list(v) for k, v in changes.items()},

@@ -1,4 +1,4 @@
-"""What a step trains on and at which learning rate: the prompts of each step and the lr schedule."""
+"""What a step trains on and how it updates: the prompts of each step, the optimizer and the lr schedule."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tip_cli.config.schema import TipConfig
+from tip_cli.config.schema import TipConfig, TrainConfig
 
 
 def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
@@ -20,6 +20,16 @@ def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> lis
             perms[epoch] = torch.randperm(num_prompts, generator=gen).tolist()
         out.append(perms[epoch][offset])
     return out
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay) over `params`. When every parameter is on CUDA, the fused kernel: torch's
+    default there (foreach) computes sqrt(v) for a whole parameter group into new tensors, a temporary as large as
+    the (local shards of the) weights; fused updates each parameter in place in one kernel. Elsewhere (CPU, shards
+    offloaded to CPU) torch's default, the per-parameter loop."""
+    params = list(params)
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if on_cuda else None)
 
 
 def lr_lambda(cfg: TipConfig):
