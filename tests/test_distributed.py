@@ -491,3 +491,19 @@ def test_hash_shares_give_each_rank_its_shards_and_balance_the_rest():
     assert owner["model.safetensors"] == 0 and owner["dcp/.metadata"] == 1  # largest first to the lighter rank
     load = [sum(s for n, s in sizes.items() if owner[n] == r) for r in range(2)]
     assert abs(load[0] - load[1]) <= max(sizes.values()) and set(owner) == set(sizes)
+
+
+def test_teardown_destroys_vllms_groups_before_the_process_group_it_built_them_on(monkeypatch):
+    """vLLM in torchrun mode builds its groups on the job's process group; destroying that group first makes vLLM's
+    own shutdown at exit fail, so teardown releases vLLM's groups first (a fake parallel_state records the order)."""
+    calls = []
+    state = SimpleNamespace(destroy_model_parallel=lambda: calls.append("vllm model parallel"),
+                            destroy_distributed_environment=lambda: calls.append("vllm world"))
+    monkeypatch.setitem(__import__("sys").modules, "vllm.distributed.parallel_state", state)
+    monkeypatch.setitem(parallel._JOB, "joined", True)
+    monkeypatch.setitem(parallel._JOB, "owned", True)
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(parallel.dist, "destroy_process_group", lambda: calls.append("process group"))
+    parallel.teardown()
+    assert calls == ["vllm model parallel", "vllm world", "process group"]
+    assert not parallel._JOB["joined"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,8 +96,19 @@ def setup(device_name: str) -> torch.device:
 def teardown() -> None:
     """Leave the torchrun job; destroy the process group only if `setup` created it (a caller's is the caller's)."""
     if active() and _JOB["owned"]:
-        dist.destroy_process_group()
+        _release_vllm_groups()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     _JOB["joined"] = _JOB["owned"] = False
+
+
+def _release_vllm_groups() -> None:
+    """In torchrun mode vLLM builds its groups on this job's process group: they go first, or vLLM's own shutdown at
+    exit destroys them after it ("Invalid process group specified"). A no-op where vLLM was never imported."""
+    state = sys.modules.get("vllm.distributed.parallel_state")
+    if state is not None:
+        state.destroy_model_parallel()
+        state.destroy_distributed_environment()  # vLLM's world group, then the default group
 
 
 def broadcast(obj):
