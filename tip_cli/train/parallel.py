@@ -139,7 +139,7 @@ def my_slice(items: list) -> list:
 
 
 def rank_seed(seed: int) -> int:
-    """A per-rank seed for the rollout's sampling (rank 0 keeps `seed`), so ranks draw independent responses."""
+    """A per-rank seed for the step's global torch RNG (rank 0 keeps `seed`); rollouts take `derive_seed(seed, step, rank)`."""
     return seed + 1_000_000_007 * rank()
 
 
