@@ -21,11 +21,11 @@ builds the pair and caches it; `cached_build` is the one build-or-cache of every
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,6 +51,9 @@ STUDENT_SFT = dict(steps=800, batch_size=32, lr=3e-3)  # a cap; the dev check be
 # then the misreading is confident, while the arithmetic still slips on about a quarter of the problems, so its
 # accuracy on the true answers is near 0.75 x 0.42 (0.42: the share of seed-0 test problems without a misread verb).
 STUDENT_MISREAD_TARGET, STUDENT_CHECK_EVERY = 0.75, 50
+# Every embedded pair trains with this many threads, whatever the machine: the reference machine's two cores, so
+# its pairs are the ones built there before the count was fixed; tiny matmuls gain little from more.
+BUILD_THREADS = 2
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -131,17 +134,34 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
     return info
 
 
+@contextmanager
+def reproducible_torch(threads: int = BUILD_THREADS) -> Iterator[None]:
+    """Run the block with `threads` intra-op threads and torch's deterministic algorithms, then restore both.
+
+    A build's weights then depend on the seed, the library versions and the CPU's vector kernels only, not on the
+    machine's core count or the caller's OMP_NUM_THREADS (an intra-op reduction split over other thread counts sums
+    in another order)."""
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=warn_only)
+
+
 def build_atomically(final: Path, build: Callable[[Path], dict]) -> dict:
     """Run `build(dir)` in a temp dir beside `final`, write its info to build.json and rename the dir into place;
     return the info. An interrupted build leaves no cache behind; when a concurrent build of the same pair wins the
     rename, its result is used."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(8, os.cpu_count() or 1))  # tiny matmuls gain nothing from more threads
     try:
         start = time.time()
-        info = build(tmp)
+        with reproducible_torch():
+            info = build(tmp)
         info["seconds"] = round(time.time() - start, 1)
         (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():  # force, or a stale dir without build.json: move it aside, then swap
@@ -154,7 +174,6 @@ def build_atomically(final: Path, build: Callable[[Path], dict]) -> dict:
             raise
         info = json.loads((final / "build.json").read_text())  # another process finished the same build first
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return info
 
@@ -203,18 +222,19 @@ def build_micro_pair(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     train, test = make_splits(300, 20, seed)
     tokenizer = train_tokenizer(train)
-    teacher = new_model(MICRO_TEACHER, tokenizer, seed)
-    sft(
-        teacher,
-        sft_batches(tokenizer, train),
-        tokenizer.pad_token_id,
-        steps=20,
-        batch_size=16,
-        lr=3e-3,
-        seed=seed,
-        log=lambda _: None,
-    )
-    student = new_model(MICRO_STUDENT, tokenizer, seed + 1)
+    with reproducible_torch():
+        teacher = new_model(MICRO_TEACHER, tokenizer, seed)
+        sft(
+            teacher,
+            sft_batches(tokenizer, train),
+            tokenizer.pad_token_id,
+            steps=20,
+            batch_size=16,
+            lr=3e-3,
+            seed=seed,
+            log=lambda _: None,
+        )
+        student = new_model(MICRO_STUDENT, tokenizer, seed + 1)
     save_model(teacher, tokenizer, out_dir / "teacher")
     save_model(student, tokenizer, out_dir / "student")
     write_jsonl(out_dir / "train.jsonl", train)
