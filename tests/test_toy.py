@@ -274,6 +274,31 @@ def test_micro_pair_build_is_deterministic_whatever_threads_the_caller_set(micro
     assert pair_fingerprint(tmp_path) == pair_fingerprint(micro["root"]) == _reference_fingerprint(first)
 
 
+def test_toy_build_is_reproducible_and_records_its_fingerprint(tmp_path, monkeypatch):
+    """`build_toy` at micro sizes (a few SFT steps, dev checks included) twice, the second with another caller thread
+    count: the same tensors bit for bit, and build.json holds their fingerprint and the build environment."""
+    small = {"TEACHER": build.MICRO_TEACHER, "STUDENT": build.MICRO_STUDENT, "N_TRAIN": 200, "N_DEV": 8, "N_TEST": 8,
+             "TEACHER_SFT": dict(steps=3, batch_size=8, lr=3e-3), "STUDENT_SFT": dict(steps=4, batch_size=8, lr=3e-3),
+             "STUDENT_CHECK_EVERY": 2}
+    for name, value in small.items():
+        monkeypatch.setattr(build, name, value)
+    threads, saved = torch.get_num_threads(), []
+    try:
+        for caller_threads in (1, 3):
+            monkeypatch.setenv("TIP_CACHE", str(tmp_path / str(caller_threads)))
+            torch.set_num_threads(caller_threads)
+            root = build.build_toy(seed=0, log=lambda _: None)
+            info = json.loads((root / "build.json").read_text())
+            saved.append(_saved(root))
+            assert info["fingerprint"] == pair_fingerprint(root) == _reference_fingerprint(saved[-1])
+            assert info["built_with"] == build.build_environment()
+            assert info["student"]["sft_steps"] == 4
+    finally:
+        torch.set_num_threads(threads)
+    assert saved[0].keys() == saved[1].keys()
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
 def test_reproducible_torch_fixes_threads_and_determinism_and_restores_them():
     threads = torch.get_num_threads()
     torch.set_num_threads(build.BUILD_THREADS + 1)
