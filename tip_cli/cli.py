@@ -223,7 +223,7 @@ def toy(
     from tip_cli.toy.build import build_toy, describe_pair
 
     for line in describe_pair(build_toy(seed=seed, force=force), seed):
-        console.print(line, soft_wrap=True)
+        console.print(line, soft_wrap=True, markup=False)  # one line each, a path's brackets kept
 
 
 @app.command()

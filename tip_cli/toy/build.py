@@ -220,15 +220,15 @@ def reproducible_torch(threads: int = BUILD_THREADS) -> Iterator[None]:
     A build's weights then depend on the seed, the library versions and the CPU's vector kernels only, not on the
     machine's core count or the caller's OMP_NUM_THREADS (an intra-op reduction split over other thread counts sums
     in another order)."""
-    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    caller_threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1], warn_only=warn_only)
+        torch.set_num_threads(caller_threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def build_atomically(final: Path, build: Callable[[Path], dict]) -> dict:
