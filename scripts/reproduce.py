@@ -11,6 +11,9 @@ whose run dir already holds its final evaluation (a metrics.jsonl row at step tr
 skipped, and an unfinished one resumes from its last checkpoint (the trainer does that). A run dir holding a
 different config (other overrides) is an error rather than silently mixed.
 
+Before the grid, `tip toy` builds or finds the embedded pair and prints its fingerprint, with a warning when it is
+not the reference pair the README's tables were measured on (see tip_cli.toy.build.REFERENCE_FINGERPRINT).
+
 Then `tip analyze` writes OUT/analysis/ (by_budget.md: selector, budget, kept-token share per quadrant, final
 accuracy mean [min, max] over seeds; accuracy_vs_budget.png with min-max bars; per-run figures), and a compact
 copy of the accuracy figure goes to --figure (docs/reproduce_accuracy.png).
@@ -109,8 +112,9 @@ def main() -> int:
     print(f"{len(jobs)} jobs, {len(todo)} to run, {args.jobs} at a time, one thread each; logs: <run dir>/train.log",
           flush=True)
 
-    if todo and not any(o.startswith(("pair.", "pair=")) for o in args.overrides):
-        # build (or find) the embedded pair once, before parallel jobs would each start building it
+    if not any(o.startswith(("pair.", "pair=")) for o in args.overrides):
+        # build (or find) the embedded pair once, before parallel jobs would each start building it; `tip toy` also
+        # warns when it is not the pair the README's tables were measured on
         subprocess.run([sys.executable, "-m", "tip_cli.cli", "toy"], check=True)
     failed = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

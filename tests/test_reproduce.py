@@ -89,6 +89,33 @@ def test_a_run_dir_of_another_config_stops_the_grid_but_an_older_tips_missing_ke
         driver.main()  # on to building the pair: the first step after every run dir passed
 
 
+@pytest.mark.parametrize("pair", [None, "pair=toy"])
+def test_the_embedded_pair_is_checked_even_when_every_run_is_finished(tmp_path, monkeypatch, pair):
+    """`tip toy` (which warns when the local pair is not the reference one) runs before the grid even with nothing
+    left to run, and not when an override names the pair."""
+    import tip_cli.analysis.report
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    driver = _driver()
+    steps = compose_config([]).train.steps
+    for name, _ in driver.grid([0.1, 0.5], [0]):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.jsonl").write_text(json.dumps({"step": steps, "eval/toy/accuracy": 0.5}))
+    commands = []
+    monkeypatch.setattr(driver.subprocess, "run", lambda command, **k: commands.append(command))
+    monkeypatch.setattr(tip_cli.analysis.report, "analyze", reached)
+    argv = ["reproduce.py", "--out", str(tmp_path), "--seeds", "0", "--figure", ""]
+    monkeypatch.setattr("sys.argv", argv + ([pair] if pair else []))
+    with pytest.raises(Reached):
+        driver.main()
+    assert commands == ([] if pair else [[driver.sys.executable, "-m", "tip_cli.cli", "toy"]])
+
+
 def test_a_selector_at_a_low_budget_keeps_more_signal_than_random(tmp_path, micro_overrides):
     """Regression guard for the scores: at budget 0.1 on the micro pair (fixed seed), the tokens Soft-OR and
     top-K divergence keep carry more teacher-student divergence than random's, on the same rollouts at step 1 and on

@@ -1,5 +1,6 @@
 """The toy task, tokenizer, micro pair and build cache (fast: no full toy build)."""
 
+import hashlib
 import json
 import re
 from types import SimpleNamespace
@@ -9,7 +10,7 @@ import torch
 
 from tip_cli.grading import grade
 from tip_cli.toy import build, task
-from tip_cli.toy.build import build_micro_pair
+from tip_cli.toy.build import build_micro_pair, pair_fingerprint, weights_fingerprint
 from tip_cli.toy.sft import toy_accuracy
 from tip_cli.toy.task import generate_problems, make_splits
 from tip_cli.toy.tokenizer import chat_prompt, train_tokenizer
@@ -220,3 +221,131 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
 def test_toy_path_rejects_unknown_kind():
     with pytest.raises(ValueError, match="teacher, student, train, test"):
         build.toy_path("tokenizer")
+
+
+def _reference_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode() + raw.numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def test_weights_fingerprint_is_sha256_over_the_tensors_in_name_order():
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "z.weight": torch.randn(3, 4, generator=g),
+        "a.bias": torch.randn(5, generator=g).to(torch.bfloat16),
+        "m.step": torch.tensor(7),
+    }
+    fp = weights_fingerprint(tensors)
+    assert re.fullmatch(r"[0-9a-f]{12}", fp)
+    assert fp == _reference_fingerprint(tensors)
+    assert weights_fingerprint(dict(reversed(tensors.items()))) == fp  # the dict's order does not count
+    transposed = tensors | {"z.weight": tensors["z.weight"].T.contiguous().T}  # same values, other strides
+    assert weights_fingerprint(transposed) == fp
+    nudged = tensors["z.weight"].clone()
+    nudged[2, 3] = torch.nextafter(nudged[2, 3], torch.tensor(float("inf")))  # one ulp
+    assert weights_fingerprint(tensors | {"z.weight": nudged}) != fp
+    assert weights_fingerprint({"y.weight" if k == "z.weight" else k: v for k, v in tensors.items()}) != fp
+
+
+def _saved(root):
+    from safetensors.torch import load_file
+
+    return {f"{kind}/{k}": v for kind in ("teacher", "student") for k, v in load_file(root / kind / "model.safetensors").items()}
+
+
+def test_micro_pair_build_is_deterministic_whatever_threads_the_caller_set(micro, tmp_path):
+    """A second build of the session's micro pair, with another caller thread count and deterministic algorithms
+    off, saves the same tensors bit for bit; the build leaves the caller's settings as they were."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3 if build.BUILD_THREADS != 3 else 1)
+    try:
+        build_micro_pair(tmp_path, seed=0)
+        assert torch.get_num_threads() == (3 if build.BUILD_THREADS != 3 else 1)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
+    first, second = _saved(micro["root"]), _saved(tmp_path)
+    assert first.keys() == second.keys() and len(first) > 4
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert pair_fingerprint(tmp_path) == pair_fingerprint(micro["root"]) == _reference_fingerprint(first)
+
+
+def test_toy_build_is_reproducible_and_records_its_fingerprint(tmp_path, monkeypatch):
+    """`build_toy` at micro sizes (a few SFT steps, dev checks included) twice, the second with another caller thread
+    count: the same tensors bit for bit, and build.json holds their fingerprint and the build environment."""
+    small = {"TEACHER": build.MICRO_TEACHER, "STUDENT": build.MICRO_STUDENT, "N_TRAIN": 200, "N_DEV": 8, "N_TEST": 8,
+             "TEACHER_SFT": dict(steps=3, batch_size=8, lr=3e-3), "STUDENT_SFT": dict(steps=4, batch_size=8, lr=3e-3),
+             "STUDENT_CHECK_EVERY": 2}
+    for name, value in small.items():
+        monkeypatch.setattr(build, name, value)
+    threads, saved = torch.get_num_threads(), []
+    try:
+        for caller_threads in (1, 3):
+            monkeypatch.setenv("TIP_CACHE", str(tmp_path / str(caller_threads)))
+            torch.set_num_threads(caller_threads)
+            root = build.build_toy(seed=0, log=lambda _: None)
+            info = json.loads((root / "build.json").read_text())
+            saved.append(_saved(root))
+            assert info["fingerprint"] == pair_fingerprint(root) == _reference_fingerprint(saved[-1])
+            assert info["built_with"] == build.build_environment()
+            assert info["student"]["sft_steps"] == 4
+    finally:
+        torch.set_num_threads(threads)
+    assert saved[0].keys() == saved[1].keys()
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
+def test_reproducible_torch_fixes_threads_and_determinism_and_restores_them():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(build.BUILD_THREADS + 1)
+    try:
+        with pytest.raises(KeyboardInterrupt), build.reproducible_torch():
+            assert torch.get_num_threads() == build.BUILD_THREADS
+            assert torch.are_deterministic_algorithms_enabled()
+            raise KeyboardInterrupt
+        assert torch.get_num_threads() == build.BUILD_THREADS + 1
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_pair_fingerprint_needs_saved_weights(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights"):
+        pair_fingerprint(tmp_path)
+
+
+def _toy_cli(root, monkeypatch, *args):
+    from typer.testing import CliRunner
+
+    from tip_cli.cli import app
+
+    monkeypatch.setattr(build, "build_toy", lambda seed, force: root)
+    result = CliRunner().invoke(app, ["toy", *args])
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()
+
+
+def test_tip_toy_prints_the_fingerprint_and_warns_only_off_the_reference(micro, tmp_path, monkeypatch):
+    import shutil
+
+    root = tmp_path / "pair"
+    for kind in ("teacher", "student"):
+        shutil.copytree(micro["root"] / kind, root / kind)
+    fp = pair_fingerprint(root)
+    info = {"teacher": {"test_accuracy": 0.9}, "student": {"test_accuracy": 0.375},
+            "built_with": build.REFERENCE_BUILT_WITH | {"torch": "9.9.9"}}
+    (root / "build.json").write_text(json.dumps(info))  # no "fingerprint": hashed from the saved weights
+    head, warning = _toy_cli(root, monkeypatch)
+    assert f"fingerprint {fp}," in head and "teacher 0.900, student 0.375" in head
+    assert warning.startswith(f"warning: not the reference pair {build.REFERENCE_FINGERPRINT}")
+    assert "torch 9.9.9 (reference 2.13.0+cpu)" in warning and "transformers" not in warning
+    assert len(_toy_cli(root, monkeypatch, "--seed", "1")) == 1  # only seed 0 has a reference
+    monkeypatch.setattr(build, "REFERENCE_FINGERPRINT", fp)
+    assert len(_toy_cli(root, monkeypatch)) == 1
+    (root / "build.json").write_text(json.dumps(info | {"fingerprint": "0123456789ab"}))  # the stored one counts
+    assert "fingerprint 0123456789ab," in _toy_cli(root, monkeypatch)[0]

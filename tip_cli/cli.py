@@ -234,10 +234,10 @@ def toy(
     force: bool = typer.Option(False, help="Rebuild even if cached"),
 ) -> None:
     """Build the embedded tiny teacher-student pair (cached under $TIP_CACHE, default ~/.cache/tip)."""
-    from tip_cli.toy.build import build_toy
+    from tip_cli.toy.build import build_toy, describe_pair
 
-    path = build_toy(seed=seed, force=force)
-    console.print(f"toy pair: {path}")
+    for line in describe_pair(build_toy(seed=seed, force=force), seed):
+        console.print(line, soft_wrap=True, markup=False)  # one line each, a path's brackets kept
 
 
 @app.command()

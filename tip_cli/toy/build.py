@@ -15,21 +15,28 @@ test split), and the student's arithmetic is right on about three quarters of it
 accuracy near 30%.
 
 The parts: the task (tip_cli.toy.task), the tokenizer (toy.tokenizer), the models and SFT (toy.sft). This module
-builds the pair and caches it; `cached_build` is the one build-or-cache of every embedded pair.
+builds the pair and caches it; `cached_build` is the one build-or-cache of every embedded pair. Every build runs
+with BUILD_THREADS threads and torch's deterministic algorithms, so a seed gives the same weights on a given machine
+and library stack, and `pair_fingerprint` (a hash of the saved weights) tells whether a pair is the reference one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+import tokenizers
 import torch
+import transformers
+from safetensors.torch import load_file
 
 from tip_cli.cache import cache_root
 from tip_cli.toy.sft import ModelSpec, new_model, save_model, sft, sft_batches, toy_accuracy
@@ -51,6 +58,21 @@ STUDENT_SFT = dict(steps=800, batch_size=32, lr=3e-3)  # a cap; the dev check be
 # then the misreading is confident, while the arithmetic still slips on about a quarter of the problems, so its
 # accuracy on the true answers is near 0.75 x 0.42 (0.42: the share of seed-0 test problems without a misread verb).
 STUDENT_MISREAD_TARGET, STUDENT_CHECK_EVERY = 0.75, 50
+# Every embedded pair trains with this many threads, whatever the machine or the caller's setting: the reference
+# machine's two cores (tiny matmuls gain little from more).
+BUILD_THREADS = 2
+# toy-v2-seed0 as the reference machine builds it (the README's tables were measured on this pair), and what it was
+# built with: the same seed gives other weights under other library versions or vector kernels (torch's AVX2 vs
+# AVX-512 kernels, MKL's code path for the CPU model round differently), and the student's dev-accuracy stop
+# amplifies a last-bit difference into another stopping step.
+REFERENCE_FINGERPRINT = "TBD"
+REFERENCE_BUILT_WITH = {
+    "torch": "2.13.0+cpu",
+    "transformers": "5.19.0",
+    "tokenizers": "0.23.3",
+    "cpu_kernels": "AVX2",
+    "machine": "x86_64",
+}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -59,6 +81,65 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The first 12 hex digits of sha256 over `tensors` in name order, each as `name|dtype|shape|` then its bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def pair_fingerprint(root: Path) -> str:
+    """`weights_fingerprint` of the teacher's and student's saved tensors, named teacher/<name> and student/<name>."""
+    tensors: dict[str, torch.Tensor] = {}
+    for kind in ("teacher", "student"):
+        files = sorted((root / kind).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{root / kind} holds no *.safetensors weights; rebuild with `tip toy --force`")
+        for f in files:
+            tensors |= {f"{kind}/{name}": t for name, t in load_file(f).items()}
+    return weights_fingerprint(tensors)
+
+
+def build_environment() -> dict[str, str]:
+    """What besides the seed decides a build's weights: library versions, torch's CPU kernels, the architecture."""
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+    }
+
+
+def describe_pair(root: Path, seed: int) -> list[str]:
+    """`tip toy`'s lines on a built pair: its fingerprint and test accuracies, then, for seed 0, a warning when the
+    fingerprint is not REFERENCE_FINGERPRINT (a pair cached before fingerprints were stored is hashed here)."""
+    info = json.loads((root / "build.json").read_text())
+    fingerprint = info.get("fingerprint") or pair_fingerprint(root)
+    lines = [
+        f"toy pair {root}: fingerprint {fingerprint}, greedy test accuracy teacher "
+        f"{info['teacher']['test_accuracy']:.3f}, student {info['student']['test_accuracy']:.3f}"
+    ]
+    if seed == 0 and fingerprint != REFERENCE_FINGERPRINT:
+        built_with = info.get("built_with")
+        differs = [f"{k} {v} (reference {REFERENCE_BUILT_WITH.get(k)})" for k, v in (built_with or {}).items()
+                   if REFERENCE_BUILT_WITH.get(k) != v]
+        if built_with is None:
+            why = "its build.json has no build record; `tip toy --force` rebuilds it"
+        elif differs:
+            why = "built with " + ", ".join(differs)
+        else:
+            why = "same versions and kernels as the reference, so MKL's code path for this CPU model is the likely cause"
+        lines.append(
+            f"warning: not the reference pair {REFERENCE_FINGERPRINT} the README's tables were measured on, so the "
+            f"accuracies will differ from them: {why}"
+        )
+    return lines
 
 
 def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
@@ -128,7 +209,26 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> dict:
 
     for name, rows in (("train", train), ("dev", dev), ("test", test)):
         write_jsonl(out / f"{name}.jsonl", rows)
+    info["fingerprint"], info["built_with"] = pair_fingerprint(out), build_environment()
     return info
+
+
+@contextmanager
+def reproducible_torch(threads: int = BUILD_THREADS) -> Iterator[None]:
+    """Run the block with `threads` intra-op threads and torch's deterministic algorithms, then restore both.
+
+    A build's weights then depend on the seed, the library versions and the CPU's vector kernels only, not on the
+    machine's core count or the caller's OMP_NUM_THREADS (an intra-op reduction split over other thread counts sums
+    in another order)."""
+    caller_threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(caller_threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def build_atomically(final: Path, build: Callable[[Path], dict]) -> dict:
@@ -137,11 +237,10 @@ def build_atomically(final: Path, build: Callable[[Path], dict]) -> dict:
     rename, its result is used."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(8, os.cpu_count() or 1))  # tiny matmuls gain nothing from more threads
     try:
         start = time.time()
-        info = build(tmp)
+        with reproducible_torch():
+            info = build(tmp)
         info["seconds"] = round(time.time() - start, 1)
         (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():  # force, or a stale dir without build.json: move it aside, then swap
@@ -154,7 +253,6 @@ def build_atomically(final: Path, build: Callable[[Path], dict]) -> dict:
             raise
         info = json.loads((final / "build.json").read_text())  # another process finished the same build first
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return info
 
@@ -171,7 +269,8 @@ def cached_build(name: str, build: Callable[[Path], dict], force: bool = False) 
 def build_toy(seed: int = 0, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Build (or find) the toy pair in `cache_root()/toy-v2-seed{seed}` and return that dir.
 
-    Layout: teacher/, student/ (HF model + tokenizer dirs), train.jsonl, dev.jsonl, test.jsonl, build.json.
+    Layout: teacher/, student/ (HF model + tokenizer dirs), train.jsonl, dev.jsonl, test.jsonl, build.json (sizes,
+    accuracies, `fingerprint` = pair_fingerprint, `built_with` = build_environment).
     """
     final, info = cached_build(f"{TOY_VERSION}-seed{seed}", lambda out: _build_into(out, seed, log), force)
     if info is not None:
@@ -203,18 +302,19 @@ def build_micro_pair(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     train, test = make_splits(300, 20, seed)
     tokenizer = train_tokenizer(train)
-    teacher = new_model(MICRO_TEACHER, tokenizer, seed)
-    sft(
-        teacher,
-        sft_batches(tokenizer, train),
-        tokenizer.pad_token_id,
-        steps=20,
-        batch_size=16,
-        lr=3e-3,
-        seed=seed,
-        log=lambda _: None,
-    )
-    student = new_model(MICRO_STUDENT, tokenizer, seed + 1)
+    with reproducible_torch():
+        teacher = new_model(MICRO_TEACHER, tokenizer, seed)
+        sft(
+            teacher,
+            sft_batches(tokenizer, train),
+            tokenizer.pad_token_id,
+            steps=20,
+            batch_size=16,
+            lr=3e-3,
+            seed=seed,
+            log=lambda _: None,
+        )
+        student = new_model(MICRO_STUDENT, tokenizer, seed + 1)
     save_model(teacher, tokenizer, out_dir / "teacher")
     save_model(student, tokenizer, out_dir / "student")
     write_jsonl(out_dir / "train.jsonl", train)
