@@ -124,6 +124,7 @@ def test_field_mapping_nested_fields_and_meta(tmp_path):
         answer="6",
         prompt="Q: What is 3+3? A: \\boxed{}",
         meta={"tags": ["easy"], "level": 3},
+        where=f"{tmp_path / 'set.parquet'} row index 3",
     )
 
 
