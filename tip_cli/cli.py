@@ -127,21 +127,21 @@ def _check_installed(cfg: TipConfig) -> None:
 def _run_job(command: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tip_cli.checkpoint import StorageError, latest_checkpoint
+    from tip_cli.checkpoint import StorageError, list_checkpoints
     from tip_cli.train import signals
 
     tip_cfg = validate(cfg)
     run_dir = Path(tip_cfg.out_dir) if tip_cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    signals.stop_on_sigterm()
     try:
-        if command == "train":
-            from tip_cli.train.loop import train
+        with signals.sigterm_stops():
+            if command == "train":
+                from tip_cli.train.loop import train
 
-            train(tip_cfg, run_dir)
-        else:
-            from tip_cli.eval.benchmark import run_eval_command
+                train(tip_cfg, run_dir)
+            else:
+                from tip_cli.eval.benchmark import run_eval_command
 
-            run_eval_command(tip_cfg)
+                run_eval_command(tip_cfg)
     except (ConfigError, FileNotFoundError, KeyError, ValueError, StorageError, ConnectionError) as err:
         # bad input (a config value, a missing file, a malformed row), a full disk or a teacher server gone: one line
         if os.environ.get("TIP_DEBUG"):
@@ -151,12 +151,10 @@ def _run_job(command: str, cfg) -> None:
         raise SystemExit(2) from err
     except (KeyboardInterrupt, signals.Interrupted) as err:
         name = err.args[0] if isinstance(err, signals.Interrupted) else "SIGINT"
-        where = ""
-        if command == "train":
-            last = latest_checkpoint(run_dir)
-            where = (f"; last checkpoint: {last.path if last else 'none'} (the same command resumes from it)"
-                     if run_dir.is_dir() else "")
-        console.print(f"stopped by {name}{where}", soft_wrap=True)
+        # the newest committed one, not re-verified: hashing a large checkpoint would outlast SLURM's patience
+        last = (list_checkpoints(run_dir) or [None])[-1] if command == "train" else None
+        where = f"; last checkpoint: {last.path if last else 'none'} (the same command resumes from it)"
+        console.print(f"stopped by {name}{where if command == 'train' else ''}", soft_wrap=True)
         raise SystemExit(128 + getattr(signal, name)) from None
 
 
@@ -179,9 +177,6 @@ def launch(command: str, overrides: list[str], multirun: bool) -> None:
     """Validate every job's config, then hand the overrides to Hydra, which runs the job(s)."""
     import hydra
 
-    from tip_cli.checkpoint import StorageError
-    from tip_cli.train.rundir import RunDirError, make_run_dir
-
     if not multirun and any(re.match(r"\+*sweep[=/]", o) for o in overrides):
         console.print("[red]error:[/] +sweep=PRESET is a sweep over several jobs: add -m, e.g. tip train -m +sweep=budgets")
         raise typer.Exit(2)
@@ -190,6 +185,9 @@ def launch(command: str, overrides: list[str], multirun: bool) -> None:
     except Exception as err:
         console.print(f"[red]error:[/] {err if isinstance(err, ConfigError) else explain(err)}")
         raise typer.Exit(2) from err
+    from tip_cli.checkpoint import StorageError  # torch: only once the config is known to be good
+    from tip_cli.train.rundir import RunDirError, make_run_dir
+
     try:
         # made here rather than by Hydra, so that a path that cannot be a run dir fails in a line; removed again when
         # the job leaves it empty (bad data, a refused config)

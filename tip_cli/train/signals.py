@@ -28,10 +28,17 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()  # only it may install handlers
 
 
-def stop_on_sigterm() -> None:
-    """From now on SIGTERM raises Interrupted wherever the process is (the CLI's default for a whole job)."""
-    if _main_thread():
-        signal.signal(signal.SIGTERM, _stop)
+@contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """Within the block SIGTERM raises Interrupted wherever the process is (the CLI's default for a whole job)."""
+    if not _main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
