@@ -373,7 +373,7 @@ class EvalConfig:
     max_new_tokens: int | None = None  # tokens per response (with an environment: per model turn)
     limit: int | None = None  # evaluate only the first N problems
     batch_size: int = 64  # prompts generated at once
-    skip_bad_rows: bool = False  # skip malformed dataset rows (each reported with its line) instead of failing
+    skip_bad_rows: bool = False  # skip benchmark rows that are malformed or too long for the model's context (each reported)
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
