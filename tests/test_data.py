@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from tip_cli.config.compose import CONF_DIR, register, validate
 from tip_cli.config.schema import DatasetConfig
-from tip_cli.data import Problem, load_problems
+from tip_cli.data import Problem, fit_context, load_problems
 
 REPO = CONF_DIR.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -124,6 +124,7 @@ def test_field_mapping_nested_fields_and_meta(tmp_path):
         answer="6",
         prompt="Q: What is 3+3? A: \\boxed{}",
         meta={"tags": ["easy"], "level": 3},
+        where=f"{tmp_path / 'set.parquet'} row index 3",
     )
 
 
@@ -314,3 +315,21 @@ def test_unknown_hub_id_fails_at_once_with_a_local_file_hint(monkeypatch):
     assert "'nobody/no-such-set'" in message and "Hugging Face Hub" in message and "offline" in message
     assert "benchmark.path=" in message and "\n" not in message
     assert err.value.__cause__ is not None
+
+
+def test_fit_context_keeps_prompts_that_leave_room_to_answer(tmp_path, capsys):
+    path = write_lines(tmp_path / "set.jsonl", [json.dumps({"problem": "x" * n, "answer": "1"}) for n in (4, 6, 7, 2)])
+    problems = load_problems(DatasetConfig(name="t", path=str(path), prompt_template="{problem}"))
+    count = len  # a prompt of n characters "has" n tokens here: 4 + 6 = 10 fits a context of 10, 7 + 6 does not
+
+    with pytest.raises(ValueError) as err:
+        fit_context(problems, lambda p: count(p.prompt), 10, 6, "t", skip_bad_rows=False, skip_key="train.skip_bad_rows")
+    message = str(err.value)
+    assert f"{path} line 2: the prompt has 6 tokens" in message and "context of 10" in message
+    assert "train.skip_bad_rows=true" in message and "\n" not in message
+    kept, skipped = fit_context(problems, lambda p: count(p.prompt), 10, 6, "t", skip_bad_rows=True)
+    assert [len(p.prompt) for p in kept] == [4, 2] and skipped == 2
+    err = capsys.readouterr().err
+    assert f"{path} line 2" in err and f"{path} line 3" in err and "skipped 2 row(s) too long" in err
+    with pytest.raises(ValueError, match="no row fits"):
+        fit_context(problems, lambda p: count(p.prompt), 7, 6, "t", skip_bad_rows=True)

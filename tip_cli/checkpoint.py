@@ -215,7 +215,10 @@ def load_trainer_state(ckpt: Checkpoint, mmap: bool = False) -> dict:
 
 
 def _unsupported(message: str) -> str:
-    """The line of torch's weights_only refusal that names the pickled global, else its first line."""
+    """What torch's weights_only refusal found: the pickled global it names, else its first line up to the advice
+    that follows (to allowlist the global, which is not what a refusal on safety grounds should suggest)."""
+    named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if named:
+        return f"the global {named.group(1)}"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    named = [line for line in lines if "Unsupported global" in line]
-    return (named or lines or ["unpickling refused"])[0][:200]
+    return re.split(r"\s*(?:Please|Check the documentation|You can use)", (lines or ["unpickling refused"])[0])[0]

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -126,25 +127,35 @@ def _check_installed(cfg: TipConfig) -> None:
 def _run_job(command: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tip_cli.checkpoint import StorageError
+    from tip_cli.checkpoint import StorageError, list_checkpoints
+    from tip_cli.train import signals
 
     tip_cfg = validate(cfg)
     run_dir = Path(tip_cfg.out_dir) if tip_cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     try:
-        if command == "train":
-            from tip_cli.train.loop import train
+        with signals.sigterm_stops():
+            if command == "train":
+                from tip_cli.train.loop import train
 
-            train(tip_cfg, run_dir)
-        else:
-            from tip_cli.eval.benchmark import run_eval_command
+                train(tip_cfg, run_dir)
+            else:
+                from tip_cli.eval.benchmark import run_eval_command
 
-            run_eval_command(tip_cfg)
+                run_eval_command(tip_cfg)
     except (ConfigError, FileNotFoundError, KeyError, ValueError, StorageError, ConnectionError) as err:
         # bad input (a config value, a missing file, a malformed row), a full disk or a teacher server gone: one line
         if os.environ.get("TIP_DEBUG"):
             raise
-        console.print(f"[red]error:[/] {err.args[0] if isinstance(err, KeyError) else err}  (TIP_DEBUG=1 shows the traceback)")
+        console.print(f"[red]error:[/] {err.args[0] if isinstance(err, KeyError) else err}  (TIP_DEBUG=1 shows the traceback)",
+                      soft_wrap=True)
         raise SystemExit(2) from err
+    except (KeyboardInterrupt, signals.Interrupted) as err:
+        name = err.args[0] if isinstance(err, signals.Interrupted) else "SIGINT"
+        # the newest committed one, not re-verified: hashing a large checkpoint would outlast SLURM's patience
+        last = (list_checkpoints(run_dir) or [None])[-1] if command == "train" else None
+        where = f"; last checkpoint: {last.path if last else 'none'} (the same command resumes from it)"
+        console.print(f"stopped by {name}{where if command == 'train' else ''}", soft_wrap=True)
+        raise SystemExit(128 + getattr(signal, name)) from None
 
 
 # Hydra's task functions, one per command and module-level, so that launchers which pickle the task function
@@ -174,6 +185,16 @@ def launch(command: str, overrides: list[str], multirun: bool) -> None:
     except Exception as err:
         console.print(f"[red]error:[/] {err if isinstance(err, ConfigError) else explain(err)}")
         raise typer.Exit(2) from err
+    from tip_cli.checkpoint import StorageError  # torch: only once the config is known to be good
+    from tip_cli.train.rundir import RunDirError, make_run_dir
+
+    try:
+        # made here rather than by Hydra, so that a path that cannot be a run dir fails in a line; removed again when
+        # the job leaves it empty (bad data, a refused config)
+        made = [Path(c.out_dir) for c in configs if command == "train" and c.out_dir and make_run_dir(Path(c.out_dir))]
+    except (RunDirError, StorageError) as err:
+        console.print(f"[red]error:[/] {err}", soft_wrap=True)
+        raise typer.Exit(2) from err
     register()
     extra = []
     if not multirun and (command == "eval" or configs[0].out_dir):
@@ -182,7 +203,12 @@ def launch(command: str, overrides: list[str], multirun: bool) -> None:
         extra = ["hydra.output_subdir=null", f"hydra.run.dir={_quoted(run_dir)}"]
     sys.argv = ["tip", *overrides, *extra, *(["--multirun"] if multirun else [])]
     task = _train_job if command == "train" else _eval_job
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task)()
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task)()
+    finally:
+        for run_dir in made:
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
 
 
 app = typer.Typer(

@@ -6,7 +6,8 @@ as DAPO-Math-17k keep their problem and answer.
 
 Bad input fails with one line that names the file (and line) or hub id and says what was expected. A malformed row
 (a JSON Lines line that is not a JSON object; a problem or answer that is missing, null or empty) fails the load
-unless `skip_bad_rows` is set; then it is left out with a warning line on stderr.
+unless `skip_bad_rows` is set; then it is left out with a warning line on stderr. So does a row whose prompt leaves
+the model no room to answer (`fit_context`), found when the data is read rather than at the step that draws it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
     import datasets
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix -> `datasets` builder
-SKIP_HINT = "fix it, or set eval.skip_bad_rows=true to skip malformed rows"
+SKIP_KEY = "eval.skip_bad_rows"  # the option that skips a benchmark's bad rows; training data's is train.skip_bad_rows
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 
 
@@ -35,6 +37,7 @@ class Problem:
     answer: str  # the gold answer as bare LaTeX, e.g. "\\frac{1}{2}"
     prompt: str  # `problem` put into the dataset's prompt_template
     meta: dict[str, Any] = field(default_factory=dict)  # the row's other fields, e.g. subject, level
+    where: str = ""  # how messages name the row: its file and line (or row index), or hub id
 
 
 @dataclass
@@ -54,13 +57,19 @@ class _Rows:
         return i, f"{self.source} row index {i}"
 
 
-def load_problems(cfg: DatasetConfig, limit: int | None = None, skip_bad_rows: bool = False) -> list[Problem]:
+def _skip_hint(skip_key: str) -> str:
+    return f"fix it, or set {skip_key}=true to skip such rows"
+
+
+def load_problems(cfg: DatasetConfig, limit: int | None = None, skip_bad_rows: bool = False,
+                  skip_key: str = SKIP_KEY) -> list[Problem]:
     """The first `limit` problems (all if None) of `cfg`'s source, with fields mapped and prompts formatted.
 
-    A malformed row raises ValueError naming the file and line (row index for Parquet, JSON arrays and the hub);
-    with `skip_bad_rows` it is left out, with a warning line on stderr for each and a count.
+    A malformed row raises ValueError naming the file and line (row index for Parquet, JSON arrays and the hub) and
+    the option `skip_key` that skips it; with `skip_bad_rows` it is left out, with a warning line on stderr for each
+    and a count.
     """
-    rows = _load_rows(cfg, skip_bad_rows)
+    rows = _load_rows(cfg, skip_bad_rows, skip_key)
     problems, skipped = [], list(rows.skipped)
     if len(rows.table):
         _check_fields(cfg, rows.table.column_names)
@@ -70,11 +79,11 @@ def load_problems(cfg: DatasetConfig, limit: int | None = None, skip_bad_rows: b
         wrong = _malformed(cfg, row)
         position, where = rows.where(i)
         if wrong is None:
-            problems.append(_to_problem(cfg, rows.index[i] if rows.index else i, row))
+            problems.append(_to_problem(cfg, rows.index[i] if rows.index else i, row, where))
         elif skip_bad_rows:
             skipped.append((position, f"{where}: {wrong}"))
         else:
-            raise ValueError(f"dataset {cfg.name!r}: {where}: {wrong}; {SKIP_HINT}")
+            raise ValueError(f"dataset {cfg.name!r}: {where}: {wrong}; {_skip_hint(skip_key)}")
     for _, message in sorted(skipped):
         print(f"warning: dataset {cfg.name!r}: skipped {message}", file=sys.stderr)
     if skipped:
@@ -92,7 +101,33 @@ def load_problems(cfg: DatasetConfig, limit: int | None = None, skip_bad_rows: b
     return problems
 
 
-def _load_rows(cfg: DatasetConfig, skip_bad_rows: bool) -> _Rows:
+def fit_context(problems: list[Problem], prompt_tokens: Callable[[Problem], int], context: int, answer_tokens: int,
+                name: str, skip_bad_rows: bool, skip_key: str = SKIP_KEY) -> tuple[list[Problem], int]:
+    """The problems whose prompt leaves room to answer: prompt_tokens(p) + answer_tokens <= context (the model's
+    context length), and how many were left out. A row that does not fit raises ValueError naming its file and row,
+    unless `skip_bad_rows`: then it is left out with a warning line on stderr, and the count says how many."""
+    kept, skipped = [], 0
+    for p in problems:
+        n = prompt_tokens(p)
+        if n + answer_tokens <= context:
+            kept.append(p)
+            continue
+        why = (f"dataset {name!r}: {p.where}: the prompt has {n} tokens, which leaves no room for {answer_tokens} "
+               f"new tokens in the model's context of {context}")
+        if not skip_bad_rows:
+            raise ValueError(f"{why}; {_skip_hint(skip_key)}")
+        print(f"warning: skipped {why}", file=sys.stderr)
+        skipped += 1
+    if skipped:
+        print(f"warning: dataset {name!r}: skipped {skipped} row(s) too long for the context, kept {len(kept)}",
+              file=sys.stderr)
+    if not kept and problems:
+        raise ValueError(f"dataset {name!r}: no row fits the model's context of {context} tokens with room for "
+                         f"{answer_tokens} new tokens")
+    return kept, skipped
+
+
+def _load_rows(cfg: DatasetConfig, skip_bad_rows: bool, skip_key: str) -> _Rows:
     import datasets  # a slow import; only commands that load data pay for it
 
     if cfg.path is None:
@@ -113,7 +148,7 @@ def _load_rows(cfg: DatasetConfig, skip_bad_rows: bool) -> _Rows:
         )
     if builder == "parquet" or _is_json_document(cfg, path):
         return _Rows(_load_file(cfg, path), str(path))
-    return _load_json_lines(cfg, path, skip_bad_rows)
+    return _load_json_lines(cfg, path, skip_bad_rows, skip_key)
 
 
 def _load_file(cfg: DatasetConfig, path: Path, **kwargs: Any) -> datasets.Dataset:
@@ -147,7 +182,7 @@ def _is_json_document(cfg: DatasetConfig, path: Path) -> bool:
     return True
 
 
-def _load_json_lines(cfg: DatasetConfig, path: Path, skip_bad_rows: bool) -> _Rows:
+def _load_json_lines(cfg: DatasetConfig, path: Path, skip_bad_rows: bool, skip_key: str) -> _Rows:
     """A JSON Lines file, parsed line by line first: `datasets` would report a bad line by byte offset at best."""
     good, lines, index, skipped = [], [], [], []
     position = 0  # the row's index among the non-blank lines
@@ -167,7 +202,7 @@ def _load_json_lines(cfg: DatasetConfig, path: Path, skip_bad_rows: bool) -> _Ro
             skipped.append((number, f"{path} line {number}: {wrong}"))
         else:
             raise ValueError(
-                f"dataset {cfg.name!r}: {path} line {number}: {wrong}; expected one JSON object per line; {SKIP_HINT}"
+                f"dataset {cfg.name!r}: {path} line {number}: {wrong}; expected one JSON object per line; {_skip_hint(skip_key)}"
             )
         position += 1
     if not good:
@@ -227,7 +262,7 @@ def _malformed(cfg: DatasetConfig, row: dict[str, Any]) -> str | None:
     return None
 
 
-def _to_problem(cfg: DatasetConfig, index: int, row: dict[str, Any]) -> Problem:
+def _to_problem(cfg: DatasetConfig, index: int, row: dict[str, Any], where: str) -> Problem:
     problem = str(_lookup(row, cfg.problem_field)[1])
     answer = str(_lookup(row, cfg.answer_field)[1])
     has_id, raw_id = _lookup(row, cfg.id_field) if cfg.id_field is not None else (False, None)
@@ -242,7 +277,7 @@ def _to_problem(cfg: DatasetConfig, index: int, row: dict[str, Any]) -> Problem:
         ) from e
     top_level = {name.split(".")[0] for name in used}
     meta = {k: v for k, v in row.items() if k not in top_level}
-    return Problem(problem_id, problem, answer, prompt, meta)
+    return Problem(problem_id, problem, answer, prompt, meta, where)
 
 
 def _lookup(row: Any, name: str) -> tuple[bool, Any]:

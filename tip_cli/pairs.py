@@ -53,5 +53,6 @@ def load_pair(
     else:
         teacher, rows_t = None, AutoConfig.from_pretrained(t_path, trust_remote_code=cfg.trust_remote_code).vocab_size
     rows = (student.get_output_embeddings().weight.shape[0], rows_t)
-    vocab = shared_vocab(tok_s, tok_t, *rows, names=(cfg.student, cfg.teacher), cfg=cfg)
+    # a checkpoint standing in for the student is named as itself: it may come from another pair
+    vocab = shared_vocab(tok_s, tok_t, *rows, names=(student_path or cfg.student, cfg.teacher), cfg=cfg)
     return Pair(student, teacher, tok_s, vocab, device, s_path, t_path)

@@ -27,8 +27,9 @@ from tip_cli.tracking import read_jsonl
 
 console = Console(stderr=True)
 
-# config keys that never make a run a different variant: a seed is a repeat, the budget is the x-axis
-NOT_A_VARIANT = {"budget", "seed", "out_dir", "checkpoint"}
+# config keys that never make a run a different variant: a seed is a repeat, the budget is the x-axis, and how a run
+# was resumed or stops on SIGTERM changes nothing it computes
+NOT_A_VARIANT = {"budget", "seed", "out_dir", "checkpoint", "train.resume", "train.sigterm_grace_s"}
 
 
 @dataclass

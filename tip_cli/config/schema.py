@@ -337,6 +337,11 @@ class TrainConfig:
     # auto = bf16_mixed on CUDA (fp32 master weights and AdamW state, bf16 compute), fp32 on CPU; bf16 = pure bf16
     precision: str = "auto"
     max_skipped_steps: int = 3  # consecutive steps with a non-finite H, D or loss (no update) before the run stops
+    # skip training rows that are malformed or too long for the models' context (each reported) instead of failing
+    skip_bad_rows: bool = False
+    # on SIGTERM (SLURM's notice before preemption), the step in flight may finish within this many seconds, and a
+    # checkpoint of it is saved; past it, or with 0, the run stops at once and a re-run resumes from the last one
+    sigterm_grace_s: float = 60.0
 
     def __post_init__(self) -> None:
         _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
@@ -354,6 +359,8 @@ class TrainConfig:
             raise ConfigError("train: save_every, eval_every, keep_checkpoints, token_sample_every must be >= 0")
         if self.token_sample_size < 1:
             raise ConfigError(f"train.token_sample_size={self.token_sample_size} must be >= 1")
+        if not 0 <= self.sigterm_grace_s < float("inf"):
+            raise ConfigError(f"train.sigterm_grace_s={self.sigterm_grace_s} must be a number of seconds >= 0")
 
 
 @dataclass
@@ -366,7 +373,7 @@ class EvalConfig:
     max_new_tokens: int | None = None  # tokens per response (with an environment: per model turn)
     limit: int | None = None  # evaluate only the first N problems
     batch_size: int = 64  # prompts generated at once
-    skip_bad_rows: bool = False  # skip malformed dataset rows (each reported with its line) instead of failing
+    skip_bad_rows: bool = False  # skip benchmark rows that are malformed or too long for the model's context (each reported)
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:

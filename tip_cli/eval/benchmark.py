@@ -18,7 +18,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from tip_cli.checkpoint import MANIFEST, Checkpoint, is_run_checkpoint, list_checkpoints, verify
 from tip_cli.config.schema import DatasetConfig, EvalConfig, PairConfig, TipConfig
-from tip_cli.data import Problem, load_problems
+from tip_cli.data import Problem, fit_context, load_problems
 from tip_cli.eval.metrics import summarize
 from tip_cli.grading import grade
 from tip_cli.models import load_model, load_tokenizer, pick_device, pick_dtype, render_prompt
@@ -104,6 +104,37 @@ class EnvBenchmark:
     tasks: list  # [tip_cli.envs.Task]
 
 
+def context_length(path: str, pair_cfg: PairConfig) -> int | None:
+    """The positions a model (dir or HF id) declares in its config, None when it declares none."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=pair_cfg.trust_remote_code)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def fit_models(cfg: TipConfig, problems: list[Problem], models: list[str], answer_tokens: int, name: str,
+               skip_bad_rows: bool, skip_key: str) -> tuple[list[Problem], int]:
+    """`fit_context` for the models that will read these prompts: the smallest of their context lengths (and
+    rollout.vllm.max_model_len under vLLM), the prompt rendered and counted by the first model's tokenizer."""
+    contexts = [c for c in (context_length(m, cfg.pair) for m in models) if c]
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.max_model_len:
+        contexts.append(cfg.rollout.vllm.max_model_len)
+    if not contexts:
+        return problems, 0
+    tokenizer = load_tokenizer(models[0], cfg.pair)
+    tokenizer.model_max_length = 1 << 62  # prompts are only counted here: fit_context, not a warning, judges them
+    return fit_context(problems, lambda p: len(render_prompt(tokenizer, p.prompt, cfg.pair)), min(contexts),
+                       answer_tokens, name, skip_bad_rows, skip_key)
+
+
+def fit_benchmark(cfg: TipConfig, bench: list[Problem] | EnvBenchmark, models: list[str]
+                  ) -> tuple[list[Problem] | EnvBenchmark, int]:
+    """The benchmark's problems that leave `models` room for eval's max_new_tokens (`fit_models`; eval.skip_bad_rows
+    skips the others), and how many were left out; environments' tasks are kept as they are."""
+    if isinstance(bench, EnvBenchmark):
+        return bench, 0
+    answer = eval_sampling(cfg.benchmark, cfg.eval).max_new_tokens
+    return fit_models(cfg, bench, models, answer, cfg.benchmark.name, cfg.eval.skip_bad_rows, "eval.skip_bad_rows")
+
+
 def load_benchmark(cfg: TipConfig) -> list[Problem] | EnvBenchmark:
     """The benchmark's problems, or its environment and tasks when benchmark.env names one (first eval.limit)."""
     if cfg.benchmark.env is None:
@@ -175,9 +206,10 @@ def _eos_token_id(path: str) -> int | list[int] | None:
         return AutoConfig.from_pretrained(path).eos_token_id
 
 
-def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problems: list[Problem] | EnvBenchmark
-                        ) -> dict[str, float]:
-    """Evaluate one model into out_dir/eval/<benchmark>/results.json, reusing a result with identical settings."""
+def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problems: list[Problem] | EnvBenchmark,
+                        skipped: int = 0) -> dict[str, float]:
+    """Evaluate one model into out_dir/eval/<benchmark>/results.json, reusing a result with identical settings;
+    with eval.skip_bad_rows, the metrics count the `skipped` rows that did not fit the context (`skipped_too_long`)."""
     out_file = results_dir(out_dir, cfg.benchmark.name) / "results.json"
     settings = _settings(cfg)
     if out_file.exists():
@@ -197,6 +229,8 @@ def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problem
     else:
         model = load_model(path, cfg.pair, device, trainable=False)
     metrics, records = evaluate_benchmark(model, tokenizer, cfg, problems, engine=engine)
+    if cfg.eval.skip_bad_rows:
+        metrics["skipped_too_long"] = skipped
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps({"model": str(ckpt.path), "settings": settings, "metrics": metrics, "records": records}, indent=1))
     if cfg.logger.name == "wandb":
@@ -215,15 +249,17 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
     problems = load_benchmark(cfg)
     name = cfg.benchmark.name
     ckpts = list_checkpoints(target)
+    if not ckpts and (target / MANIFEST).is_file() and (reason := verify(Checkpoint(-1, target))) is not None:
+        raise ValueError(f"checkpoint {target} is damaged: {reason}; evaluate another checkpoint of its run")
+    # a prompt too long for the model fails here, before any model loads, not midway through the evaluation
+    problems, skipped = fit_benchmark(cfg, problems, [str(ckpts[0].path) if ckpts else resolve_model(cfg.checkpoint)])
     if not ckpts:  # one model: a checkpoint dir, a HF id, or toy://student
-        if (target / MANIFEST).is_file() and (reason := verify(Checkpoint(-1, target))) is not None:
-            raise ValueError(f"checkpoint {target} is damaged: {reason}; evaluate another checkpoint of its run")
         if cfg.out_dir is None and is_run_checkpoint(target):
             out_dir = target  # a run's checkpoint keeps its results beside it, as `tip eval RUN_DIR` does
         else:
             label = target.name if target.is_dir() else cfg.checkpoint.replace("://", "_").replace("/", "_")
             out_dir = Path(cfg.out_dir or "eval") / label
-        metrics = evaluate_checkpoint(cfg, Checkpoint(-1, Path(cfg.checkpoint)), out_dir, problems)
+        metrics = evaluate_checkpoint(cfg, Checkpoint(-1, Path(cfg.checkpoint)), out_dir, problems, skipped)
         print_metrics(f"{name}: {cfg.checkpoint}", metrics)
         return metrics
     root = Path(cfg.out_dir) if cfg.out_dir else target
@@ -234,7 +270,7 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
             console.print(f"[yellow]skipping checkpoint {ckpt.path}: {reason}[/]", soft_wrap=True)
             continue
         out_dir = root / "checkpoints" / ckpt.path.name if cfg.out_dir else ckpt.path
-        metrics = evaluate_checkpoint(cfg, ckpt, out_dir, problems)
+        metrics = evaluate_checkpoint(cfg, ckpt, out_dir, problems, skipped)
         curve.append({"step": ckpt.step, **metrics})
         console.print(f"step {ckpt.step}: {name} accuracy {metrics['accuracy']:.3f}")
     if not curve:

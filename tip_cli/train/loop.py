@@ -20,11 +20,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tip_cli.checkpoint import Checkpoint, latest_checkpoint, storage_errors
+from tip_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, storage_errors
 from tip_cli.config.compose import to_container
 from tip_cli.config.schema import TipConfig
 from tip_cli.data import Problem, load_problems
-from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark, load_benchmark
+from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark, fit_benchmark, fit_models, load_benchmark
 from tip_cli.eval.benchmark import console as eval_console
 from tip_cli.grading import grade
 from tip_cli.models import (
@@ -37,7 +37,7 @@ from tip_cli.rollout import make_engine
 from tip_cli.rollout.batch import Batch, Sampling, derive_seed, eos_ids, pack
 from tip_cli.selection.quadrants import TokenStats
 from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, timed
-from tip_cli.train import parallel, precision, rundir
+from tip_cli.train import parallel, precision, rundir, signals
 from tip_cli.train.schedule import apply_schedule, lr_lambda, make_optimizer, prompt_indices
 from tip_cli.train.step import check_temperature, distill_step
 
@@ -87,8 +87,16 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     run_dir = parallel.broadcast(run_dir)  # rank 0's: each rank's Hydra may have stamped its own
     console.quiet = eval_console.quiet = not parallel.is_main()
     # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
-    problems = None if cfg.data.env else load_problems(cfg.data, skip_bad_rows=cfg.eval.skip_bad_rows)
-    bench = load_benchmark(cfg)
+    problems, too_long = None, {}  # rows left out for not fitting the context, logged when skipping is on
+    models = [resolve_model(cfg.pair.student), resolve_model(cfg.pair.teacher)]
+    if not cfg.data.env:
+        skip = cfg.train.skip_bad_rows
+        problems = load_problems(cfg.data, skip_bad_rows=skip, skip_key="train.skip_bad_rows")
+        problems, n = fit_models(cfg, problems, models, cfg.rollout.max_new_tokens, cfg.data.name, skip,
+                                 "train.skip_bad_rows")
+        too_long |= {"data/skipped_too_long": n} if skip else {}
+    bench, n = fit_benchmark(cfg, load_benchmark(cfg), models[:1])
+    too_long |= {f"eval/{cfg.benchmark.name}/skipped_too_long": n} if cfg.eval.skip_bad_rows else {}
     check_temperature(cfg)
     # the run dir's contract (tip_cli.train.rundir): one writer, the recorded config, the newest verified checkpoint
     plan = rundir.open_run(cfg, run_dir, console)
@@ -98,7 +106,7 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
         parallel.teardown()
         return plan.complete
     try:
-        return _train(cfg, run_dir, device, plan.checkpoint, problems, bench)
+        return _train(cfg, run_dir, device, plan.checkpoint, problems, bench, too_long)
     finally:
         plan.release()
 
@@ -297,6 +305,20 @@ def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> di
     return parallel.merge_metrics(m)
 
 
+def save(run: Run, step: int) -> None:
+    p = run.pair
+    parallel.save(run.run_dir, step, p.student, p.tokenizer, run.optimizer, run.scheduler, run.cfg.train.keep_checkpoints,
+                  run.prec.pair)
+
+
+def stop_after(run: Run, step: int) -> None:
+    """SIGTERM came during `step`: save it (unless after_step just did) and stop (signals.Interrupted)."""
+    committed = list_checkpoints(run.run_dir)  # not verified: hashing a large checkpoint would eat the grace period
+    if not committed or committed[-1].step != step:
+        save(run, step)
+    raise signals.Interrupted("SIGTERM")
+
+
 def after_step(run: Run, step: int, m: dict, stats, kept: torch.Tensor) -> str:
     """Stop on too many skipped steps, save a token sample and checkpoints, evaluate when due; returns the progress
     line."""
@@ -312,8 +334,7 @@ def after_step(run: Run, step: int, m: dict, stats, kept: torch.Tensor) -> str:
     if not console.is_terminal:
         console.print(f"step {step}/{t.steps}  {info}")
     if step == t.steps or (t.save_every and step % t.save_every == 0):
-        p = run.pair
-        parallel.save(run.run_dir, step, p.student, p.tokenizer, run.optimizer, run.scheduler, t.keep_checkpoints, run.prec.pair)
+        save(run, step)
     if t.eval_every and step % t.eval_every == 0 and step != t.steps:
         run.evaluate(step)
     return info
@@ -328,7 +349,7 @@ def finish(run: Run) -> dict:
     before = [r[key] for r in read_jsonl(run.run_dir / "metrics.jsonl") if r["step"] == 0 and key in r]
     if before:
         console.print(f"[bold]student {cfg.benchmark.name} accuracy: {before[0]:.3f} before -> {final['accuracy']:.3f} after[/]")
-    console.print(f"run dir: {run.run_dir}")
+    console.print(f"run dir: {run.run_dir}", soft_wrap=True)
     parallel.teardown()
     return final
 
@@ -337,13 +358,16 @@ PROGRESS = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedC
 
 
 def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint | None,
-           problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> dict:
+           problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark, too_long: dict[str, int]) -> dict:
     """`train` in a run dir it holds, from `ckpt` (None: from the start), on the problems (None with data.env):
-    each step is rollout -> teacher -> select -> loss (distill_step) -> update -> log."""
+    each step is rollout -> teacher -> select -> loss (distill_step) -> update -> log. `too_long` (rows skipped for
+    the context) is logged at the step the run starts from."""
     run = prepare(cfg, run_dir, device, ckpt, problems, bench)
+    if too_long:
+        run.logger.log(too_long, run.start)
     if run.start == 0 and cfg.train.eval_before:
         run.evaluate(0)
-    with Progress(*PROGRESS, console=console) as bar:
+    with Progress(*PROGRESS, console=console) as bar, signals.sigterm_grace(cfg.train.sigterm_grace_s) as stop:
         task = bar.add_task("train", total=cfg.train.steps, completed=run.start, info="")
         for step in range(run.start + 1, cfg.train.steps + 1):
             generator = step_generator(run, step)
@@ -358,4 +382,6 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
             m = step_metrics(run, out, m, grad_norm)
             run.logger.log(m, step)
             bar.update(task, completed=step, info=after_step(run, step, m, stats, kept))
+            if not parallel.all_true(not stop.requested):  # every rank saves, or none
+                stop_after(run, step)
     return finish(run)

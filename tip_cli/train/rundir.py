@@ -43,7 +43,8 @@ LOCK_FILE = "tip.lock"
 OVERRIDES_FILE = "overrides.jsonl"
 # keys that never change what a run computes: cadence of saves, evals and samples, where logs go, eval batching
 HARMLESS = ("train.save_every", "train.eval_every", "train.eval_before", "train.keep_checkpoints",
-            "train.token_sample_every", "train.token_sample_size", "train.resume", "eval.batch_size", "logger.",
+            "train.token_sample_every", "train.token_sample_size", "train.resume", "train.sigterm_grace_s",
+            "eval.batch_size", "logger.",
             "out_dir", "checkpoint")
 
 
@@ -88,19 +89,29 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK_FILE
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder()
-            os.close(self.fd)
-            raise RunDirError(
-                f"{run_dir} is being written by another tip run ({holder}); wait for it to end or stop it, "
-                "or give this run a new out_dir"
-            ) from None
-        self.previous = self._holder() if os.fstat(self.fd).st_size else None  # a holder that died without releasing
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+        with storage_errors(run_dir, self.path):
+            try:
+                self.fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                self.fd, created = os.open(self.path, os.O_RDWR), False
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder()
+                os.close(self.fd)
+                raise RunDirError(
+                    f"{run_dir} is being written by another tip run ({holder}); wait for it to end or stop it, "
+                    "or give this run a new out_dir"
+                ) from None
+            try:
+                self.previous = self._holder() if os.fstat(self.fd).st_size else None  # died without releasing
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+            except OSError:  # a full disk: no empty lock file of ours is left behind
+                if created:
+                    self.path.unlink(missing_ok=True)
+                os.close(self.fd)
+                raise
 
     def _holder(self) -> str:
         text = os.pread(self.fd, 256, 0).decode(errors="replace").split()
@@ -144,6 +155,21 @@ def _final_eval(run_dir: Path, cfg: TipConfig) -> dict[str, float] | None:
     return {k.removeprefix(prefix): v for k, v in rows[-1].items() if k.startswith(prefix)} if rows else None
 
 
+def make_run_dir(run_dir: Path) -> bool:
+    """Create run_dir (and its parents) unless it exists; whether it was created. A path that is a file, or storage
+    that refuses the directory (read-only, no space, no permission), raises in one line naming the path."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"out_dir {run_dir} is a file, not a directory; give out_dir a directory path")
+    if run_dir.is_dir():
+        return False
+    blocked = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise RunDirError(f"cannot create out_dir {run_dir}: {blocked} is a file, not a directory")
+    with storage_errors(run_dir, run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return True
+
+
 def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
     """Rank 0's part of `open_run`."""
     recorded = run_dir / "config.yaml"
@@ -155,7 +181,7 @@ def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
         final = _final_eval(run_dir, cfg)
         if final is not None:
             return RunPlan(complete=final)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     lock = RunLock(run_dir)
     try:
         if lock.previous:
@@ -170,6 +196,11 @@ def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
             raise RunDirError(
                 f"{run_dir}: none of its {len(skipped)} checkpoint(s) verifies (listed above with the reason); "
                 f"to start over, move {run_dir / 'checkpoints'} away, or give a new out_dir"
+            )
+        if ckpt is not None and ckpt.step > cfg.train.steps:  # its weights are past the end the config asks for
+            raise RunDirError(
+                f"{run_dir} has a checkpoint at step {ckpt.step}, past train.steps={cfg.train.steps}: a run does not "
+                f"go back; give train.steps >= {ckpt.step} to continue it, or a new out_dir"
             )
         if ckpt is not None:
             # refuses a state that holds code before any model is loaded; mapped, so that resuming reads it once
