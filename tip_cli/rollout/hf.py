@@ -6,7 +6,13 @@ import sys
 from collections.abc import Callable
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from tip_cli.rollout.batch import Generation, Sampling, eos_ids, left_pad, trim_at_eos
 
@@ -24,6 +30,26 @@ def capped_new_tokens(max_new_tokens: int, prompt_len: int, context: int | None)
         raise ValueError(f"a prompt of {prompt_len} tokens fills the model's whole context of {context} tokens: "
                          "nothing can be generated; shorten the prompt (data or benchmark prompt_template)")
     return min(max_new_tokens, context - prompt_len)
+
+
+class NonFiniteGuard(LogitsProcessor):
+    """Marks the rows whose next-token distribution cannot be sampled (a NaN or +inf logit, or every logit -inf:
+    softmax gives NaN there, and torch.multinomial fails with a traceback) and gives them a uniform one, so that
+    generate finishes; `check` then raises. The mark stays on the device, so no step of decoding waits on it."""
+
+    def __init__(self) -> None:
+        self.bad: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        bad = scores.isnan().any(-1) | scores.isposinf().any(-1) | scores.isneginf().all(-1)  # [rows]
+        self.bad = bad.any() if self.bad is None else self.bad | bad.any()
+        return scores.masked_fill(bad[:, None], 0.0)
+
+    def check(self) -> None:
+        if self.bad is not None and bool(self.bad):
+            raise ValueError("the student's next-token probabilities are not finite (NaN or inf logits), so nothing "
+                             "can be sampled from it: its weights are likely non-finite; try a lower train.lr, or an "
+                             "earlier checkpoint")
 
 
 class HFEngine:
@@ -80,10 +106,12 @@ class HFEngine:
                           f"is {context} tokens and the longest prompt has {ids.shape[1]}", file=sys.stderr)
                     self._told_cap = True
                 config.max_new_tokens = max_new
+                guard = NonFiniteGuard()
                 gen = self.model.generate(
                     input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                    generation_config=config,
+                    generation_config=config, logits_processor=LogitsProcessorList([guard]),
                 )
+                guard.check()
                 new = gen.sequences[:, ids.shape[1]:]  # [b * n, new]
                 rows = [trim_at_eos(row, stops) for row in new.tolist()]
                 tokens.extend(rows)
