@@ -201,8 +201,8 @@ class LossConfig:
         _one_of("loss.backend", self.backend, ("auto", "eager", "compiled"))
         _one_of("loss.norm", self.norm, ("selected", "total"))
         _in_range("loss.jsd_beta", self.jsd_beta, 0.0, 1.0)
-        if self.temperature is not None and self.temperature <= 0:
-            raise ConfigError(f"loss.temperature={self.temperature} must be > 0 (or null for rollout.temperature)")
+        if self.temperature is not None:  # null = rollout.temperature
+            _in_range("loss.temperature", self.temperature, 0.0, math.inf, lo_open=True)
         _check_chunk("loss.chunk_size", self.chunk_size)
 
 
