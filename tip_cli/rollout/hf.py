@@ -35,18 +35,20 @@ def capped_new_tokens(max_new_tokens: int, prompt_len: int, context: int | None)
 class NonFiniteGuard(LogitsProcessor):
     """Marks the rows whose next-token distribution cannot be sampled (a NaN or +inf logit, or every logit -inf:
     softmax gives NaN there, and torch.multinomial fails with a traceback) and gives them a uniform one, so that
-    generate finishes; `check` then raises. The mark stays on the device, so no step of decoding waits on it."""
+    generate finishes; `check` then raises."""
 
     def __init__(self) -> None:
-        self.bad: torch.Tensor | None = None
+        self.bad = False
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        bad = scores.isnan().any(-1) | scores.isposinf().any(-1) | scores.isneginf().all(-1)  # [rows]
-        self.bad = bad.any() if self.bad is None else self.bad | bad.any()
+        bad = ~torch.isfinite(scores.amax(-1))  # [rows]; the max is NaN with a NaN, +inf with one, -inf with all
+        if not bool(bad.any()):  # a host sync, as generate's own stopping check makes at every token
+            return scores
+        self.bad = True
         return scores.masked_fill(bad[:, None], 0.0)
 
     def check(self) -> None:
-        if self.bad is not None and bool(self.bad):
+        if self.bad:
             raise ValueError("the student's next-token probabilities are not finite (NaN or inf logits), so nothing "
                              "can be sampled from it: its weights are likely non-finite; try a lower train.lr, or an "
                              "earlier checkpoint")
