@@ -175,22 +175,16 @@ def test_non_finite_weights_after_an_update_stop_the_run_before_they_are_saved(p
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
 
 
-def test_guard_marks_unsampleable_rows_and_leaves_the_others():
+@pytest.mark.parametrize(("row", "col", "value"), [(1, 3, math.nan), (2, None, -math.inf), (3, 0, math.inf)])
+def test_guard_refuses_an_unsampleable_row_and_passes_the_rest(row, col, value):
     scores = torch.randn(4, 7)
-    reference = scores.clone()
-    scores[1, 3] = math.nan
-    scores[2, :] = -math.inf
-    scores[3, 0] = math.inf
-    guard = NonFiniteGuard()
-    out = guard(torch.zeros(4, 1, dtype=torch.long), scores)
-    assert torch.equal(out[0], reference[0]) and torch.equal(out[1:], torch.zeros(3, 7))
+    cut = scores.clone()
+    cut[:, 1:] = -math.inf  # what top_p / top_k leave: still one finite logit a row
+    guard, ids = NonFiniteGuard(), torch.zeros(4, 1, dtype=torch.long)
+    assert guard(ids, scores) is scores and guard(ids, cut) is cut
+    scores[row, slice(None) if col is None else col] = value
     with pytest.raises(ValueError, match="not finite"):
-        guard.check()
-    fine = NonFiniteGuard()
-    top_p_cut = reference.clone()
-    top_p_cut[:, 1:] = -math.inf  # what top_p / top_k leave: still one finite logit a row
-    assert torch.equal(fine(torch.zeros(4, 1, dtype=torch.long), top_p_cut), top_p_cut)
-    fine.check()
+        guard(ids, scores)
 
 
 def test_eval_of_nan_weights_at_an_odd_path_is_one_line(micro, pair_overrides, tmp_path):

@@ -96,7 +96,7 @@ def load_yaml(path: Path) -> DictConfig:
     """A config.yaml as an attribute-access node; ConfigError (one line naming the file) when it is not one."""
     try:
         node = OmegaConf.load(path)
-    except OSError:
+    except OSError:  # missing or unreadable: the caller's to report, as for any file
         raise
     except Exception as err:  # YAML syntax and OmegaConf errors alike: the file is damaged
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -33,25 +33,16 @@ def capped_new_tokens(max_new_tokens: int, prompt_len: int, context: int | None)
 
 
 class NonFiniteGuard(LogitsProcessor):
-    """Marks the rows whose next-token distribution cannot be sampled (a NaN or +inf logit, or every logit -inf:
-    softmax gives NaN there, and torch.multinomial fails with a traceback) and gives them a uniform one, so that
-    generate finishes; `check` then raises."""
-
-    def __init__(self) -> None:
-        self.bad = False
+    """Refuses a next-token distribution that cannot be sampled, before torch.multinomial fails on it with a
+    traceback: a row with a NaN or +inf logit, or with every logit -inf (softmax gives NaN for each)."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         bad = ~torch.isfinite(scores.amax(-1))  # [rows]; the max is NaN with a NaN, +inf with one, -inf with all
-        if not bool(bad.any()):  # a host sync, as generate's own stopping check makes at every token
-            return scores
-        self.bad = True
-        return scores.masked_fill(bad[:, None], 0.0)
-
-    def check(self) -> None:
-        if self.bad:
+        if bool(bad.any()):  # a host sync, as generate's own stopping check makes at every token
             raise ValueError("the student's next-token probabilities are not finite (NaN or inf logits), so nothing "
                              "can be sampled from it: its weights are likely non-finite; try a lower train.lr, or an "
                              "earlier checkpoint")
+        return scores
 
 
 class HFEngine:
@@ -108,12 +99,10 @@ class HFEngine:
                           f"is {context} tokens and the longest prompt has {ids.shape[1]}", file=sys.stderr)
                     self._told_cap = True
                 config.max_new_tokens = max_new
-                guard = NonFiniteGuard()
                 gen = self.model.generate(
                     input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                    generation_config=config, logits_processor=LogitsProcessorList([guard]),
+                    generation_config=config, logits_processor=LogitsProcessorList([NonFiniteGuard()]),
                 )
-                guard.check()
                 new = gen.sequences[:, ids.shape[1]:]  # [b * n, new]
                 rows = [trim_at_eos(row, stops) for row in new.tolist()]
                 tokens.extend(rows)
