@@ -2,7 +2,8 @@
 
 Every key of tip_cli/config/schema.py's dataclasses gets its type, its default, its allowed values and one line
 of help. The help is the field's comment in schema.py (on its line, or the comment lines just above it); the
-allowed values are read from the `_one_of` / `_in_range` checks of the dataclass's `__post_init__`; the default
+allowed values are read from the `_one_of` / `_in_range` checks of the dataclass's `__post_init__` and, for a
+float field, from schema.FLOAT_RANGES (the ranges of float fields by name); the default
 is the value `tip config` prints with no overrides (the schema's own default is named where conf/ changes it).
 Every option of every group is listed with the first sentence of its YAML's leading comment.
 
@@ -81,8 +82,21 @@ def _checks(method: ast.FunctionDef) -> dict[str, str]:
             found[name] = ", ".join(f"`{v}`" for v in values[0])
         elif node.func.id == "_in_range":
             lo_open = any(k.arg == "lo_open" and ast.literal_eval(k.value) for k in node.keywords)
-            found[name] = f"{'(' if lo_open else '['}{values[0]}, {values[1]}]"
+            found[name] = _cell(_range(values[0], values[1], lo_open))
     return found
+
+
+def _float_range(f: dataclasses.Field) -> str:
+    """A float field's range from schema.FLOAT_RANGES ("" when it names none)."""
+    if "float" not in str(f.type) or f.name not in schema.FLOAT_RANGES:
+        return ""
+    return _range(*schema.FLOAT_RANGES[f.name])
+
+
+def _range(lo: float, hi: float, lo_open: bool) -> str:
+    if hi == float("inf"):
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"{'(' if lo_open else '['}{lo}, {hi}]"
 
 
 def field_docs(source: str) -> dict[str, dict[str, FieldDoc]]:
@@ -159,7 +173,8 @@ def key_sections(docs: dict[str, dict[str, FieldDoc]]) -> list[str]:
             else:
                 shown = _code(shown)
             typ = str(f.type).replace("Any", "any")
-            out.append(f"| `{prefix}{f.name}` | {_cell(typ)} | {shown} | {doc.allowed} | {_cell(doc.help)} |")
+            allowed = doc.allowed or _cell(_float_range(f))  # a group's own check is the narrower one
+            out.append(f"| `{prefix}{f.name}` | {_cell(typ)} | {shown} | {allowed} | {_cell(doc.help)} |")
         for args in nested:
             node(*args)
 

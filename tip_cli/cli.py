@@ -8,7 +8,6 @@ options listed; then Hydra runs the job(s), giving each its own output dir (`out
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import re
@@ -20,7 +19,7 @@ import typer
 from rich.console import Console
 
 from tip_cli import __version__
-from tip_cli.config.compose import CONF_DIR, GROUPS, group_options, register, validate
+from tip_cli.config.compose import CONF_DIR, GROUPS, group_options, register, unknown_key_message, validate
 from tip_cli.config.schema import ConfigError, TipConfig
 
 console = Console(stderr=True)
@@ -38,29 +37,12 @@ def groups_help() -> str:
     return "\n\n".join(lines)
 
 
-def _field_names(path: list[str]) -> list[str] | None:
-    """Field names of the dataclass node at `path` in TipConfig (None if the path is not a dataclass)."""
-    node: type = TipConfig
-    for part in path:
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields:
-            return None
-        node = type(getattr(node(), part)) if dataclasses.is_dataclass(node) else None
-        if not dataclasses.is_dataclass(node):
-            return None
-    return [f.name for f in dataclasses.fields(node)]
-
-
 def explain(err: Exception) -> str:
-    """A short message for a config error, listing valid keys when an unknown key was given."""
+    """A short message for a config error, naming the closest valid key when an unknown key was given."""
     msg = str(err).split("\nConfig search path")[0].strip()
     found = re.search(r"Could not override '([\w.]+)'", msg)
     if found:
-        key = found.group(1).split(".")
-        valid = _field_names(key[:-1])
-        where = ".".join(key[:-1]) or "the top level"
-        if valid is not None:
-            return f"unknown key '{found.group(1)}'; valid keys of {where}: {', '.join(valid)}"
+        return unknown_key_message(found.group(1))
     if "submitit" in msg:
         msg += "\nThe SLURM launcher is a plugin: pip install hydra-submitit-launcher (see conf/hydra/launcher/slurm.yaml)"
     cause = err.__cause__
@@ -169,8 +151,35 @@ def _eval_job(cfg) -> None:
 
 
 def _quoted(value: str) -> str:
-    """A Hydra override value that stays one string whatever it holds (spaces, '=', commas)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """A Hydra override value that stays this one string whatever it holds (spaces, quotes, '=', commas, '${'):
+    single-quoted, with Hydra's escapes (a quote, and the backslashes right before a quote or the closing quote)
+    and OmegaConf's (an interpolation's '${', and the backslashes right before it)."""
+    escaped = re.sub(r"(\\*)('|\$\{|$)", lambda m: m.group(1) * 2 + {"'": "\\'", "${": "\\${"}.get(m.group(2), ""), value)
+    return f"'{escaped}'"
+
+
+def readable_overrides(overrides: list[str]) -> list[str]:
+    """The overrides as Hydra's grammar reads them. A KEY=VALUE it cannot read whose value is a plain string (a
+    path with non-ASCII letters, say) is passed quoted, so it arrives unchanged; any other is a ConfigError with a
+    hint."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    readable = []
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+            readable.append(override)
+            continue
+        except Exception as err:  # Hydra's grammar errors carry the offending input
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        key, eq, value = override.partition("=")
+        if eq and value and not value.startswith(("'", '"', "[", "{")):
+            readable.append(f"{key}={_quoted(value)}")
+            continue
+        raise ConfigError(f"cannot read the override {override!r} ({first}); the form is KEY=VALUE, a list is "
+                          f"KEY=[A,B], and a value with brackets, commas or quotes is quoted: KEY=\"'VALUE'\"")
+    return readable
 
 
 def launch(command: str, overrides: list[str], multirun: bool) -> None:
@@ -181,9 +190,10 @@ def launch(command: str, overrides: list[str], multirun: bool) -> None:
         console.print("[red]error:[/] +sweep=PRESET is a sweep over several jobs: add -m, e.g. tip train -m +sweep=budgets")
         raise typer.Exit(2)
     try:
+        overrides = readable_overrides(overrides)
         configs = [compose_config(job) for job in _job_overrides(overrides, multirun)]
     except Exception as err:
-        console.print(f"[red]error:[/] {err if isinstance(err, ConfigError) else explain(err)}")
+        console.print(f"[red]error:[/] {err if isinstance(err, ConfigError) else explain(err)}", soft_wrap=True)
         raise typer.Exit(2) from err
     from tip_cli.checkpoint import StorageError  # torch: only once the config is known to be good
     from tip_cli.train.rundir import RunDirError, make_run_dir
@@ -251,7 +261,7 @@ def eval_(
     multirun: bool = MULTIRUN,
 ) -> None:
     """Evaluate a model on a benchmark (benchmark=toy|math500|aime24|aime25) with math-verify grading."""
-    launch("eval", [f"checkpoint='{checkpoint}'", *(overrides or [])], multirun)
+    launch("eval", [f"checkpoint={_quoted(checkpoint)}", *(overrides or [])], multirun)
 
 
 @app.command()
@@ -295,9 +305,9 @@ def config(overrides: list[str] = OVERRIDES) -> None:
     from omegaconf import OmegaConf
 
     try:
-        cfg = compose_config(overrides or [])
+        cfg = compose_config(readable_overrides(overrides or []))
     except ConfigError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(2) from err
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
 

@@ -23,6 +23,7 @@ from matplotlib import colormaps
 from rich.console import Console
 
 from tip_cli.config.compose import load_yaml, set_key, to_container
+from tip_cli.config.schema import ConfigError
 from tip_cli.tracking import read_jsonl
 
 console = Console(stderr=True)
@@ -197,16 +198,22 @@ def label_runs(runs: list[Run]) -> None:
 
 
 def load_runs(paths: Iterable[Path], benchmark: str | None = None) -> list[Run]:
-    """Every run below `paths`, labelled and sorted by (label, budget, seed); runs without config.yaml are skipped."""
+    """Every run below `paths`, labelled and sorted by (label, budget, seed); runs without a readable config.yaml are
+    skipped, each with a line."""
     paths = list(paths)
     dirs = find_run_dirs(paths)
     common = Path(os.path.commonpath([d.parent for d in dirs]))
     runs = []
     for d in dirs:
         if not (d / "config.yaml").exists():
-            console.print(f"[yellow]skipping {d}: no config.yaml[/]")
+            console.print(f"[yellow]skipping {d}: no config.yaml[/]", soft_wrap=True)
             continue
-        runs += split_at_overrides(load_run(d, str(d.relative_to(common)), benchmark))
+        try:
+            run = load_run(d, str(d.relative_to(common)), benchmark)
+        except ConfigError as err:  # a damaged config.yaml
+            console.print(f"skipping {d}: {err}", style="yellow", soft_wrap=True, markup=False)
+            continue
+        runs += split_at_overrides(run)
     if not runs:
         raise FileNotFoundError(f"no run dir with a config.yaml below {', '.join(map(str, paths))}")
     label_runs(runs)

@@ -3,12 +3,14 @@ groups' options, and the config as a plain dict or YAML (the only module besides
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tip_cli.config.schema import TipConfig
+from tip_cli.config.schema import ConfigError, TipConfig
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 # An installed wheel carries the groups inside the package (pyproject.toml maps conf/ to tip_cli.conf); a checkout,
@@ -25,9 +27,52 @@ def register() -> None:
     ConfigStore.instance().store(name="tip_schema", node=TipConfig)
 
 
+def schema_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema: the fields of TipConfig and of its nested dataclasses (a dict field, such as
+    benchmark.env_options, is one key whose own keys are free)."""
+    node = TipConfig() if node is None else node
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        keys += schema_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+    return keys
+
+
+def unknown_key_message(key: str) -> str:
+    """One line for a key the schema lacks: the closest valid key (among its siblings when its parent is known),
+    else the valid keys of its parent."""
+    known = schema_keys()
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k.removeprefix(parent + ".") for k in known if k.startswith(parent + ".")] if parent else \
+        sorted({k.split(".")[0] for k in known})
+    close = ([f"{parent}.{m}" if parent else m for m in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+             if siblings else difflib.get_close_matches(key, known, n=1, cutoff=0.6))
+    if close:
+        return f"unknown key '{key}'; did you mean '{close[0]}'? (`tip config` prints every key)"
+    if not siblings:
+        return f"unknown key '{key}'; `tip config` prints every key"
+    return f"unknown key '{key}'; valid keys of {parent or 'the top level'}: {', '.join(siblings)}"
+
+
+def _unknown_keys(cfg: DictConfig, node: Any, prefix: str = "") -> list[str]:
+    """Keys of a composed config that the schema lacks (added with `+`, which a structured config lets through)."""
+    fields = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+    found = []
+    for key in cfg:
+        if key not in fields:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(fields[key]) and isinstance(cfg[key], DictConfig):
+            found += _unknown_keys(cfg[key], fields[key], f"{prefix}{key}.")
+    return found
+
+
 def validate(cfg: DictConfig) -> TipConfig:
-    """Instantiate the dataclasses (running every `__post_init__` check) and return the typed config."""
+    """Refuse keys the schema lacks, then instantiate the dataclasses (running every `__post_init__` check) and
+    return the typed config."""
     node = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    unknown = _unknown_keys(node, TipConfig())
+    if unknown:
+        raise ConfigError(unknown_key_message(unknown[0]))
     return OmegaConf.to_object(node)  # type: ignore[return-value]
 
 
@@ -48,8 +93,17 @@ def to_yaml(cfg: TipConfig) -> str:
 
 
 def load_yaml(path: Path) -> DictConfig:
-    """A config.yaml as an attribute-access node."""
-    return OmegaConf.load(path)  # type: ignore[return-value]
+    """A config.yaml as an attribute-access node; ConfigError (one line naming the file) when it is not one."""
+    try:
+        node = OmegaConf.load(path)
+    except OSError:  # missing or unreadable: the caller's to report, as for any file
+        raise
+    except Exception as err:  # YAML syntax and OmegaConf errors alike: the file is damaged
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path} cannot be read as YAML ({detail})") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} is not a config (a YAML mapping)")
+    return node
 
 
 def set_key(cfg: DictConfig, key: str, value: Any) -> None:

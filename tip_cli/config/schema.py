@@ -6,6 +6,8 @@ wrong type fails at composition; instantiating the dataclasses then runs every c
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,10 +37,43 @@ def _one_of(where: str, value: Any, options: tuple) -> None:
 
 
 def _in_range(where: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    _finite(where, value)
     ok = (lo < value if lo_open else lo <= value) and value <= hi
     if not ok:
+        if hi == math.inf:
+            raise ConfigError(f"{where}={value!r} is out of range; expected a number {'>' if lo_open else '>='} {lo}")
         bracket = "(" if lo_open else "["
         raise ConfigError(f"{where}={value!r} is out of range; expected a number in {bracket}{lo}, {hi}]")
+
+
+def _finite(where: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}={value} is not a finite number")
+
+
+# Ranges of float fields by name, wherever they occur (lo, hi, lo_open); a field's own __post_init__ may narrow it.
+FLOAT_RANGES = {
+    "temperature": (0.0, math.inf, False),  # 0 = greedy
+    "top_p": (0.0, 1.0, True),
+    "lr": (0.0, 1.0, True),  # AdamW moves each weight by about lr a step: past 1 it only destroys the model
+    "weight_decay": (0.0, math.inf, False),
+    "grad_clip": (0.0, math.inf, False),  # 0 = no clipping
+    "budget": (0.0, 1.0, True),
+}
+
+
+def check_floats(node: Any, prefix: str = "") -> None:
+    """Every float of a config (nested dataclasses) is finite and, where FLOAT_RANGES names its field, in range:
+    NaN passes every `x <= 0` test, so the per-group checks alone would let it through to training."""
+    for f in dataclasses.fields(node):
+        value, where = getattr(node, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_floats(value, where + ".")
+        elif isinstance(value, float):
+            if f.name in FLOAT_RANGES:
+                _in_range(where, value, *FLOAT_RANGES[f.name])
+            else:
+                _finite(where, value)
 
 
 def _check_chunk(where: str, value: Any) -> None:
@@ -166,8 +201,8 @@ class LossConfig:
         _one_of("loss.backend", self.backend, ("auto", "eager", "compiled"))
         _one_of("loss.norm", self.norm, ("selected", "total"))
         _in_range("loss.jsd_beta", self.jsd_beta, 0.0, 1.0)
-        if self.temperature is not None and self.temperature <= 0:
-            raise ConfigError(f"loss.temperature={self.temperature} must be > 0 (or null for rollout.temperature)")
+        if self.temperature is not None:  # null = rollout.temperature
+            _in_range("loss.temperature", self.temperature, 0.0, math.inf, lo_open=True)
         _check_chunk("loss.chunk_size", self.chunk_size)
 
 
@@ -256,8 +291,8 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ("hf", "vllm"))
         _in_range("rollout.top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        if self.temperature < 0 or self.max_new_tokens < 1 or self.samples_per_prompt < 1 or self.batch_size < 1:
-            raise ConfigError("rollout: temperature >= 0, max_new_tokens >= 1, samples_per_prompt >= 1, batch_size >= 1")
+        if self.max_new_tokens < 1 or self.samples_per_prompt < 1 or self.batch_size < 1:  # temperature: FLOAT_RANGES
+            raise ConfigError("rollout: max_new_tokens >= 1, samples_per_prompt >= 1, batch_size >= 1")
         if self.top_k < 0:
             raise ConfigError(f"rollout.top_k={self.top_k} must be >= 0 (0 = off)")
 
@@ -415,7 +450,7 @@ class TipConfig:
     checkpoint: str | None = None  # what `tip eval` evaluates
 
     def __post_init__(self) -> None:
-        _in_range("budget", self.budget, 0.0, 1.0, lo_open=True)
+        check_floats(self)
         # greedy decoding has one answer per prompt: several samples of it need a temperature
         n = self.benchmark.n if self.eval.n is None else self.eval.n
         temperature = self.benchmark.temperature if self.eval.temperature is None else self.eval.temperature

@@ -6,7 +6,13 @@ import sys
 from collections.abc import Callable
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from tip_cli.rollout.batch import Generation, Sampling, eos_ids, left_pad, trim_at_eos
 
@@ -24,6 +30,19 @@ def capped_new_tokens(max_new_tokens: int, prompt_len: int, context: int | None)
         raise ValueError(f"a prompt of {prompt_len} tokens fills the model's whole context of {context} tokens: "
                          "nothing can be generated; shorten the prompt (data or benchmark prompt_template)")
     return min(max_new_tokens, context - prompt_len)
+
+
+class NonFiniteGuard(LogitsProcessor):
+    """Refuses a next-token distribution that cannot be sampled, before torch.multinomial fails on it with a
+    traceback: a row with a NaN or +inf logit, or with every logit -inf (softmax gives NaN for each)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        bad = ~torch.isfinite(scores.amax(-1))  # [rows]; the max is NaN with a NaN, +inf with one, -inf with all
+        if bool(bad.any()):  # a host sync, as generate's own stopping check makes at every token
+            raise ValueError("the student's next-token probabilities are not finite (NaN or inf logits), so nothing "
+                             "can be sampled from it: its weights are likely non-finite; try a lower train.lr, or an "
+                             "earlier checkpoint")
+        return scores
 
 
 class HFEngine:
@@ -82,7 +101,7 @@ class HFEngine:
                 config.max_new_tokens = max_new
                 gen = self.model.generate(
                     input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                    generation_config=config,
+                    generation_config=config, logits_processor=LogitsProcessorList([NonFiniteGuard()]),
                 )
                 new = gen.sequences[:, ids.shape[1]:]  # [b * n, new]
                 rows = [trim_at_eos(row, stops) for row in new.tolist()]

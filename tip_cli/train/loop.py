@@ -39,13 +39,14 @@ from tip_cli.selection.quadrants import TokenStats
 from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, timed
 from tip_cli.train import parallel, precision, rundir, signals
 from tip_cli.train.schedule import apply_schedule, lr_lambda, make_optimizer, prompt_indices
-from tip_cli.train.step import check_temperature, distill_step
+from tip_cli.train.step import check_temperature, distill_step, weights_finite
 
 console = Console()
 
 
 class NonFiniteStepsError(ValueError):
-    """train.max_skipped_steps steps in a row had a non-finite H, D, loss or gradient (the CLI prints it in a line)."""
+    """train.max_skipped_steps steps in a row had a non-finite H, D, loss or gradient, or an update made the
+    weights non-finite (the CLI prints it in a line)."""
 
 
 def non_finite_message(step: int, skipped: int, last) -> str:
@@ -328,6 +329,11 @@ def after_step(run: Run, step: int, m: dict, stats, kept: torch.Tensor) -> str:
                       f"({run.skipped} in a row; {t.max_skipped_steps} stop the run)")
         if run.skipped >= t.max_skipped_steps:
             raise NonFiniteStepsError(non_finite_message(step, run.skipped, latest_checkpoint(run.run_dir)))
+    elif not parallel.all_true(weights_finite(run.pair.student)):  # before it is saved: a checkpoint to fall back on
+        last = latest_checkpoint(run.run_dir)
+        raise NonFiniteStepsError(f"step {step}: the update made the student's weights non-finite (NaN or inf) at "
+                                  f"train.lr={t.lr:g}; nothing of it was saved; last good "
+                                  f"checkpoint: {last.path if last else 'none'}. Try a lower train.lr")
     elif parallel.is_main() and t.token_sample_every and (step == 1 or step % t.token_sample_every == 0):
         save_token_sample(run.run_dir, step, stats, kept, t.token_sample_size)
     info = f"loss {m['loss']:.4f}  kept {m['tokens/kept_frac']:.2f}  Q3 {m.get('tokens/q3_frac', 0.0):.2f}  {m['perf/tokens_per_s']:.0f} tok/s"

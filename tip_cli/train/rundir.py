@@ -9,7 +9,8 @@
 A re-run into an existing run dir continues it from its newest verified checkpoint when its config is the one
 recorded, up to harmless differences (HARMLESS: save/eval/logging cadence, the logger; train.steps may grow under
 a constant schedule). Any other difference stops the run before a model is loaded, listing each key with both
-values, unless `train.resume=override` asks for it. A finished run re-run unchanged writes nothing.
+values, unless `train.resume=override` asks for it. A finished run re-run unchanged writes nothing. A run dir with
+checkpoints whose config.yaml is missing or unreadable is not continued under any config.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tip_cli.checkpoint import (
     verify,
 )
 from tip_cli.config.compose import load_yaml, to_container, to_yaml
-from tip_cli.config.schema import TipConfig
+from tip_cli.config.schema import ConfigError, TipConfig
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import parallel
 
@@ -170,10 +171,26 @@ def make_run_dir(run_dir: Path) -> bool:
     return True
 
 
+def recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config a run dir records (None: a new run dir). A run dir holding checkpoints but no config.yaml, or an
+    unreadable one, is refused whatever the config: continuing it could mix two configs under one record."""
+    recorded = run_dir / "config.yaml"
+    if not recorded.is_file():
+        if list_checkpoints(run_dir):
+            raise RunDirError(f"{recorded} is missing, so the config of the checkpoints in {run_dir / 'checkpoints'} "
+                              "is unknown; restore config.yaml to continue this run, or give a new out_dir=PATH")
+        return None
+    try:
+        return to_container(load_yaml(recorded))
+    except ConfigError as err:
+        raise RunDirError(f"{err}; restore it to continue this run, or give a new out_dir=PATH") from None
+
+
 def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
     """Rank 0's part of `open_run`."""
     recorded = run_dir / "config.yaml"
-    changes = config_changes(to_container(load_yaml(recorded)), cfg) if recorded.is_file() else {}
+    old = recorded_config(run_dir)
+    changes = config_changes(old, cfg) if old is not None else {}
     committed = list_checkpoints(run_dir)
     if changes and cfg.train.resume != "override":
         raise RunDirError(_changes_message(run_dir, changes, committed[-1].step if committed else 0))

@@ -47,6 +47,14 @@ def _finite(*xs: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter of this rank (its local shard under FSDP2) is finite: a parameter's fp32 2-norm is
+    finite iff all its entries are (below 1e19 each), and it takes one reduction, no mask of the parameter's size."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in local if p.numel()]
+    return not norms or bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+
+
 def skipped_step(n_tokens: int) -> tuple[dict, None, torch.Tensor]:
     """distill_step's result when H or D is not finite: no loss, no selection (a selector must never rank NaN)."""
     n = float(parallel.global_count(n_tokens))
