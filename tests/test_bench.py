@@ -20,12 +20,8 @@ ROW_KEYS = {"mode", "selector", "budget", "chunk", "n_tokens", "kept", "loss_chu
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_memory"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script("bench_memory")
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +244,8 @@ def test_liger_mode_calls_the_0_8_5_signature(bench, monkeypatch):
     assert bench.liger_loss(pair, batch, bench.Meter(pair.device), {}) == pytest.approx(naive, rel=1e-5)
 
 
-def test_kernel_bench_times_both_backends_of_both_kernels(capsys):
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT.parent / "bench_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_kernel_bench_times_both_backends_of_both_kernels(capsys, load_script):
+    module = load_script("bench_kernels")
     report = module.main(["--rows", "8", "--vocab", "64", "--dim", "8", "--repeat", "1", "--device", "cpu"])
     for name in ("scoring H, D", "loss + gradients"):
         assert report[name]["eager_s"] > 0 and report[name]["compiled_s"] > 0

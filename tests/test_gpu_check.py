@@ -2,7 +2,6 @@
 ranks, rollout engine, offline wheel install, a part out of time) with the commands they would run."""
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -17,12 +16,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def gpu_check(load_script):
+    return load_script("gpu_check")
 
 
 def _alive(pid: int) -> bool:
