@@ -61,11 +61,11 @@ STUDENT_MISREAD_TARGET, STUDENT_CHECK_EVERY = 0.75, 50
 # Every embedded pair trains with this many threads, whatever the machine or the caller's setting: the reference
 # machine's two cores (tiny matmuls gain little from more).
 BUILD_THREADS = 2
-# toy-v2-seed0 as the reference machine builds it (the README's tables were measured on this pair), and what it was
+# toy-v2-seed0 as the reference machine (2 cores, AVX2) builds it from a clean cache, and what it was
 # built with: the same seed gives other weights under other library versions or vector kernels (torch's AVX2 vs
 # AVX-512 kernels, MKL's code path for the CPU model round differently), and the student's dev-accuracy stop
 # amplifies a last-bit difference into another stopping step.
-REFERENCE_FINGERPRINT = "TBD"
+REFERENCE_FINGERPRINT = "2def04140783"
 REFERENCE_BUILT_WITH = {
     "torch": "2.13.0+cpu",
     "transformers": "5.19.0",
@@ -136,8 +136,8 @@ def describe_pair(root: Path, seed: int) -> list[str]:
         else:
             why = "same versions and kernels as the reference, so MKL's code path for this CPU model is the likely cause"
         lines.append(
-            f"warning: not the reference pair {REFERENCE_FINGERPRINT} the README's tables were measured on, so the "
-            f"accuracies will differ from them: {why}"
+            f"warning: not the reference pair {REFERENCE_FINGERPRINT} (the reference machine's build; docs: Reproduction), "
+            f"so its accuracies and the runs on it will differ from the reference's: {why}"
         )
     return lines
 
