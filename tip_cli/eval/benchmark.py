@@ -7,6 +7,7 @@ evaluated (skipping those already evaluated with the same settings) into an accu
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,29 +111,37 @@ def context_length(path: str, pair_cfg: PairConfig) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def fit_models(cfg: TipConfig, problems: list[Problem], models: list[str], answer_tokens: int, name: str,
-               skip_bad_rows: bool, skip_key: str) -> tuple[list[Problem], int]:
+def counting_tokenizer(model: str, cfg: TipConfig):
+    """`model`'s tokenizer for counting prompt tokens in `fit_models` (loaded once per command, shared by its calls)."""
+    tokenizer = load_tokenizer(model, cfg.pair)
+    tokenizer.model_max_length = 1 << 62  # prompts are only counted: fit_context, not a warning, judges them
+    return tokenizer
+
+
+def fit_models(cfg: TipConfig, problems: list[Problem], models: list[str], tokenizer: Callable[[], Any],
+               answer_tokens: int, name: str, skip_bad_rows: bool, skip_key: str) -> tuple[list[Problem], int]:
     """`fit_context` for the models that will read these prompts: the smallest of their context lengths (and
-    rollout.vllm.max_model_len under vLLM), the prompt rendered and counted by the first model's tokenizer."""
+    rollout.vllm.max_model_len under vLLM), the prompt rendered and counted by `tokenizer()` (the first model's
+    `counting_tokenizer`, loaded only when a context is known, and once for the calls that share it)."""
     contexts = [c for c in (context_length(m, cfg.pair) for m in models) if c]
     if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.max_model_len:
         contexts.append(cfg.rollout.vllm.max_model_len)
     if not contexts:
         return problems, 0
-    tokenizer = load_tokenizer(models[0], cfg.pair)
-    tokenizer.model_max_length = 1 << 62  # prompts are only counted here: fit_context, not a warning, judges them
-    return fit_context(problems, lambda p: len(render_prompt(tokenizer, p.prompt, cfg.pair)), min(contexts),
+    tok = tokenizer()
+    return fit_context(problems, lambda p: len(render_prompt(tok, p.prompt, cfg.pair)), min(contexts),
                        answer_tokens, name, skip_bad_rows, skip_key)
 
 
-def fit_benchmark(cfg: TipConfig, bench: list[Problem] | EnvBenchmark, models: list[str]
-                  ) -> tuple[list[Problem] | EnvBenchmark, int]:
+def fit_benchmark(cfg: TipConfig, bench: list[Problem] | EnvBenchmark, models: list[str],
+                  tokenizer: Callable[[], Any]) -> tuple[list[Problem] | EnvBenchmark, int]:
     """The benchmark's problems that leave `models` room for eval's max_new_tokens (`fit_models`; eval.skip_bad_rows
     skips the others), and how many were left out; environments' tasks are kept as they are."""
     if isinstance(bench, EnvBenchmark):
         return bench, 0
     answer = eval_sampling(cfg.benchmark, cfg.eval).max_new_tokens
-    return fit_models(cfg, bench, models, answer, cfg.benchmark.name, cfg.eval.skip_bad_rows, "eval.skip_bad_rows")
+    return fit_models(cfg, bench, models, tokenizer, answer, cfg.benchmark.name, cfg.eval.skip_bad_rows,
+                      "eval.skip_bad_rows")
 
 
 def load_benchmark(cfg: TipConfig) -> list[Problem] | EnvBenchmark:
@@ -252,7 +261,8 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
     if not ckpts and (target / MANIFEST).is_file() and (reason := verify(Checkpoint(-1, target))) is not None:
         raise ValueError(f"checkpoint {target} is damaged: {reason}; evaluate another checkpoint of its run")
     # a prompt too long for the model fails here, before any model loads, not midway through the evaluation
-    problems, skipped = fit_benchmark(cfg, problems, [str(ckpts[0].path) if ckpts else resolve_model(cfg.checkpoint)])
+    model = str(ckpts[0].path) if ckpts else resolve_model(cfg.checkpoint)
+    problems, skipped = fit_benchmark(cfg, problems, [model], lambda: counting_tokenizer(model, cfg))
     if not ckpts:  # one model: a checkpoint dir, a HF id, or toy://student
         if cfg.out_dir is None and is_run_checkpoint(target):
             out_dir = target  # a run's checkpoint keeps its results beside it, as `tip eval RUN_DIR` does

@@ -10,6 +10,7 @@ One step, for a batch of prompts:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,14 @@ from tip_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, 
 from tip_cli.config.compose import to_container
 from tip_cli.config.schema import TipConfig
 from tip_cli.data import Problem, load_problems
-from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark, fit_benchmark, fit_models, load_benchmark
+from tip_cli.eval.benchmark import (
+    EnvBenchmark,
+    counting_tokenizer,
+    evaluate_benchmark,
+    fit_benchmark,
+    fit_models,
+    load_benchmark,
+)
 from tip_cli.eval.benchmark import console as eval_console
 from tip_cli.grading import grade
 from tip_cli.models import (
@@ -90,13 +98,14 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
     problems, too_long = None, {}  # rows left out for not fitting the context, logged when skipping is on
     models = [resolve_model(cfg.pair.student), resolve_model(cfg.pair.teacher)]
+    tokenizer = functools.cache(lambda: counting_tokenizer(models[0], cfg))  # one load for the data and the benchmark
     if not cfg.data.env:
         skip = cfg.train.skip_bad_rows
         problems = load_problems(cfg.data, skip_bad_rows=skip, skip_key="train.skip_bad_rows")
-        problems, n = fit_models(cfg, problems, models, cfg.rollout.max_new_tokens, cfg.data.name, skip,
+        problems, n = fit_models(cfg, problems, models, tokenizer, cfg.rollout.max_new_tokens, cfg.data.name, skip,
                                  "train.skip_bad_rows")
         too_long |= {"data/skipped_too_long": n} if skip else {}
-    bench, n = fit_benchmark(cfg, load_benchmark(cfg), models[:1])
+    bench, n = fit_benchmark(cfg, load_benchmark(cfg), models[:1], tokenizer)
     too_long |= {f"eval/{cfg.benchmark.name}/skipped_too_long": n} if cfg.eval.skip_bad_rows else {}
     check_temperature(cfg)
     # the run dir's contract (tip_cli.train.rundir): one writer, the recorded config, the newest verified checkpoint
