@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tip_cli.analysis.plots import token_histogram
 from tip_cli.analysis.report import BUDGET_COLUMNS, COLUMNS, analyze, budget_markdown, budget_rows
-from tip_cli.analysis.runs import load_runs, load_token_sample, quadrant_shares
+from tip_cli.analysis.runs import load_runs, load_token_sample, quadrant_shares, samples_with
 from tip_cli.cli import app, compose_config
 from tip_cli.tracking import read_jsonl
 
@@ -88,10 +88,16 @@ def table_rows(summary_md: str) -> dict[str, dict[str, str]]:
     return {row["run"]: row for row in rows}
 
 
-def test_analyze_writes_every_file(analysis):
+def signal_figures(trained) -> set[str]:
+    """The gradient-share figure, when the trainer's samples hold grad_norm (make_run logs no grad/* metric)."""
+    return {"grad_share_vs_budget.png"} if samples_with(trained, "grad_norm") else set()
+
+
+def test_analyze_writes_every_file(analysis, trained):
     out, _, files = analysis
     names = ["0_all", "1_entropy_0.2", "2_entropy_0.5", "3_soft_or_0.2", "4_soft_or_0.5"]
     expected = {"summary.md", "by_budget.md", "accuracy_vs_budget.png", "cost_vs_budget.png", "curves.png"}
+    expected |= signal_figures(trained)
     expected |= {f"token_hist/{n}.png" for n in names} | {f"curves/{n}.png" for n in names}
     assert {str(f.relative_to(out)) for f in files} == expected
     assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == expected
@@ -222,7 +228,8 @@ def test_wandb_gets_the_figures_and_table_offline(tmp_path, monkeypatch, trained
     [run_dir] = (out / "wandb").glob("offline-run-*")
     media = run_dir / "files" / "media"
     images = {str(p.relative_to(media / "images" / "analysis")).rsplit("_0_", 1)[0] for p in media.rglob("*.png")}
-    assert images == {"accuracy_vs_budget", "cost_vs_budget", "curves", "curves/run", "token_hist/run"}
+    expected = {"accuracy_vs_budget", "cost_vs_budget", "curves", "curves/run", "token_hist/run"}
+    assert images == expected | {f.removesuffix(".png") for f in signal_figures(trained)}
     [table] = media.rglob("summary_*.table.json")
     logged = json.loads(table.read_text())
     assert logged["columns"] == COLUMNS and [row[0] for row in logged["data"]] == ["run"]

@@ -294,8 +294,9 @@ def analyze(
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from err
     print(table, end="", flush=True)
-    over_seeds = [line for line in (out / "by_budget.md").read_text().splitlines() if line.startswith("|")]
-    print("\n" + "\n".join(over_seeds), flush=True)  # by (selector, budget), over seeds
+    # by (selector, budget), over seeds; then the counterfactual gradient share, when there is one
+    tables = [block for block in (out / "by_budget.md").read_text().split("\n\n") if block.startswith("|")]
+    print("\n" + "\n\n".join(t.rstrip("\n") for t in tables), flush=True)
     console.print(f"wrote {len(files)} files into {out}/: summary.md, the comparison PNGs, curves/ and token_hist/")
 
 

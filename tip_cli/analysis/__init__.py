@@ -1,2 +1,3 @@
-"""`tip analyze`: finished runs -> figures and tables. runs (reading run dirs and token samples) <- plots (the
-figures) <- report (the tables, W&B, the `analyze` command)."""
+"""`tip analyze`: finished runs -> figures and tables. runs (reading run dirs and token samples) <- signal (the
+counterfactual gradient share, replaying selectors on saved tokens) <- plots (the figures) <- report (the tables,
+W&B, the `analyze` command)."""

@@ -3,7 +3,11 @@
   token_histogram      student entropy H vs teacher-student divergence D of the tokens of one rollout batch, all
                        tokens and the kept ones, with the quadrant thresholds and each quadrant's share
   accuracy_vs_budget   final and best accuracy against the kept fraction, one line per selector, with the
-                       full-token (selector=all) and before-training levels
+                       full-token (selector=all) and before-training levels; and, when runs logged it, the
+                       measured gradient share grad/kept_share
+  grad_share_vs_budget the gradient share each selector would keep (replayed on saved tokens, analysis.signal)
+                       beside the share the budgeted runs measured
+  grad_quadrant_share  each quadrant's share of the full-token logit gradient over training, stacked
   cost_vs_budget       peak memory and seconds/step against the kept fraction
   training_curves      loss, kept fraction, accuracy, quadrant shares and divergence over training, one run
   curves_overview      loss, kept fraction, Q3 share and accuracy of every run on one figure
@@ -14,13 +18,16 @@ for budget-driven selectors and is the region's share for mask selectors (quadra
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.colors import LogNorm, to_rgb
 from matplotlib.figure import Figure
 
 from tip_cli.analysis.runs import Run, budget_groups, describe, quadrant_shares
+from tip_cli.analysis.signal import Counterfactual, counterfactual_label
 
 QUADRANT_NAMES = {1: "high H, high D", 2: "high H, low D", 3: "low H, high D", 4: "low H, low D"}
 QUADRANT_COLORS = {1: "tab:red", 2: "tab:orange", 3: "tab:purple", 4: "tab:green"}
@@ -140,10 +147,23 @@ def _repeats_note(runs: list[Run]) -> str:
     return "; points: mean over repeats (seeds), bars: min to max" if repeated else ""
 
 
+def _grad_share(run: Run) -> float | None:
+    return run.mean("grad/kept_share")
+
+
+def _grad_share_axes(ax) -> None:
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("gradient share kept: sum over kept of ||g_t||^2 / sum over all")
+
+
 def accuracy_vs_budget(runs: list[Run], best: bool = True) -> Figure:
-    """Final (and with best=True, best) accuracy against the kept fraction; best=False gives one compact panel."""
-    fig = Figure(figsize=(13, 5.2) if best else (7.5, 4.6), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True) if best else [fig.subplots()]
+    """Final (and with best=True, best) accuracy against the kept fraction; best=False gives one compact panel.
+    With best=True and runs that logged grad/kept_share, a third panel shows it (mean over steps)."""
+    with_grad = best and any(_grad_share(r) is not None for r in runs)
+    fig = Figure(figsize=(19, 5.2) if with_grad else (13, 5.2) if best else (7.5, 4.6), layout="constrained")
+    axes = fig.subplots(1, 3 if with_grad else 2) if best else [fig.subplots()]
+    if best:
+        axes[1].sharey(axes[0])
     benchmarks = sorted({r.benchmark for r in runs})
     sizes = sorted({r.num_problems for r in runs if r.num_problems})
     unit = f"{', '.join(benchmarks)} accuracy (fraction correct" + (f", {'/'.join(map(str, sizes))} problems)" if sizes else ")")
@@ -157,6 +177,11 @@ def accuracy_vs_budget(runs: list[Run], best: bool = True) -> Figure:
                 ax.axhline(statistics.fmean(before), color="gray", linestyle=":", linewidth=2, label="student before training")
             ax.legend(fontsize=8, loc="best")
         ax.set_title(title)
+    if with_grad:
+        if _plot_vs_budget(axes[2], runs, _grad_share, ""):
+            axes[2].legend(fontsize=8, loc="best")
+        _grad_share_axes(axes[2])
+        axes[2].set_title("gradient share kept (grad/kept_share, mean over steps)")
     if best:
         axes[1].yaxis.set_tick_params(labelleft=True)
         fig.suptitle("Accuracy vs token budget, per selector" + _repeats_note(runs))
@@ -188,13 +213,14 @@ def _accuracy_panel(ax, run: Run, color, label: str | None = None) -> bool:
     return True
 
 
-def _quadrant_stack(ax, run: Run, prefix: str, title: str) -> None:
-    steps = run.series(f"{prefix}q1_frac")[0]
-    shares = [run.series(f"{prefix}q{q}_frac")[1] for q in range(1, 5)]
+def _quadrant_stack(ax, run: Run, key: str, title: str, ylabel: str = "share of tokens (stacked)") -> None:
+    """Q1..Q4 of the metric `key` (with {q} for the quadrant's number) stacked over the steps that logged them."""
+    steps = run.series(key.format(q=1))[0]
+    shares = [run.series(key.format(q=q))[1] for q in range(1, 5)]
     if steps:
         ax.stackplot(steps, shares, colors=[QUADRANT_COLORS[q] for q in range(1, 5)], alpha=0.8,
                      labels=[f"Q{q} ({QUADRANT_NAMES[q]})" for q in range(1, 5)])
-    ax.set(title=title, ylabel="share of tokens (stacked)", ylim=(0, 1), xlabel="training step")
+    ax.set(title=title, ylabel=ylabel, ylim=(0, 1), xlabel="training step")
 
 
 def training_curves(run: Run) -> Figure:
@@ -215,8 +241,8 @@ def training_curves(run: Run) -> Figure:
     else:
         ax_acc.text(0.5, 0.5, f"no {run.benchmark} evaluation results", transform=ax_acc.transAxes, ha="center", color="gray")
     ax_acc.set(title="accuracy", ylabel="fraction correct", ylim=(-0.02, 1.02))
-    _quadrant_stack(ax_all, run, "tokens/", "quadrants of all response tokens")
-    _quadrant_stack(ax_sel, run, "tokens/kept_", "quadrants of the kept tokens")
+    _quadrant_stack(ax_all, run, "tokens/q{q}_frac", "quadrants of all response tokens")
+    _quadrant_stack(ax_sel, run, "tokens/kept_q{q}_frac", "quadrants of the kept tokens")
     if ax_all.get_legend_handles_labels()[0]:  # one legend for both stacks, below them: a legend inside would hide a band
         fig.legend(*ax_all.get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=9)
     ax_div.plot(*run.series("div/mean"), color="tab:purple", label="all tokens")
@@ -256,3 +282,46 @@ def curves_overview(runs: list[Run]) -> Figure:
     fig.suptitle(f"Training curves of {len(runs)} runs (lighter = smaller budget)")
     return fig
 
+
+
+# ---------------------------------------------------------------------------- where the gradient comes from
+
+
+def grad_share_vs_budget(predicted: Counterfactual | None, runs: list[Run]) -> Figure:
+    """The gradient share each selector would keep against its kept fraction, replayed on saved tokens (dashed),
+    beside the grad/kept_share the budgeted runs measured (points: mean over steps, then repeats)."""
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.subplots()
+    colors = {counterfactual_label(r): r.color for r in runs if counterfactual_label(r)}
+    spare = iter(colormaps["Dark2"].colors)
+    if predicted is not None:
+        for label, share in predicted.share.items():
+            color = colors.get(label) or next(spare)
+            ax.plot(predicted.kept[label], share, color=color, linestyle="--", marker=".", label=f"{label} (predicted)")
+    _plot_vs_budget(ax, [r for r in runs if r.selector != "all"], _grad_share, "")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="share = kept fraction")
+    _grad_share_axes(ax)
+    ax.legend(fontsize=8, loc="lower right")
+    source = (f"predicted: the selectors replayed on {predicted.samples} token samples of "
+              f"{', '.join(predicted.runs)}" if predicted is not None else "no token samples with grad_norm")
+    fig.suptitle(f"Gradient share kept vs token budget\n{source}; points: measured grad/kept_share of the budgeted runs",
+                 fontsize=10)
+    return fig
+
+
+def grad_quadrant_share(runs: list[Run], limit: int = 12) -> Figure:
+    """Each quadrant's share of the full-token logit gradient (grad/q1_share .. grad/q4_share) over training, one
+    panel per run (at most `limit`)."""
+    shown = runs[:limit]
+    cols = min(3, len(shown))
+    fig = Figure(figsize=(max(5.5 * cols, 11), 3.6 * math.ceil(len(shown) / cols) + 1.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(math.ceil(len(shown) / cols), cols, squeeze=False)).ravel()
+    for ax, run in zip(axes, shown, strict=False):
+        _quadrant_stack(ax, run, "grad/q{q}_share", f"{describe(run)}\n{run.name}", "share of sum ||g_t||^2 (stacked)")
+        ax.title.set_fontsize(9)
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=9)
+    more = f" (the first {limit} of {len(runs)} runs)" if len(runs) > limit else ""
+    fig.suptitle("Where the gradient comes from:\neach quadrant's share of the full-token logit gradient" + more)
+    return fig

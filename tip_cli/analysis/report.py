@@ -6,13 +6,20 @@ Reads each run's `config.yaml`, `metrics.jsonl` (training steps, and the evaluat
   token_hist/<run>.png     student entropy H vs teacher-student divergence D of the tokens of one rollout batch,
                            all tokens and the kept ones, with the quadrant thresholds and each quadrant's share
   accuracy_vs_budget.png   final and best accuracy against the kept fraction, one line per selector, with the
-                           full-token (selector=all) and before-training levels
+                           full-token (selector=all) and before-training levels; a third panel with the measured
+                           gradient share (grad/kept_share) when the runs logged it
+  grad_share_vs_budget.png the gradient share each selector would keep, replayed on the token samples of the
+                           full-token runs (analysis.signal), beside the budgeted runs' measured grad/kept_share;
+                           when a sample holds grad_norm or a run logged grad/kept_share
+  grad_quadrant_share.png  each quadrant's share of the logit gradient over training (grad/q1_share ..), stacked, for
+                           the full-token runs (every run that logged it when none did)
   cost_vs_budget.png       peak memory and seconds/step against the kept fraction
   curves/<run>.png         loss, kept fraction, accuracy, quadrant shares and divergence over training, per run
   curves.png               loss, kept fraction, Q3 share and accuracy of every run on one figure
   summary.md               one row per run; the table is also printed
-  by_budget.md             one row per (selector, budget) over seeds: kept-token share per quadrant and the
-                           final accuracy as mean [min, max]; also printed
+  by_budget.md             one row per (selector, budget) over seeds: kept-token share per quadrant, gradient
+                           share, parameter-gradient cosine and the final accuracy as mean [min, max]; and the
+                           predicted gradient share per selector and budget beside the measured one; also printed
 
 The x-axis "budget" of the comparison plots is the measured kept fraction, which equals the configured budget
 for budget-driven selectors and is the region's share for mask selectors (quadrant, hard_or, and). Runs are read
@@ -32,10 +39,20 @@ from tip_cli.analysis.plots import (
     accuracy_vs_budget,
     cost_vs_budget,
     curves_overview,
+    grad_quadrant_share,
+    grad_share_vs_budget,
     token_histogram,
     training_curves,
 )
 from tip_cli.analysis.runs import Run, budget_groups, console, describe, load_runs, load_token_sample
+from tip_cli.analysis.signal import (
+    BUDGET_GRID,
+    Counterfactual,
+    counterfactual_label,
+    measured_share,
+    run_counterfactual,
+    signal_source,
+)
 from tip_cli.tracking import init_wandb
 
 
@@ -85,7 +102,8 @@ def summary_markdown(runs: list[Run], table: str, figures: list[Path], out: Path
 # ------------------------------------------------------------------------------- the table over seeds
 
 BUDGET_COLUMNS = ["selector", "budget", "seeds", "kept frac", "Q1 of kept", "Q2 of kept", "Q3 of kept", "Q4 of kept",
-                  "acc before", "acc final: mean [min, max]"]
+                  "grad share", "param cosine", "acc before", "acc final: mean [min, max]"]
+ABSENT = "—"  # a research metric (SPEC 7a) the runs did not log
 
 
 def _spread(values: list[float]) -> str:
@@ -101,9 +119,16 @@ def _mean_of(runs: list[Run], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _signal(runs: list[Run], key: str) -> str:
+    """A research metric's mean over steps, then over runs; ABSENT when no run logged it."""
+    value = _mean_of(runs, key)
+    return ABSENT if value is None else f"{value:.3f}"
+
+
 def budget_rows(runs: list[Run]) -> list[list[str]]:
-    """One row per (label, budget), over its repeats (seeds): the kept fraction and each quadrant's share of the
-    kept tokens (means over steps, then over seeds), and the final accuracy as mean [min, max] over seeds.
+    """One row per (label, budget), over its repeats (seeds): the kept fraction, each quadrant's share of the
+    kept tokens, the gradient share kept and the parameter-gradient cosine of the probe steps (means over steps, then
+    over seeds), and the final accuracy as mean [min, max] over seeds.
     Order: full-token first, then budgets from high to low, then uncapped mask selectors (budget 1.0)."""
     groups = [(label, budget, group) for label, by_budget in budget_groups(runs).items() for budget, group in by_budget.items()]
 
@@ -120,36 +145,90 @@ def budget_rows(runs: list[Run]) -> list[list[str]]:
             label, "" if group[0].selector == "all" else f"{budget:g}", str(len(group)),
             _fmt(_mean_of(group, "tokens/kept_frac"), 3),
             *(_fmt(_mean_of(group, f"tokens/kept_q{q}_frac"), 3) for q in range(1, 5)),
+            _signal(group, "grad/kept_share"), _signal(group, "grad/param_cosine"),
             _fmt(statistics.fmean(befores) if befores else None, 3), _spread(finals),
         ])
     return rows
 
 
-def budget_markdown(runs: list[Run]) -> str:
-    """by_budget.md: the table of budget_rows with what its columns mean."""
+def counterfactual_columns(predicted: Counterfactual) -> list[str]:
+    return ["selector", *(f"{b:g}" for b in predicted.budgets)]
+
+
+def counterfactual_rows(predicted: Counterfactual, runs: list[Run]) -> list[list[str]]:
+    """The predicted gradient share per selector at each budget, each followed by the measured grad/kept_share
+    (mean over steps, then seeds) of the runs of that selector at the budgets they ran; ABSENT where none ran.
+    Measured runs of a selector not replayed (hard_or, a quadrant set other than [Q3]) come last."""
+    measured = measured_share(runs)
+    replays = {label: counterfactual_label(next(iter(g.values()))[0]) for label, g in measured.items()}
+
+    def measured_row(label: str) -> list[str]:
+        by_budget = measured[label]
+        return [f"{label} (measured)", *(_signal(by_budget[b], "grad/kept_share") if b in by_budget else ABSENT
+                                         for b in predicted.budgets)]
+
+    rows = []
+    for label, share in predicted.share.items():
+        rows.append([f"{label} (predicted)", *(_fmt(float(v), 3) or ABSENT for v in share)])
+        rows += [measured_row(m) for m in measured if replays[m] == label]
+    return rows + [measured_row(m) for m in measured if replays[m] not in predicted.share]
+
+
+def predict(runs: list[Run]) -> Counterfactual | None:
+    """The counterfactual of analysis.signal for these runs: replayed on signal_source's samples, at BUDGET_GRID and
+    every budget a run of a replayed selector ran at (so that predicted and measured meet in one column)."""
+    source = signal_source(runs)
+    ran = {r.budget for r in runs if r.selector != "all" and counterfactual_label(r)}
+    return run_counterfactual(source, tuple(sorted(set(BUDGET_GRID) | ran))) if source else None
+
+
+def budget_markdown(runs: list[Run], predicted: Counterfactual | None = None) -> str:
+    """by_budget.md: the table of budget_rows with what its columns mean; with `predicted`, the counterfactual
+    gradient share beside the measured one."""
     benchmarks = ", ".join(sorted({r.benchmark for r in runs}))
-    return (
+    text = (
         f"# Final {benchmarks} accuracy by selector and budget, over seeds\n\n"
         "kept frac: the fraction of response tokens trained on; Qn of kept: each quadrant's share of the kept "
         "tokens (Q1 high entropy, high divergence; Q2 high H, low D; Q3 low H, high D: overconfident and wrong; "
-        "Q4 low H, low D), means over steps and seeds; acc before: the student before training; acc final: "
-        "at the last evaluation, mean [min, max] over the seeds. budget is blank for selector=all; for a mask "
-        "selector (quadrant) 1 means uncapped.\n\n" + markdown_table(BUDGET_COLUMNS, budget_rows(runs))
+        "Q4 low H, low D); grad share: the kept tokens' share of the full-token logit gradient, sum over kept "
+        "||g_t||^2 / sum over all (its square root is the cosine between the budgeted and the full-token logit "
+        "gradient); param cosine: the cosine between the budgeted and the full-token gradient over the student's "
+        "parameters, on probe steps; means over steps and seeds, — where the runs did not log them. acc before: "
+        "the student before training; acc final: at the last evaluation, mean [min, max] over the seeds. budget is "
+        "blank for selector=all; for a mask selector (quadrant) 1 means uncapped.\n\n"
+        + markdown_table(BUDGET_COLUMNS, budget_rows(runs))
+    )
+    if predicted is None:
+        return text
+    return text + (
+        "\n## Counterfactual gradient share\n\n"
+        f"predicted: the share of the logit gradient each selector would keep at each budget, replayed on the same "
+        f"tokens ({predicted.samples} token samples of {', '.join(predicted.runs)}, mean over the samples; random "
+        "and sampling selectors: mean over seeded draws); measured: grad/kept_share of the runs of that selector "
+        "(mean over steps, then seeds).\n\n"
+        + markdown_table(counterfactual_columns(predicted), counterfactual_rows(predicted, runs))
     )
 
 
 # --------------------------------------------------------------------------------------------------- W&B
 
 
-def log_to_wandb(runs: list[Run], figures: list[Path], rows: list[list[str]], out: Path) -> str:
-    """Log the figures and the table to a W&B run of job_type `analysis` (offline without credentials)."""
+def log_to_wandb(runs: list[Run], figures: list[Path], rows: list[list[str]], out: Path,
+                 predicted: Counterfactual | None = None) -> str:
+    """Log the figures and the tables (summary, by budget, and the counterfactual gradient share when there is one)
+    to a W&B run of job_type `analysis` (offline without credentials)."""
     import wandb
 
     logger = runs[0].cfg.logger
     run = init_wandb(logger, out, job_type="analysis", name=f"analysis of {len(runs)} runs",
                      config={"runs": [str(r.path) for r in runs]})
     images = {"analysis/" + str(f.relative_to(out).with_suffix("")): wandb.Image(str(f)) for f in figures}
-    run.log(images | {"analysis/summary": wandb.Table(columns=COLUMNS, data=rows)})
+    tables = {"analysis/summary": wandb.Table(columns=COLUMNS, data=rows),
+              "analysis/by_budget": wandb.Table(columns=BUDGET_COLUMNS, data=budget_rows(runs))}
+    if predicted is not None:
+        tables["analysis/grad_share_counterfactual"] = wandb.Table(columns=counterfactual_columns(predicted),
+                                                                   data=counterfactual_rows(predicted, runs))
+    run.log(images | tables)
     where = run.dir
     run.finish()
     return where
@@ -189,16 +268,23 @@ def analyze(paths: list[Path], out: Path, step: int | None = None, benchmark: st
     save(accuracy_vs_budget(runs), "accuracy_vs_budget.png")
     save(cost_vs_budget(runs), "cost_vs_budget.png")
     save(curves_overview(runs), "curves.png")
+    predicted = predict(runs)
+    if predicted is not None or measured_share(runs):
+        save(grad_share_vs_budget(predicted, runs), "grad_share_vs_budget.png")
+    with_quadrants = [r for r in runs if r.series("grad/q1_share")[0]]
+    if with_quadrants:
+        save(grad_quadrant_share([r for r in with_quadrants if r.selector == "all"] or with_quadrants),
+             "grad_quadrant_share.png")
     rows = summary_rows(runs)
     table = markdown_table(COLUMNS, rows)
     summary = out / "summary.md"
     summary.write_text(summary_markdown(runs, table, figures, out))
     by_budget = out / "by_budget.md"
-    by_budget.write_text(budget_markdown(runs))
+    by_budget.write_text(budget_markdown(runs, predicted))
     if use_wandb is None:
         use_wandb = all(r.cfg.logger.name == "wandb" for r in runs)
     if use_wandb:
-        console.print(f"W&B: {log_to_wandb(runs, figures, rows, out)}")
+        console.print(f"W&B: {log_to_wandb(runs, figures, rows, out, predicted)}")
     return table, [*figures, summary, by_budget]
 
 

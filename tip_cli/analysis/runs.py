@@ -241,6 +241,15 @@ def token_sample_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in (run_dir / "token_samples").glob("step_*.npz"))
 
 
+def samples_with(run_dir: Path, key: str) -> list[int]:
+    """The steps whose token sample holds the array `key` (an older trainer's samples lack the newer arrays)."""
+    steps = []
+    for step in token_sample_steps(run_dir):
+        with np.load(run_dir / "token_samples" / f"step_{step:06d}.npz") as data:
+            steps += [step] if key in data.files else []
+    return steps
+
+
 def load_token_sample(run_dir: Path, step: int | None = None) -> tuple[int, dict[str, np.ndarray]] | None:
     """The token sample at `step` (the nearest saved one; the last when None), or None if the run saved none."""
     steps = token_sample_steps(run_dir)
