@@ -157,6 +157,8 @@ def probe_step(cfg) -> dict:
         metrics, _, _ = distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {}, step=step)
         grads = {n: p.grad.full_tensor() if parallel.active() else p.grad for n, p in pair.student.named_parameters()}
         out[step] = ({k: metrics[k] for k in (COS, RATIO) if k in metrics}, grads)
+    shards = [p.grad for p in pair.student.parameters()]  # DTensors under FSDP2
+    out["sums"] = probe.inner_products(shards, [None if g is None else -2 * g for g in shards]).tolist()
     parallel.teardown()
     return out
 
@@ -167,7 +169,10 @@ def test_fsdp_probe_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
     want = probe_step(cfg)
     ranks = spawn(probe_step, tmp_path, cfg)
     assert COS in want[1][0] and want[1][0][COS] < 0.999
+    dot, bb, ff = want["sums"]
+    assert bb > 0 and dot == pytest.approx(-2 * bb) and ff == pytest.approx(4 * bb)
     for got in ranks:
+        assert got["sums"] == pytest.approx(want["sums"], rel=1e-5)  # the sums over both ranks' shards
         for key in (COS, RATIO):
             assert got[1][0][key] == pytest.approx(want[1][0][key], rel=1e-5)
         assert got[None][0] == {}
