@@ -377,6 +377,9 @@ class TrainConfig:
     # on SIGTERM (SLURM's notice before preemption), the step in flight may finish within this many seconds, and a
     # checkpoint of it is saved; past it, or with 0, the run stops at once and a re-run resumes from the last one
     sigterm_grace_s: float = 60.0
+    # every N steps one extra backward of the full-token loss gives the cosine between the budgeted and the full-token
+    # parameter gradient (grad/param_cosine, grad/param_norm_ratio; tip_cli.train.probe); 0 = off
+    grad_probe_every: int = 0
 
     def __post_init__(self) -> None:
         _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
@@ -392,6 +395,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         if min(self.save_every, self.eval_every, self.keep_checkpoints, self.token_sample_every) < 0:
             raise ConfigError("train: save_every, eval_every, keep_checkpoints, token_sample_every must be >= 0")
+        if self.grad_probe_every < 0:
+            raise ConfigError(f"train.grad_probe_every={self.grad_probe_every} must be >= 0 (0 = no gradient probe)")
         if self.token_sample_size < 1:
             raise ConfigError(f"train.token_sample_size={self.token_sample_size} must be >= 1")
         if not 0 <= self.sigterm_grace_s < float("inf"):

@@ -389,7 +389,7 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
             m: dict[str, float] = {}
             with timed("time/step", m):
                 out = rollout(run, step, m)
-                metrics, stats, kept = distill_step(run.pair, out.batch, cfg, generator, m, run.scorer)
+                metrics, stats, kept = distill_step(run.pair, out.batch, cfg, generator, m, run.scorer, step)
                 m.update(metrics)
                 grad_norm = update(run, stats, m)
                 with timed("time/sync", m):

@@ -23,7 +23,7 @@ from tip_cli.selection.quadrants import TokenStats
 from tip_cli.teacher.scoring import score
 from tip_cli.teacher.targets import Teacher, teacher_targets
 from tip_cli.tracking import timed
-from tip_cli.train import parallel, precision
+from tip_cli.train import parallel, precision, probe
 from tip_cli.train.chunks import chunk_rows, compiled_kernels
 
 
@@ -110,7 +110,8 @@ def loss_spec(cfg: TipConfig, pair: Pair, normalizer: float) -> LossSpec:
 
 
 def distill_step(
-    pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict, scorer=None
+    pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict, scorer=None,
+    step: int | None = None,
 ) -> tuple[dict, TokenStats, torch.Tensor]:
     """Teacher scoring, selection, and the loss's backward for one rollout batch.
 
@@ -125,7 +126,9 @@ def distill_step(
 
     H, D and the loss compare softmax(logits / T) of both models, T = distill_temperature(cfg). The student's passes
     compute under the run's precision (tip_cli.train.precision: bf16 autocast under bf16_mixed). When H or D is not
-    finite the step stops before selection (stats None, loss NaN) and the trainer skips its update.
+    finite the step stops before selection (stats None, loss NaN) and the trainer skips its update. On a probe step
+    (`step`, train.grad_probe_every) the full-token loss's gradient is compared with the budgeted one
+    (tip_cli.train.probe), which stays the gradient the update takes.
     """
     prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, pair.device)
     temp = distill_temperature(cfg)
@@ -169,7 +172,13 @@ def distill_step(
                 h_s[local - lo], head_weight(pair.student), teacher.rows(local), spec, log_z=log_z_s[local],
             ))
         loss_total = losses.total()
-    return {"loss": loss_total, **sel.metrics}, sel.stats, sel.kept.cpu()
+    out = {"loss": loss_total, **sel.metrics}
+    if probe.due(cfg.train.grad_probe_every, step, sel.metrics):
+        with timed("time/probe", metrics):  # the full-token loss over all N rows, with the same normaliser
+            out |= probe.param_cosine(pair.student, Accumulator(pair.student, len(parts), pair.device), (
+                selected_token_loss(student_hidden(pair, mb, temp, prec), head_weight(pair.student),
+                                    teacher.rows(slice(lo, hi)), spec) for mb, lo, hi in parts))
+    return out, sel.stats, sel.kept.cpu()
 
 
 def _full_token_step(
