@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tip_cli.config.schema import AgentConfig, ConfigError, PairConfig, TipConfig
 from tip_cli.envs.base import Environment, Episode, Task, ToolCall
+from tip_cli.errors import DataError
 from tip_cli.rollout.batch import Batch, Sampling, derive_seed, pack_masked
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -194,7 +195,7 @@ class TaskSource:
         self.cfg, self.tok, self.stop_ids, self.env = cfg, tok, stop_ids, env
         self.tasks = self.env.tasks()
         if not self.tasks:
-            raise ValueError(f"data.env={cfg.data.env}: no tasks in split {cfg.data.split!r}")
+            raise DataError(f"data.env={cfg.data.env}: no tasks in split {cfg.data.split!r}")
 
     def __len__(self) -> int:
         return len(self.tasks)

@@ -25,6 +25,7 @@ from tip_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, 
 from tip_cli.config.compose import to_container
 from tip_cli.config.schema import TipConfig
 from tip_cli.data import Problem, load_problems
+from tip_cli.errors import UserError
 from tip_cli.eval.benchmark import (
     EnvBenchmark,
     counting_tokenizer,
@@ -52,7 +53,7 @@ from tip_cli.train.step import check_temperature, distill_step, weights_finite
 console = Console()
 
 
-class NonFiniteStepsError(ValueError):
+class NonFiniteStepsError(UserError, ValueError):
     """train.max_skipped_steps steps in a row had a non-finite H, D, loss or gradient, or an update made the
     weights non-finite (the CLI prints it in a line)."""
 
