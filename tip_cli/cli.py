@@ -9,6 +9,7 @@ options listed; then Hydra runs the job(s), giving each its own output dir (`out
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import re
 import signal
@@ -63,7 +64,6 @@ def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     if not multirun:
         return [overrides]
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -82,7 +82,24 @@ def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
         raise ConfigError(explain(err)) from err
     finally:
         GlobalHydra.instance().clear()
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return _cartesian(parsed)
+
+
+def _cartesian(parsed: list) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper runs for parsed overrides: the cartesian product of each key's values (one
+    for a plain override, each of a list or range sweep), keys in first-seen order, a later override of a key
+    replacing an earlier one in its place."""
+    values: dict[str, list[str]] = {}
+    for override in parsed:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            values[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise ConfigError(f"cannot sweep {override.input_line!r}: -m runs lists (KEY=A,B) and ranges "
+                              "(KEY=range(0,3)), not intervals")
+    return [list(job) for job in itertools.product(*values.values())]
 
 
 def compose_config(overrides: list[str]) -> TipConfig:
