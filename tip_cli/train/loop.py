@@ -43,7 +43,8 @@ from tip_cli.models import (
 )
 from tip_cli.pairs import load_pair, resolve_model
 from tip_cli.rollout import make_engine
-from tip_cli.rollout.batch import Batch, Sampling, derive_seed, eos_ids, pack
+from tip_cli.rollout.batch import Batch, Sampling, eos_ids, pack
+from tip_cli.seeds import derive_seed, stream_seed
 from tip_cli.selection.quadrants import TokenStats
 from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, timed
 from tip_cli.train import parallel, precision, rundir, signals
@@ -270,8 +271,8 @@ def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoin
 
 def step_generator(run: Run, step: int) -> torch.Generator:
     """Seed the step: every random draw derives from (seed, step) (and the rank), so a resumed run replays exactly."""
-    torch.manual_seed(parallel.rank_seed(run.cfg.seed * 1_000_003 + step))
-    return torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + step)
+    torch.manual_seed(parallel.rank_seed(stream_seed(run.cfg.seed, step)))
+    return torch.Generator().manual_seed(stream_seed(run.cfg.seed, step))
 
 
 def rollout(run: Run, step: int, m: dict) -> Rollout:
