@@ -280,7 +280,7 @@ def check(args: argparse.Namespace, log=print) -> dict:
         part = run_command(name, [*bench, *extra, "--out", str(result)], profile.limits[name], out / f"{name}.log", env)
         if result.exists():
             report = json.loads(result.read_text())
-            part.data = {k: report[k] for k in ("device", "precision", "memory", "rows", "targets", "flops")}
+            part.data = {k: report[k] for k in ("device", "precision", "memory", "rows", "flops")}
             part.data["text"] = bench_tables(Path(part.log))
         else:
             part.data = {"finished_rows": bench_partial(Path(part.log))}
@@ -289,7 +289,7 @@ def check(args: argparse.Namespace, log=print) -> dict:
 
 
 def bench_tables(log: Path) -> str:
-    """What the bench printed after its progress lines: the table with every ratio, the FLOP ceiling, the targets."""
+    """What the bench printed after its progress lines: the table with every ratio and the FLOP ceiling."""
     text = log.read_text(errors="replace")
     start = text.find("| mode |")
     return text[start:].strip() if start >= 0 else ""

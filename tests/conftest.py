@@ -170,9 +170,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def load_script():
-    """Import one of scripts/*.py as a module by its file name (the scripts are not a package)."""
+    """Import one of scripts/*.py as a module by its file name (the scripts are not a package); scripts/ goes on the
+    path, as running a script puts it, so that a script's own helper package (scripts/bench/) imports."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    if str(scripts) not in sys.path:
+        sys.path.append(str(scripts))
+
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
         spec.loader.exec_module(module)

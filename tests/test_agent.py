@@ -13,7 +13,8 @@ from tip_cli.envs.toy_agent import ToyAgentEnv, ToyAgentEpisode, calculate, gene
 from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark
 from tip_cli.pairs import load_pair
 from tip_cli.rollout import agent
-from tip_cli.rollout.batch import Generation, Sampling, derive_seed
+from tip_cli.rollout.batch import Generation, Sampling
+from tip_cli.seeds import derive_seed
 from tip_cli.toy.agent_pair import build_micro_agent_pair, make_tokenizer
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop, parallel

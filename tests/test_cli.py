@@ -91,6 +91,15 @@ def test_multirun_expands_every_job():
     assert sorted(jobs) == [["selector=entropy", "budget=0.1"], ["selector=entropy", "budget=0.5"]]
 
 
+def test_multirun_jobs_are_the_product_in_first_seen_key_order_a_later_key_replacing_an_earlier():
+    jobs = _job_overrides(["budget=0.1,0.5", "seed=range(0,2)", "selector=entropy", "budget=0.2,0.3,0.4"], multirun=True)
+    assert jobs == [[f"budget={b}", f"seed={s}", "selector=entropy"] for b in ("0.2", "0.3", "0.4") for s in (0, 1)]
+    assert _job_overrides(["selector=choice(entropy,all)", "out_dir='a b,c'"], multirun=True) == [
+        ["selector=entropy", "out_dir='a b,c'"], ["selector=all", "out_dir='a b,c'"]]
+    with pytest.raises(ConfigError, match="not intervals"):
+        _job_overrides(["budget=interval(0.1,0.5)"], multirun=True)
+
+
 def test_help_lists_groups_and_options():
     for args in ([], ["train", "--help"], ["eval", "--help"], ["config", "--help"]):
         out = runner.invoke(app, args or ["--help"]).output

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tip_cli.config.compose import CONF_DIR, register, validate
-from tip_cli.config.schema import DatasetConfig
+from tip_cli.config.schema import ConfigError, DatasetConfig
 from tip_cli.data import Problem, fit_context, load_problems
 
 REPO = CONF_DIR.parent
@@ -169,12 +169,12 @@ def test_missing_file_names_the_absolute_path(tmp_path, monkeypatch):
 def test_missing_field_lists_the_available_ones(tmp_path):
     path = tmp_path / "set.jsonl"
     path.write_text(json.dumps({"id": "a", "question": "p", "answer": "1", "subject": "s"}) + "\n")
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(ConfigError) as err:
         load_problems(DatasetConfig(name="t", path=str(path)))  # problem_field defaults to "problem"
     assert "'problem'" in str(err.value)
     assert "id, question, answer, subject" in str(err.value)
     # a wrong field name is the config's fault, not a row's: it fails even when bad rows are skipped
-    with pytest.raises(KeyError, match="solution.final"):
+    with pytest.raises(ConfigError, match="solution.final"):
         load_problems(
             DatasetConfig(name="t", path=str(path), problem_field="question", answer_field="solution.final"),
             skip_bad_rows=True,

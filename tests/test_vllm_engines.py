@@ -13,7 +13,8 @@ import torch
 
 from tip_cli.config.schema import ConfigError, TeacherConfig, VLLMConfig
 from tip_cli.rollout import vllm as rollout_vllm
-from tip_cli.rollout.batch import Sampling, derive_seed
+from tip_cli.rollout.batch import Sampling
+from tip_cli.seeds import derive_seed
 from tip_cli.teacher import vllm as teacher_vllm
 
 INT64 = np.iinfo(np.int64)

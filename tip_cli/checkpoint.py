@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from tip_cli.errors import UserError
+
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -35,12 +37,12 @@ _WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter failed|unexpec
                            r"StorageFull|No space left|Read-only file system|Permission denied")
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A write into the run dir failed for lack of space or permission; the message is one line."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that must not be loaded (its state holds pickled code)."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that must not be loaded (its state holds pickled code) or that cannot be (damaged)."""
 
 
 @dataclass(frozen=True)

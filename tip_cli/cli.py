@@ -9,6 +9,7 @@ options listed; then Hydra runs the job(s), giving each its own output dir (`out
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import re
 import signal
@@ -21,8 +22,13 @@ from rich.console import Console
 from tip_cli import __version__
 from tip_cli.config.compose import CONF_DIR, GROUPS, group_options, register, unknown_key_message, validate
 from tip_cli.config.schema import ConfigError, TipConfig
+from tip_cli.errors import UserError
 
 console = Console(stderr=True)
+# What the user can fix, printed in one line with exit 2: tip's own UserErrors (a config value, a data row, a run dir,
+# a checkpoint, a full disk, a teacher server gone), and a missing file or a lost connection met outside tip's code.
+# Anything else is a bug: its traceback is kept and the exit code is 1.
+USER_FAULTS = (UserError, FileNotFoundError, ConnectionError)
 
 
 def groups_help() -> str:
@@ -54,13 +60,14 @@ def explain(err: Exception) -> str:
 def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     """The override list of every job: one for a plain run; for -m, what Hydra's basic sweeper will run: the
     cartesian product of the composed config's `hydra.sweeper.params` (set by a `+sweep=PRESET`) and the command
-    line's sweeps, a command-line key replacing the preset's."""
+    line's sweeps, a command-line key replacing the preset's. Raises ConfigError for a sweep Hydra cannot read."""
     if not multirun:
         return [overrides]
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     register()
     GlobalHydra.instance().clear()
@@ -71,9 +78,28 @@ def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
             fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
             params = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
             parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
+    except (HydraException, OmegaConfBaseException) as err:  # they carry their own message
+        raise ConfigError(explain(err)) from err
     finally:
         GlobalHydra.instance().clear()
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return _cartesian(parsed)
+
+
+def _cartesian(parsed: list) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper runs for parsed overrides: the cartesian product of each key's values (one
+    for a plain override, each of a list or range sweep), keys in first-seen order, a later override of a key
+    replacing an earlier one in its place."""
+    values: dict[str, list[str]] = {}
+    for override in parsed:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            values[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise ConfigError(f"cannot sweep {override.input_line!r}: -m runs lists (KEY=A,B) and ranges "
+                              "(KEY=range(0,3)), not intervals")
+    return [list(job) for job in itertools.product(*values.values())]
 
 
 def compose_config(overrides: list[str]) -> TipConfig:
@@ -109,7 +135,7 @@ def _check_installed(cfg: TipConfig) -> None:
 def _run_job(command: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tip_cli.checkpoint import StorageError, list_checkpoints
+    from tip_cli.checkpoint import list_checkpoints
     from tip_cli.train import signals
 
     tip_cfg = validate(cfg)
@@ -124,12 +150,10 @@ def _run_job(command: str, cfg) -> None:
                 from tip_cli.eval.benchmark import run_eval_command
 
                 run_eval_command(tip_cfg)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, StorageError, ConnectionError) as err:
-        # bad input (a config value, a missing file, a malformed row), a full disk or a teacher server gone: one line
+    except USER_FAULTS as err:
         if os.environ.get("TIP_DEBUG"):
             raise
-        console.print(f"[red]error:[/] {err.args[0] if isinstance(err, KeyError) else err}  (TIP_DEBUG=1 shows the traceback)",
-                      soft_wrap=True)
+        console.print(f"[red]error:[/] {err}  (TIP_DEBUG=1 shows the traceback)", soft_wrap=True)
         raise SystemExit(2) from err
     except (KeyboardInterrupt, signals.Interrupted) as err:
         name = err.args[0] if isinstance(err, signals.Interrupted) else "SIGINT"
@@ -192,17 +216,16 @@ def launch(command: str, overrides: list[str], multirun: bool) -> None:
     try:
         overrides = readable_overrides(overrides)
         configs = [compose_config(job) for job in _job_overrides(overrides, multirun)]
-    except Exception as err:
-        console.print(f"[red]error:[/] {err if isinstance(err, ConfigError) else explain(err)}", soft_wrap=True)
+    except ConfigError as err:
+        console.print(f"[red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(2) from err
-    from tip_cli.checkpoint import StorageError  # torch: only once the config is known to be good
-    from tip_cli.train.rundir import RunDirError, make_run_dir
+    from tip_cli.train.rundir import make_run_dir  # torch: only once the config is known to be good
 
     try:
         # made here rather than by Hydra, so that a path that cannot be a run dir fails in a line; removed again when
         # the job leaves it empty (bad data, a refused config)
         made = [Path(c.out_dir) for c in configs if command == "train" and c.out_dir and make_run_dir(Path(c.out_dir))]
-    except (RunDirError, StorageError) as err:
+    except UserError as err:  # a path that cannot be a run dir, a full disk
         console.print(f"[red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(2) from err
     register()
@@ -290,7 +313,7 @@ def analyze(
 
     try:
         table, files = run_analysis(paths, out, step=step, benchmark=benchmark, use_wandb=wandb)
-    except (FileNotFoundError, ValueError) as err:
+    except USER_FAULTS as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from err
     print(table, end="", flush=True)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tip_cli.config.schema import DatasetConfig
+from tip_cli.config.schema import ConfigError, DatasetConfig
+from tip_cli.errors import DataError
 
 if TYPE_CHECKING:
     import datasets
@@ -65,7 +66,7 @@ def load_problems(cfg: DatasetConfig, limit: int | None = None, skip_bad_rows: b
                   skip_key: str = SKIP_KEY) -> list[Problem]:
     """The first `limit` problems (all if None) of `cfg`'s source, with fields mapped and prompts formatted.
 
-    A malformed row raises ValueError naming the file and line (row index for Parquet, JSON arrays and the hub) and
+    A malformed row raises DataError naming the file and line (row index for Parquet, JSON arrays and the hub) and
     the option `skip_key` that skips it; with `skip_bad_rows` it is left out, with a warning line on stderr for each
     and a count.
     """
@@ -83,7 +84,7 @@ def load_problems(cfg: DatasetConfig, limit: int | None = None, skip_bad_rows: b
         elif skip_bad_rows:
             skipped.append((position, f"{where}: {wrong}"))
         else:
-            raise ValueError(f"dataset {cfg.name!r}: {where}: {wrong}; {_skip_hint(skip_key)}")
+            raise DataError(f"dataset {cfg.name!r}: {where}: {wrong}; {_skip_hint(skip_key)}")
     for _, message in sorted(skipped):
         print(f"warning: dataset {cfg.name!r}: skipped {message}", file=sys.stderr)
     if skipped:
@@ -94,7 +95,7 @@ def load_problems(cfg: DatasetConfig, limit: int | None = None, skip_bad_rows: b
         )
     if not problems and limit != 0:
         found = f"all {len(skipped)} rows are malformed" if skipped else "it has no rows"
-        raise ValueError(
+        raise DataError(
             f"dataset {cfg.name!r}: nothing to load from {rows.source}: {found}; "
             f"expected rows with a problem ({cfg.problem_field!r}) and an answer ({cfg.answer_field!r})"
         )
@@ -104,7 +105,7 @@ def load_problems(cfg: DatasetConfig, limit: int | None = None, skip_bad_rows: b
 def fit_context(problems: list[Problem], prompt_tokens: Callable[[Problem], int], context: int, answer_tokens: int,
                 name: str, skip_bad_rows: bool, skip_key: str = SKIP_KEY) -> tuple[list[Problem], int]:
     """The problems whose prompt leaves room to answer: prompt_tokens(p) + answer_tokens <= context (the model's
-    context length), and how many were left out. A row that does not fit raises ValueError naming its file and row,
+    context length), and how many were left out. A row that does not fit raises DataError naming its file and row,
     unless `skip_bad_rows`: then it is left out with a warning line on stderr, and the count says how many."""
     kept, skipped = [], 0
     for p in problems:
@@ -115,14 +116,14 @@ def fit_context(problems: list[Problem], prompt_tokens: Callable[[Problem], int]
         why = (f"dataset {name!r}: {p.where}: the prompt has {n} tokens, which leaves no room for {answer_tokens} "
                f"new tokens in the model's context of {context}")
         if not skip_bad_rows:
-            raise ValueError(f"{why}; {_skip_hint(skip_key)}")
+            raise DataError(f"{why}; {_skip_hint(skip_key)}")
         print(f"warning: skipped {why}", file=sys.stderr)
         skipped += 1
     if skipped:
         print(f"warning: dataset {name!r}: skipped {skipped} row(s) too long for the context, kept {len(kept)}",
               file=sys.stderr)
     if not kept and problems:
-        raise ValueError(f"dataset {name!r}: no row fits the model's context of {context} tokens with room for "
+        raise DataError(f"dataset {name!r}: no row fits the model's context of {context} tokens with room for "
                          f"{answer_tokens} new tokens")
     return kept, skipped
 
@@ -143,7 +144,7 @@ def _load_rows(cfg: DatasetConfig, skip_bad_rows: bool, skip_key: str) -> _Rows:
     path = _resolve(cfg)
     builder = FILE_BUILDERS.get(path.suffix)
     if builder is None:
-        raise ValueError(
+        raise DataError(
             f"dataset {cfg.name!r}: cannot read {path}; expected one of {', '.join(FILE_BUILDERS)}"
         )
     if builder == "parquet" or _is_json_document(cfg, path):
@@ -160,7 +161,7 @@ def _load_file(cfg: DatasetConfig, path: Path, **kwargs: Any) -> datasets.Datase
         return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:  # pyarrow's ArrowInvalid is one
         expected = "a Parquet table" if builder == "parquet" else "JSON objects, one per line or in an array"
-        raise ValueError(
+        raise DataError(
             f"dataset {cfg.name!r}: cannot read {path} ({_first_line(e)}); expected {expected}"
         ) from e
 
@@ -175,7 +176,7 @@ def _is_json_document(cfg: DatasetConfig, path: Path) -> bool:
     except ValueError as e:
         if not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             return False
-        raise ValueError(  # no rows to skip: nothing after the error can be parsed
+        raise DataError(  # no rows to skip: nothing after the error can be parsed
             f"dataset {cfg.name!r}: {path} line {getattr(e, 'lineno', 1)}: {_json_error(e)}; "
             f"expected a JSON array of objects, or one JSON object per line"
         ) from e
@@ -201,7 +202,7 @@ def _load_json_lines(cfg: DatasetConfig, path: Path, skip_bad_rows: bool, skip_k
         elif skip_bad_rows:
             skipped.append((number, f"{path} line {number}: {wrong}"))
         else:
-            raise ValueError(
+            raise DataError(
                 f"dataset {cfg.name!r}: {path} line {number}: {wrong}; expected one JSON object per line; {_skip_hint(skip_key)}"
             )
         position += 1
@@ -246,7 +247,7 @@ def _check_fields(cfg: DatasetConfig, columns: list[str]) -> None:
     """Fail at once when the problem or answer field names no column: the config, not a row, is wrong."""
     for name in (cfg.problem_field, cfg.answer_field):
         if name not in columns and name.split(".")[0] not in columns:
-            raise KeyError(
+            raise ConfigError(
                 f"dataset {cfg.name!r}: rows have no field {name!r}; available fields: {', '.join(columns)} "
                 f"(set problem_field / answer_field / id_field, dotted for nested fields, e.g. reward_model.ground_truth)"
             )
@@ -271,7 +272,7 @@ def _to_problem(cfg: DatasetConfig, index: int, row: dict[str, Any], where: str)
     try:
         prompt = cfg.prompt_template.format(problem=problem)
     except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(
+        raise DataError(
             f"dataset {cfg.name!r}: prompt_template {cfg.prompt_template!r} does not format ({e!r}); "
             f"it may only use {{problem}}, and literal braces are written {{{{ }}}} (e.g. \\boxed{{{{}}}})"
         ) from e

@@ -17,6 +17,7 @@ import torch
 
 from tip_cli.checkpoint import storage_errors
 from tip_cli.config.schema import LoggerConfig
+from tip_cli.errors import DataError
 
 
 @contextmanager
@@ -108,7 +109,7 @@ def read_jsonl(path: Path, quiet: bool = False) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except ValueError as err:
             if number != last:
-                raise ValueError(f"{path} line {number}: not valid JSON ({err}); each line must be one JSON object") from err
+                raise DataError(f"{path} line {number}: not valid JSON ({err}); each line must be one JSON object") from err
             if not quiet:
                 print(f"warning: {path} line {number}: dropping the torn last line (a write cut short by a crash)",
                       file=sys.stderr)

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tip_cli.errors import UserError
+
 if TYPE_CHECKING:
     from tip_cli.selection.quadrants import AxisSpec
     from tip_cli.selection.scores import ScoreSpec
@@ -27,7 +29,7 @@ from tip_cli.selection.options import (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message says what was expected."""
 
 

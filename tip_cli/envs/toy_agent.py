@@ -15,6 +15,7 @@ from typing import Any
 
 from tip_cli.config.schema import ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import Environment, Episode, Resolve, Task, tool_schema
+from tip_cli.seeds import stream_seed
 
 TOOLS = [
     tool_schema("lookup", "The price of one item in this shop.", item="the item, e.g. apples"),
@@ -39,7 +40,7 @@ def generate_tasks(n: int, seed: int, start: int = 0) -> list[Task]:
     """Tasks `start..start+n-1` of the seed's stream: 1 or 2 of the ITEMS bought, each task with its own prices."""
     out = []
     for i in range(start, start + n):
-        rng = random.Random(seed * 1_000_003 + i)
+        rng = random.Random(stream_seed(seed, i))
         name, pron = rng.choice(NAMES)
         listed = rng.sample(ITEMS, len(ITEMS))
         prices = {item: rng.randint(1, MAX_PRICE) for item in listed}

@@ -17,8 +17,15 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers import AutoConfig, GenerationConfig
 
-from tip_cli.checkpoint import MANIFEST, Checkpoint, is_run_checkpoint, list_checkpoints, verify
-from tip_cli.config.schema import DatasetConfig, EvalConfig, PairConfig, TipConfig
+from tip_cli.checkpoint import (
+    MANIFEST,
+    Checkpoint,
+    CheckpointError,
+    is_run_checkpoint,
+    list_checkpoints,
+    verify,
+)
+from tip_cli.config.schema import ConfigError, DatasetConfig, EvalConfig, PairConfig, TipConfig
 from tip_cli.data import Problem, fit_context, load_problems
 from tip_cli.eval.metrics import summarize
 from tip_cli.grading import grade
@@ -253,13 +260,13 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
     one model. Results go under out_dir when it is given; else a run's into the run dir, a model's under ./eval/
     (never into a model's own folder)."""
     if not cfg.checkpoint:
-        raise ValueError("tip eval needs a checkpoint dir, a run dir, or a model id: tip eval PATH")
+        raise ConfigError("tip eval needs a checkpoint dir, a run dir, or a model id: tip eval PATH")
     target = Path(cfg.checkpoint).expanduser()
     problems = load_benchmark(cfg)
     name = cfg.benchmark.name
     ckpts = list_checkpoints(target)
     if not ckpts and (target / MANIFEST).is_file() and (reason := verify(Checkpoint(-1, target))) is not None:
-        raise ValueError(f"checkpoint {target} is damaged: {reason}; evaluate another checkpoint of its run")
+        raise CheckpointError(f"checkpoint {target} is damaged: {reason}; evaluate another checkpoint of its run")
     # a prompt too long for the model fails here, before any model loads, not midway through the evaluation
     model = str(ckpts[0].path) if ckpts else resolve_model(cfg.checkpoint)
     problems, skipped = fit_benchmark(cfg, problems, [model], lambda: counting_tokenizer(model, cfg))
@@ -284,7 +291,7 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
         curve.append({"step": ckpt.step, **metrics})
         console.print(f"step {ckpt.step}: {name} accuracy {metrics['accuracy']:.3f}")
     if not curve:
-        raise ValueError(f"{target}: no checkpoint verifies (each is listed above with the reason)")
+        raise CheckpointError(f"{target}: no checkpoint verifies (each is listed above with the reason)")
     curve_file = results_dir(root, name) / "curve.json"
     curve_file.parent.mkdir(parents=True, exist_ok=True)
     curve_file.write_text(json.dumps(curve, indent=1))

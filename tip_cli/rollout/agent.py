@@ -24,7 +24,9 @@ from transformers import PreTrainedTokenizerBase
 
 from tip_cli.config.schema import AgentConfig, ConfigError, PairConfig, TipConfig
 from tip_cli.envs.base import Environment, Episode, Task, ToolCall
-from tip_cli.rollout.batch import Batch, Sampling, derive_seed, pack_masked
+from tip_cli.errors import DataError
+from tip_cli.rollout.batch import Batch, Sampling, pack_masked
+from tip_cli.seeds import derive_seed
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.S)
@@ -194,7 +196,7 @@ class TaskSource:
         self.cfg, self.tok, self.stop_ids, self.env = cfg, tok, stop_ids, env
         self.tasks = self.env.tasks()
         if not self.tasks:
-            raise ValueError(f"data.env={cfg.data.env}: no tasks in split {cfg.data.split!r}")
+            raise DataError(f"data.env={cfg.data.env}: no tasks in split {cfg.data.split!r}")
 
     def __len__(self) -> int:
         return len(self.tasks)

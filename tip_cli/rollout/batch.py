@@ -3,7 +3,6 @@ training batch (one right-padded `Batch` whose `target_mask` marks the positions
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -19,16 +18,9 @@ class Sampling:
     top_k: int = 0  # 0 = off
     stop_token_ids: tuple[int, ...] = ()  # extra tokens that end a response (EOS always does); kept in the output
     # the one seed of a generate call: the engine's RNG is seeded with it, and every prompt and sample draws its own
-    # part of that stream (None: whatever state the RNG is in); derive_seed gives each call its own
+    # part of that stream (None: whatever state the RNG is in); tip_cli.seeds.derive_seed gives each call its own
     seed: int | None = None
     logprobs: bool = False  # also return each sampled token's log-prob under the sampling distribution
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed hashed from `parts` (e.g. run seed, step, rank, turn): distinct tuples give unrelated seeds,
-    where sums such as seed + step + i coincide across parts."""
-    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass

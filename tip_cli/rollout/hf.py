@@ -14,6 +14,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tip_cli.errors import DataError, ModelError
 from tip_cli.rollout.batch import Generation, Sampling, eos_ids, left_pad, trim_at_eos
 
 
@@ -27,7 +28,7 @@ def capped_new_tokens(max_new_tokens: int, prompt_len: int, context: int | None)
     if context is None:
         return max_new_tokens
     if prompt_len >= context:
-        raise ValueError(f"a prompt of {prompt_len} tokens fills the model's whole context of {context} tokens: "
+        raise DataError(f"a prompt of {prompt_len} tokens fills the model's whole context of {context} tokens: "
                          "nothing can be generated; shorten the prompt (data or benchmark prompt_template)")
     return min(max_new_tokens, context - prompt_len)
 
@@ -39,7 +40,7 @@ class NonFiniteGuard(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         bad = ~torch.isfinite(scores.amax(-1))  # [rows]; the max is NaN with a NaN, +inf with one, -inf with all
         if bool(bad.any()):  # a host sync, as generate's own stopping check makes at every token
-            raise ValueError("the student's next-token probabilities are not finite (NaN or inf logits), so nothing "
+            raise ModelError("the student's next-token probabilities are not finite (NaN or inf logits), so nothing "
                              "can be sampled from it: its weights are likely non-finite; try a lower train.lr, or an "
                              "earlier checkpoint")
         return scores

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tip_cli.checkpoint import latest_checkpoint
 from tip_cli.config.schema import ConfigError, TeacherConfig
+from tip_cli.errors import UserError
 from tip_cli.teacher.topk import json_rows, targets
 
 # Chat markup, digits, punctuation, accents, CJK and an emoji: pieces where two tokenizers tend to disagree.
@@ -37,7 +38,7 @@ PROBE_TEXT = "What is 12 + 345? Think step by step.\n\tThe answer is 357. Naïve
 START_HINT = "start it with `vllm serve MODEL --port PORT --max-logprobs K` (README: A teacher on its own server)"
 
 
-class TeacherServerError(ConnectionError):
+class TeacherServerError(UserError, ConnectionError):
     """The teacher server stopped answering mid-run; the message names the URL and the checkpoint to resume from."""
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from tip_cli.config.schema import AgentConfig, DatasetConfig, PairConfig
+from tip_cli.config.schema import AgentConfig, ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import Task
 from tip_cli.envs.toy_agent import SPLITS, ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
 from tip_cli.rollout import agent
@@ -166,6 +166,6 @@ def build_toy_agent(seed: int = 0, force: bool = False, log: Callable[[str], Non
 def toy_agent_path(kind: str, seed: int = 0) -> Path:
     """The teacher/ or student/ model dir, building the pair first if needed."""
     if kind not in ("teacher", "student"):
-        raise ValueError(f"unknown toy_agent model {kind!r}; expected teacher or student")
+        raise ConfigError(f"unknown toy_agent model {kind!r}; expected teacher or student")
     return build_toy_agent(seed) / kind
 

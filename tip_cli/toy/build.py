@@ -39,6 +39,7 @@ import transformers
 from safetensors.torch import load_file
 
 from tip_cli.cache import cache_root
+from tip_cli.config.schema import ConfigError
 from tip_cli.toy.sft import ModelSpec, new_model, save_model, sft, sft_batches, toy_accuracy
 from tip_cli.toy.task import MISREAD, generate_problems, make_splits
 from tip_cli.toy.tokenizer import train_tokenizer
@@ -284,7 +285,7 @@ def build_toy(seed: int = 0, force: bool = False, log: Callable[[str], None] = p
 def toy_path(kind: str, seed: int = 0) -> Path:
     """The toy teacher/student model dir or train/test JSONL file, building the pair first if needed."""
     if kind not in KINDS:
-        raise ValueError(f"unknown toy kind {kind!r}; expected one of: {', '.join(KINDS)}")
+        raise ConfigError(f"unknown toy kind {kind!r}; expected one of: {', '.join(KINDS)}")
     root = build_toy(seed)
     return root / (f"{kind}.jsonl" if kind in ("train", "test") else kind)
 

@@ -25,6 +25,7 @@ from tip_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, 
 from tip_cli.config.compose import to_container
 from tip_cli.config.schema import TipConfig
 from tip_cli.data import Problem, load_problems
+from tip_cli.errors import UserError
 from tip_cli.eval.benchmark import (
     EnvBenchmark,
     counting_tokenizer,
@@ -42,7 +43,8 @@ from tip_cli.models import (
 )
 from tip_cli.pairs import load_pair, resolve_model
 from tip_cli.rollout import make_engine
-from tip_cli.rollout.batch import Batch, Sampling, derive_seed, eos_ids, pack
+from tip_cli.rollout.batch import Batch, Sampling, eos_ids, pack
+from tip_cli.seeds import derive_seed, stream_seed
 from tip_cli.selection.quadrants import TokenStats
 from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, timed
 from tip_cli.train import parallel, precision, rundir, signals
@@ -52,7 +54,7 @@ from tip_cli.train.step import check_temperature, distill_step, weights_finite
 console = Console()
 
 
-class NonFiniteStepsError(ValueError):
+class NonFiniteStepsError(UserError, ValueError):
     """train.max_skipped_steps steps in a row had a non-finite H, D, loss or gradient, or an update made the
     weights non-finite (the CLI prints it in a line)."""
 
@@ -269,8 +271,8 @@ def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoin
 
 def step_generator(run: Run, step: int) -> torch.Generator:
     """Seed the step: every random draw derives from (seed, step) (and the rank), so a resumed run replays exactly."""
-    torch.manual_seed(parallel.rank_seed(run.cfg.seed * 1_000_003 + step))
-    return torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + step)
+    torch.manual_seed(parallel.rank_seed(stream_seed(run.cfg.seed, step)))
+    return torch.Generator().manual_seed(stream_seed(run.cfg.seed, step))
 
 
 def rollout(run: Run, step: int, m: dict) -> Rollout:

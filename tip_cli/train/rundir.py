@@ -37,6 +37,7 @@ from tip_cli.checkpoint import (
 )
 from tip_cli.config.compose import load_yaml, to_container, to_yaml
 from tip_cli.config.schema import ConfigError, TipConfig
+from tip_cli.errors import UserError
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import parallel
 
@@ -49,7 +50,7 @@ HARMLESS = ("train.save_every", "train.eval_every", "train.eval_before", "train.
             "out_dir", "checkpoint")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """The run dir cannot be used as asked (another writer, a changed config); the message says what to do."""
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from tip_cli.config.schema import TipConfig, TrainConfig
+from tip_cli.seeds import stream_seed
 
 
 def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
@@ -16,7 +17,7 @@ def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> lis
     for pos in range((step - 1) * per_step, step * per_step):
         epoch, offset = divmod(pos, num_prompts)
         if epoch not in perms:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            gen = torch.Generator().manual_seed(stream_seed(seed, epoch))
             perms[epoch] = torch.randperm(num_prompts, generator=gen).tolist()
         out.append(perms[epoch][offset])
     return out

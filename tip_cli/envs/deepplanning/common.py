@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from tip_cli.config.schema import DatasetConfig
+from tip_cli.errors import UserError
 
 HF_REPO = "Qwen/DeepPlanning"
 
 
-class DatabaseMissing(FileNotFoundError):
+class DatabaseMissing(UserError, FileNotFoundError):
     """The DeepPlanning sandbox database is not where tip looked; the message says where to get it."""
 
 
