@@ -6,7 +6,7 @@
 
 The grid: full-token OPD (selector=all), soft_or / entropy / random at budgets 0.1 and 0.5, and Q3-only
 (selector=quadrant, selector.quadrants=[Q3], uncapped), each a `tip train` process with one thread
-(OMP_NUM_THREADS=1) in its own run dir, OUT/runs/<selector>_budget<b>_seed<s>. The run is resumable: a job
+(OMP_NUM_THREADS=1) with the gradient probe every 10 steps (train.grad_probe_every=10) in its own run dir, OUT/runs/<selector>_budget<b>_seed<s>. The run is resumable: a job
 whose run dir already holds its final evaluation (a metrics.jsonl row at step train.steps with an accuracy) is
 skipped, and an unfinished one resumes from its last checkpoint (the trainer does that). A run dir holding a
 different config (other overrides) is an error rather than silently mixed.
@@ -34,6 +34,9 @@ from pathlib import Path
 FULL = ("all", ["selector=all", "budget=1.0"])
 Q3_ONLY = ("quadrant_Q3", ["selector=quadrant", "selector.quadrants=[Q3]", "budget=1.0"])
 RANKERS = ("soft_or", "entropy", "random")
+# every run measures the cosine between its budgeted and the full-token parameter gradient every 10 steps (SPEC 7a);
+# the probe leaves the update unchanged
+PROBE = ["train.grad_probe_every=10"]
 
 
 def grid(budgets: list[float], seeds: list[int]) -> list[tuple[str, list[str]]]:
@@ -90,7 +93,7 @@ def main() -> int:
     jobs, todo = grid(args.budgets, args.seeds), []
     for name, overrides in jobs:
         run_dir = args.out / "runs" / name
-        full = [*overrides, "logger=none", *args.overrides]
+        full = [*overrides, "logger=none", *PROBE, *args.overrides]
         try:
             cfg = compose_config([*full, f"out_dir={run_dir}"])
         except ConfigError as err:
