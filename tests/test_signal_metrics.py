@@ -261,6 +261,7 @@ def test_signal_metrics_off_logs_none_and_keeps_the_step(tiny, budget):
     assert not any(k.startswith(("grad/", "loss/", "select/overlap", "teacher/")) for k in m_off)
     assert s_off.grad_sq is None and s_on.grad_sq is not None
     assert torch.equal(k_on, k_off) and m_on["loss"] == m_off["loss"]
+    assert torch.equal(s_on.entropy, s_off.entropy) and torch.equal(s_on.divergence, s_off.divergence)
     for a, b in zip(g_on, g_off, strict=True):
         assert torch.equal(a, b)
 
@@ -290,3 +291,15 @@ def test_low_topk_mass_warns_once_naming_the_key(capsys):
     loop.warn_topk_mass(run, 1, {"teacher/topk_mass": 0.5})
     assert "importance.topk (now 8)" in capsys.readouterr().out.replace("\n", " ")
     assert math.isfinite(cfg.importance.topk_mass_warn)
+
+
+def test_bench_times_both_modes_and_logs_the_metrics_only_when_on(load_script, capsys):
+    load_script("bench_memory")  # imported by name, as from scripts/ when run as a script
+    bench = load_script("bench_signal_metrics")
+    report = bench.main(["--shape", "small-student:small-teacher", "--vocab", "64", "--seq", "8", "--prompt", "2",
+                         "--steps", "1", "--device", "cpu", "--settings", "selector=soft_or,budget=0.5;selector=all"])
+    assert len(report) == 2
+    for row in report.values():
+        assert row["off_s"] > 0 and row["on_s"] > 0 and row["ratio"] == pytest.approx(row["on_s"] / row["off_s"])
+        assert set(SIGNAL_METRICS) <= set(row["metrics"])
+    assert capsys.readouterr().out.count("| selector=") == 2

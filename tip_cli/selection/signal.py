@@ -67,6 +67,23 @@ def dense_signal(
     return loss, rowdot(g, g)
 
 
+@torch.no_grad()
+def entropy_reverse_kl_signal(
+    logp_s: torch.Tensor, logp_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H [C], KL(p_S || p_T) [C], ||dKL/du||^2 [C]) from fp32 log-probs [C, V], overwriting both: the scoring
+    pass's scores.entropy_and_reverse_kl (the same operations, so H and D are bitwise those) with the gradient
+    g = p_S (log p_S - log p_T - KL) formed in place over log p_S - log p_T, at one row dot more."""
+    low = torch.finfo(logp_s.dtype).min
+    ls = logp_s.clamp_min_(low)
+    p = ls.exp()
+    ent = -rowdot(p, ls)
+    diff = logp_t.clamp_min_(low).neg_().add_(ls)
+    kl = rowdot(p, diff)
+    g = diff.sub_(kl[:, None]).mul_(p)
+    return ent, kl, rowdot(g, g)
+
+
 def topk_signal(
     logp_s: torch.Tensor, ids: torch.Tensor, logp_t: torch.Tensor, kind: str, beta: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 from tip_cli.losses import StatsSink, compiled, scored_logprobs
 from tip_cli.selection.scores import ScoreSpec, stats_from_logits, token_stats_chunk
-from tip_cli.selection.signal import stats_signal_from_logits
+from tip_cli.selection.signal import entropy_reverse_kl_signal, stats_signal_from_logits
 from tip_cli.teacher.targets import DenseTeacher, Teacher
 
 
@@ -47,9 +47,13 @@ def score(
         if isinstance(teacher, DenseTeacher):
             logp_t, log_z_t = teacher.scored_target(rows)
             z_t.append(log_z_t)
-            if want:
-                signal.add_signal(*teacher.signal_to(logp_s, logp_t, *signal.signal), logp_t)
-            h, d = token_stats_chunk(logp_s, logp_t, spec, consume=True)
+            if want and reverse and spec.plain_reverse_kl and logp_s.dtype == logp_t.dtype == torch.float32:
+                h, d, g2 = entropy_reverse_kl_signal(logp_s, logp_t)  # D is the loss: one pass gives all three
+                signal.add_signal(d, g2)
+            else:
+                if want:
+                    signal.add_signal(*teacher.signal_to(logp_s, logp_t, *signal.signal), logp_t)
+                h, d = token_stats_chunk(logp_s, logp_t, spec, consume=True)
             del logp_t
         else:
             h, d = teacher.stats(logp_s, rows, spec)
