@@ -18,7 +18,8 @@ is written in closed form, d KL(p_S || p_T) / d z_S = p_S * (log p_S - log p_T -
 
 The same pass can also return each row's entropy H and divergence D (`StatsSink`): when every token is kept
 (selector=all, or a budget of 1.0), the trainer takes the selection statistics from the loss instead of scoring
-every position a second time.
+every position a second time. The sink can also take each row's loss and ||dl/dz||^2 (SPEC 7a,
+tip_cli.selection.signal): the closed-form chunk reads it off the dL/dz block it forms anyway.
 """
 
 from __future__ import annotations
