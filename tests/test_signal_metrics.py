@@ -303,3 +303,11 @@ def test_bench_times_both_modes_and_logs_the_metrics_only_when_on(load_script, c
         assert row["off_s"] > 0 and row["on_s"] > 0 and row["ratio"] == pytest.approx(row["on_s"] / row["off_s"])
         assert set(SIGNAL_METRICS) <= set(row["metrics"])
     assert capsys.readouterr().out.count("| selector=") == 2
+
+
+def test_an_empty_batch_logs_zeros():
+    empty = torch.zeros(0)
+    stats = compute_stats(empty, empty, torch.zeros(0, dtype=torch.long), ImportanceConfig().axis_spec())
+    m = signal_metrics(stats, torch.zeros(0, dtype=torch.long), Signal(empty, empty, empty))
+    assert set(SIGNAL_METRICS) | {"teacher/topk_mass", "teacher/topk_mass_p10"} == set(m)
+    assert all(v == 0.0 for v in m.values())

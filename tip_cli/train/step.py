@@ -118,10 +118,14 @@ def stats_sink(cfg: TipConfig) -> StatsSink:
 
 def learning_signal(sink: StatsSink, teacher: Teacher, temp: float) -> Signal | None:
     """The sink's per-row signal with the gradient taken w.r.t. the raw logits z (u = z / T: dl/dz = dl/du / T),
-    and a top-K teacher's mass in its list; None when train.signal_metrics is off or there are no rows."""
-    sig = sink.signal_values()
-    if sig is None:
+    and a top-K teacher's mass in its list; None when train.signal_metrics is off. A rank without rows gets empty
+    tensors, so that every rank gathers the same fields."""
+    if sink.signal is None:
         return None
+    device = (teacher.hidden if teacher.dense else teacher.ids).device
+    sig = sink.signal_values() or Signal(torch.zeros(0, device=device), torch.zeros(0, device=device))
+    if sig.topk_mass is None and teacher.dense and sink.spec.topk:
+        sig.topk_mass = torch.zeros(0, device=device)
     sig.grad_sq = sig.grad_sq / temp**2
     if isinstance(teacher, TopKTeacher):
         sig.topk_mass = topk_mass(teacher.logp)
