@@ -222,7 +222,8 @@ def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
         got = ranks[0][i]
         assert torch.equal(got["kept"], want["kept"]) and torch.equal(ranks[1][i]["kept"], want["kept"])
         assert got["metrics"]["loss"] == pytest.approx(want["metrics"]["loss"], rel=1e-5)
-        for key in ("tokens/total", "tokens/kept", "tokens/q3_frac", "div/kept_mean"):
+        for key in ("tokens/total", "tokens/kept", "tokens/q3_frac", "div/kept_mean", "grad/kept_share",
+                    "grad/q3_share", "grad/kept_q1_share", "loss/q2_share", "select/overlap_entropy"):
             assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
         for name, grad in want["grads"].items():

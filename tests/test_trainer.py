@@ -46,6 +46,8 @@ def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_o
     sample = np.load(tmp_path / "token_samples" / "step_000001.npz")
     assert len(sample["entropy"]) == steps[0]["tokens/total"] and sample["kept"].sum() == steps[0]["tokens/kept"]
     assert np.bincount(sample["quadrant"], minlength=5)[3] / len(sample["quadrant"]) == pytest.approx(steps[0]["tokens/q3_frac"])
+    kept_g2 = (sample["grad_norm"].astype(np.float64) ** 2)[sample["kept"]].sum()
+    assert kept_g2 / (sample["grad_norm"].astype(np.float64) ** 2).sum() == pytest.approx(steps[0]["grad/kept_share"], rel=1e-4)
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # a real W&B run, offline
 
 

@@ -18,18 +18,20 @@ is written in closed form, d KL(p_S || p_T) / d z_S = p_S * (log p_S - log p_T -
 
 The same pass can also return each row's entropy H and divergence D (`StatsSink`): when every token is kept
 (selector=all, or a budget of 1.0), the trainer takes the selection statistics from the loss instead of scoring
-every position a second time.
+every position a second time. The sink can also take each row's loss and ||dl/dz||^2 (SPEC 7a,
+tip_cli.selection.signal): the closed-form chunk reads it off the dL/dz block it forms anyway.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from tip_cli.selection.scores import ScoreSpec, rowdot, stats_from_logits, token_stats_chunk
+from tip_cli.selection.signal import Signal, topk_mass
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -60,13 +62,29 @@ def scored_logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> t
 
 @dataclass
 class StatsSink:
-    """Collects (H [C], D [C]) per loss chunk, D per `spec` (the importance divergence), in row order."""
+    """Collects (H [C], D [C]) per loss chunk, D per `spec` (the importance divergence), in row order; with `signal`
+    = the loss's (kind, beta), also each row's loss, squared logit-gradient norm at the distillation temperature and,
+    when spec.topk restricts D of a dense teacher, the teacher's top-K mass (tip_cli.selection.signal)."""
 
     spec: ScoreSpec
     parts: list[tuple[torch.Tensor, torch.Tensor]]
+    signal: tuple[str, float] | None = None
+    signal_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([p[0] for p in self.parts]), torch.cat([p[1] for p in self.parts])
+
+    def add_signal(self, loss: torch.Tensor, grad_sq: torch.Tensor, logp_t: torch.Tensor | None = None) -> None:
+        """One chunk's (l [C], ||g||^2 [C]); logp_t [C, V], a dense teacher's log-probs, gives its top-K mass."""
+        mass = topk_mass(logp_t, self.spec.topk) if logp_t is not None and self.spec.topk else None
+        self.signal_parts.append((loss.float(), grad_sq.float(), mass))
+
+    def signal_values(self) -> Signal | None:
+        """The collected rows in order, or None when nothing was collected."""
+        if not self.signal_parts:
+            return None
+        loss, grad_sq, mass = zip(*self.signal_parts, strict=True)
+        return Signal(torch.cat(loss), torch.cat(grad_sq), None if mass[0] is None else torch.cat(mass))
 
 
 class Teacher(Protocol):
@@ -80,6 +98,7 @@ class Teacher(Protocol):
     def logits(self, rows: slice) -> torch.Tensor: ...
     def divergence_to(self, logp_s: torch.Tensor, target, kind: str, beta: float) -> torch.Tensor: ...
     def stats_to(self, logp_s: torch.Tensor, target, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def signal_to(self, logp_s: torch.Tensor, target, kind: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _reverse_kl_chunk(
@@ -100,11 +119,16 @@ def _reverse_kl_chunk(
         ent = -rowdot(p_s, logp_s)
     elif sink is not None:  # another divergence: from both log-probs, before logp_t is overwritten
         sink.parts.append(token_stats_chunk(logp_s, logp_t, sink.spec))
+    want_signal = sink is not None and sink.signal is not None
+    mass = topk_mass(logp_t, sink.spec.topk) if want_signal and sink.spec.topk else None  # before logp_t is overwritten
     diff = logp_t.neg_().add_(logp_s)  # log p_S - log p_T
     kl_rows = rowdot(p_s, diff)  # [C]
     if ent is not None:
         sink.parts.append((ent, kl_rows))
-    grad_z = diff.sub_(kl_rows[:, None]).mul_(p_s).mul_(scale).to(w.dtype)  # [C, V]
+    g = diff.sub_(kl_rows[:, None]).mul_(p_s)  # [C, V] dKL/du
+    if want_signal:
+        sink.signal_parts.append((kl_rows, rowdot(g, g), mass))
+    grad_z = g.mul_(scale).to(w.dtype)  # [C, V]
     del p_s, logp_s
     grad_h = grad_z @ w  # [C, d]
     grad_w = grad_z.T @ h if want_w else None  # [V, d]
@@ -159,6 +183,9 @@ def _compiled_reverse_kl_chunk(
     del z_s
     if sink is not None:
         sink.parts.append((ent, kl_rows))
+        if sink.signal is not None:  # dKL/du = grad_z / scale, as the kernel rounded it (bf16 under bf16 compute)
+            g = grad_z.float()
+            sink.add_signal(kl_rows, rowdot(g, g) / scale**2)
     grad_h = grad_z @ w  # [C, d]
     grad_w = grad_z.T @ h if want_w else None  # [V, d]
     return kl_rows.sum() * scale, grad_h, grad_w
@@ -196,7 +223,8 @@ class _SelectedTokenLoss(torch.autograd.Function):
                 h = hidden_s[rows].detach().requires_grad_()
                 w = head.detach().requires_grad_(grad_w is not None)
                 logp_s = logprobs(h, w, vocab)
-                chunk_loss = teacher.divergence_to(logp_s, target, kind, beta).sum() * scale
+                row_loss = teacher.divergence_to(logp_s, target, kind, beta)  # [C]
+                chunk_loss = row_loss.sum() * scale
                 inputs = (h, w) if grad_w is not None else (h,)
                 grads = torch.autograd.grad(chunk_loss, inputs)
             grad_h[rows] = grads[0]
@@ -205,6 +233,9 @@ class _SelectedTokenLoss(torch.autograd.Function):
             total += chunk_loss.detach()
             if sink is not None:
                 sink.parts.append(teacher.stats_to(logp_s.detach(), target, sink.spec))
+                if sink.signal is not None:
+                    _, grad_sq = teacher.signal_to(logp_s.detach(), target, kind, beta)
+                    sink.add_signal(row_loss.detach(), grad_sq, target if teacher.dense else None)
         ctx.save_for_backward(grad_h, *(() if grad_w is None else (grad_w,)))
         return total
 

@@ -142,6 +142,8 @@ class ImportanceConfig:
     divergence: str = "reverse_kl"  # D: reverse_kl = KL(p_S || p_T), forward_kl = KL(p_T || p_S), or jsd
     jsd_beta: float = 0.5  # divergence=jsd: m = beta p_T + (1 - beta) p_S; 0 is forward KL, 1 reverse KL
     topk: int | None = None  # restrict D to the teacher's top-K tokens, renormalised
+    # warn once a run when the teacher's mean probability mass inside its top-K (teacher/topk_mass) falls below this
+    topk_mass_warn: float = 0.9
     norm: str = "minmax"  # minmax | rank | quantile_clip
     clip_lo: float = 0.01  # norm=quantile_clip: lower quantile clipped to
     clip_hi: float = 0.99  # norm=quantile_clip: upper quantile clipped to
@@ -156,6 +158,7 @@ class ImportanceConfig:
         _one_of("importance.norm", self.norm, NORMS)
         _one_of("importance.threshold", self.threshold, THRESHOLDS)
         _in_range("importance.jsd_beta", self.jsd_beta, 0.0, 1.0)
+        _in_range("importance.topk_mass_warn", self.topk_mass_warn, 0.0, 1.0)
         if not 0.0 <= self.clip_lo < self.clip_hi <= 1.0:
             raise ConfigError(f"importance.clip_lo/clip_hi = {self.clip_lo}/{self.clip_hi}; need 0 <= lo < hi <= 1")
         if self.threshold == "quantile":
@@ -361,6 +364,9 @@ class TrainConfig:
     eval_before: bool = True  # evaluate the student before the first step
     token_sample_every: int = 10  # save per-token (H, D, quadrant, kept) every N steps for `tip analyze`; 0 = never
     token_sample_size: int = 20000  # tokens kept per sample (drawn uniformly from the rollout batch)
+    # log where the learning signal comes from (SPEC 7a: grad/, loss/ quadrant shares, select/overlap_*,
+    # teacher/topk_mass): each token's loss and logit-gradient norm, from the passes that compute H and D
+    signal_metrics: bool = True
     # recompute the student's layers in backward (less activation memory, more time)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda

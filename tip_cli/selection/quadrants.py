@@ -45,7 +45,8 @@ class AxisSpec:
 
 @dataclass
 class TokenStats:
-    """H, D and their derived views over the N valid response tokens of one rollout batch (all tensors [N])."""
+    """H, D and their derived views over the N valid response tokens of one rollout batch (all tensors [N]), and
+    each token's squared logit-gradient norm when the step measured it."""
 
     entropy: torch.Tensor  # [N] float, nats
     divergence: torch.Tensor  # [N] float, nats
@@ -57,6 +58,7 @@ class TokenStats:
     quadrant: torch.Tensor  # [N] int64 in 1..4
     h_thr: float
     d_thr: float
+    grad_sq: torch.Tensor | None = None  # [N] ||dl_t / dz_t||^2 when the trainer measures it (selection.signal)
 
     def __len__(self) -> int:
         return self.entropy.numel()

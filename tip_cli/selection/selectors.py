@@ -76,6 +76,13 @@ def _pick(
     return order[keep].sort().values
 
 
+def top_count(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k tokens of highest score [N] over the whole batch, ties to the lower index (the order `_pick` ranks
+    by), as sorted indices [k]: the deterministic top-K of one axis that the overlap metrics compare a kept set to."""
+    order = _sort_desc(torch.arange(score.numel(), device=score.device), score)
+    return order[:k].sort().values
+
+
 def _noise(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """n iid Gumbel(0, 1) draws, -log E with E ~ Exp(1), from `generator` (on its own device, then moved)."""
     gen_device = generator.device if generator is not None else device

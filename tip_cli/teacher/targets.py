@@ -16,6 +16,7 @@ import torch
 
 from tip_cli.losses import logprobs, scored_logprobs
 from tip_cli.selection.scores import ScoreSpec, entropy, token_divergence, token_stats_chunk, topk_buckets
+from tip_cli.selection.signal import dense_signal, topk_signal
 
 
 @dataclass
@@ -54,6 +55,10 @@ class DenseTeacher:
     def stats_to(self, logp_s: torch.Tensor, target: torch.Tensor, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
         return token_stats_chunk(logp_s, target, spec)
 
+    def signal_to(self, logp_s: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's loss and squared gradient norm w.r.t. the (tempered) student logits, in closed form."""
+        return dense_signal(logp_s, target, kind, beta)
+
 
 @dataclass
 class TopKTeacher:
@@ -83,6 +88,10 @@ class TopKTeacher:
 
     def stats(self, logp_s: torch.Tensor, rows: slice, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
         return self.stats_to(logp_s, self.target(rows), spec)
+
+    def signal_to(self, logp_s: torch.Tensor, target: tuple, kind: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's loss over the K + 1 buckets and its squared gradient norm w.r.t. the student logits (autograd)."""
+        return topk_signal(logp_s, *target, kind, beta)
 
 
 Teacher = DenseTeacher | TopKTeacher

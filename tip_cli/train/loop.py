@@ -67,17 +67,20 @@ def non_finite_message(step: int, skipped: int, last) -> str:
 
 
 def save_token_sample(run_dir: Path, step: int, stats: TokenStats, kept: torch.Tensor, limit: int) -> None:
-    """Per-token (H, D, quadrant, kept) of one rollout batch, at most `limit` tokens drawn uniformly, for analysis."""
+    """Per-token (H, D, quadrant, kept, and ||dl/dz|| as grad_norm when the step measured it) of one rollout batch,
+    at most `limit` tokens drawn uniformly, for analysis: a selector's gradient share can be recomputed offline."""
     n = len(stats)
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(step))[:limit].sort().values if n > limit else torch.arange(n)
     kept_mask = torch.zeros(n, dtype=torch.bool)
     kept_mask[kept] = True
     out = run_dir / "token_samples"
     path = out / f"step_{step:06d}.npz"
+    extra = {} if stats.grad_sq is None else {"grad_norm": stats.grad_sq.cpu()[rows].sqrt().numpy().astype(np.float32)}
     with storage_errors(run_dir, path):
         out.mkdir(exist_ok=True)
         np.savez_compressed(
             path,
+            **extra,
             entropy=stats.entropy.cpu()[rows].numpy().astype(np.float32),
             divergence=stats.divergence.cpu()[rows].numpy().astype(np.float32),
             quadrant=stats.quadrant.cpu()[rows].numpy().astype(np.int8),
@@ -226,6 +229,7 @@ class Run:
     start: int = 0
     skipped: int = 0  # consecutive steps without an update (non-finite H, D, loss or gradient)
     skipped_total: int = 0
+    topk_mass_warned: bool = False  # the low teacher/topk_mass line is printed once a run
 
     def evaluate(self, step: int) -> dict:
         """Evaluate the student on the benchmark; each rank its share of the rows, rank 0 logs the metrics."""
@@ -331,10 +335,25 @@ def stop_after(run: Run, step: int) -> None:
     raise signals.Interrupted("SIGTERM")
 
 
+def warn_topk_mass(run: Run, step: int, m: dict) -> None:
+    """One line, once a run, when the teacher's top-K holds less mass than importance.topk_mass_warn: D or the loss
+    then compares distributions with much of the teacher's probability in one tail bucket or cut away."""
+    floor, mass = run.cfg.importance.topk_mass_warn, m.get("teacher/topk_mass")
+    if run.topk_mass_warned or mass is None or not mass < floor or not parallel.is_main():
+        return
+    run.topk_mass_warned = True
+    top_k = ("teacher.topk", run.cfg.teacher.topk) if run.cfg.teacher.backend != "hf" else ("importance.topk",
+                                                                                          run.cfg.importance.topk)
+    console.print(f"[yellow]step {step}: the teacher's top-K holds {mass:.3f} of its probability on average "
+                  f"(teacher/topk_mass < importance.topk_mass_warn={floor:g}); consider a larger "
+                  f"{top_k[0]} (now {top_k[1]})[/]")
+
+
 def after_step(run: Run, step: int, m: dict, stats, kept: torch.Tensor) -> str:
     """Stop on too many skipped steps, save a token sample and checkpoints, evaluate when due; returns the progress
     line."""
     t = run.cfg.train
+    warn_topk_mass(run, step, m)
     if run.skipped:
         console.print(f"[yellow]step {step}: non-finite H, D, loss or gradient; no update[/] "
                       f"({run.skipped} in a row; {t.max_skipped_steps} stop the run)")

@@ -43,6 +43,7 @@ from tip_cli.checkpoint import (
 from tip_cli.config.schema import ConfigError, TipConfig, TrainConfig
 from tip_cli.models import Pair, pick_device
 from tip_cli.selection import quadrants, selectors
+from tip_cli.selection.signal import Signal, signal_metrics
 from tip_cli.train import precision
 
 DCP_DIR = "dcp"  # inside checkpoints/step_N/: the sharded model + optimizer state (torch.distributed.checkpoint)
@@ -259,9 +260,12 @@ def global_count(n: int) -> int:
 
 def select_tokens(
     entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, cfg: TipConfig,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None, signal: Signal | None = None,
 ) -> Selection:
     """Stats and selection for this rank's N_r tokens (entropy, divergence, seq_id [N_r]; `rows` sequences).
+
+    `signal` (each token's loss and gradient norm, [N_r] each) is gathered like H and D; its SPEC 7a metrics join
+    the selection's, over the same scope, and its grad_sq goes into the stats (the token samples' grad_norm).
 
     scope global (default): over the tokens of every rank, concatenated in rank order, which is the order one process
     holding the whole batch would have, so the kept set and the normaliser match it exactly. scope local: over this
@@ -278,6 +282,9 @@ def select_tokens(
         lo = sum(tokens[: rank()])
         local = kept[(kept >= lo) & (kept < lo + tokens[rank()])] - lo
         metrics = quadrants.stats_metrics(stats, kept)
+        if signal is not None:
+            signal = Signal(*(None if x is None else _gather(x, tokens)
+                              for x in (signal.loss, signal.grad_sq, signal.topk_mass)))
         n, k = len(stats), kept.numel()
     else:
         if active() and generator is not None:  # independent noise per rank, as independent replicas would draw
@@ -289,6 +296,9 @@ def select_tokens(
         if active():  # the counts (and so the loss normaliser) over all ranks; the other metrics are this rank's
             n, k = _all_sizes(n, k, device=entropy.device).sum(0).tolist()
             metrics |= {"tokens/total": float(n), "tokens/kept": float(k), "tokens/kept_frac": k / n if n else 0.0}
+    if signal is not None:
+        stats.grad_sq = signal.grad_sq
+        metrics |= signal_metrics(stats, kept, signal)
     return Selection(stats, kept, local, max(1, k if cfg.loss.norm == "selected" else n), metrics)
 
 

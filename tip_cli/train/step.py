@@ -20,8 +20,9 @@ from tip_cli.models import Pair, head_weight, response_hidden
 from tip_cli.rollout.batch import Batch
 from tip_cli.selection import selectors
 from tip_cli.selection.quadrants import TokenStats
+from tip_cli.selection.signal import Signal, topk_mass
 from tip_cli.teacher.scoring import score
-from tip_cli.teacher.targets import Teacher, teacher_targets
+from tip_cli.teacher.targets import Teacher, TopKTeacher, teacher_targets
 from tip_cli.tracking import timed
 from tip_cli.train import parallel, precision, probe
 from tip_cli.train.chunks import chunk_rows, compiled_kernels
@@ -109,6 +110,28 @@ def loss_spec(cfg: TipConfig, pair: Pair, normalizer: float) -> LossSpec:
     return LossSpec(pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, chunk, normalizer, kernels)
 
 
+def stats_sink(cfg: TipConfig) -> StatsSink:
+    """Where a pass puts each row's (H, D) and, with train.signal_metrics, its loss and gradient norm (SPEC 7a)."""
+    signal = (cfg.loss.kind, cfg.loss.jsd_beta) if cfg.train.signal_metrics else None
+    return StatsSink(cfg.importance.score_spec(), [], signal)
+
+
+def learning_signal(sink: StatsSink, teacher: Teacher, temp: float) -> Signal | None:
+    """The sink's per-row signal with the gradient taken w.r.t. the raw logits z (u = z / T: dl/dz = dl/du / T),
+    and a top-K teacher's mass in its list; None when train.signal_metrics is off. A rank without rows gets empty
+    tensors, so that every rank gathers the same fields."""
+    if sink.signal is None:
+        return None
+    device = (teacher.hidden if teacher.dense else teacher.ids).device
+    sig = sink.signal_values() or Signal(torch.zeros(0, device=device), torch.zeros(0, device=device))
+    if sig.topk_mass is None and teacher.dense and sink.spec.topk:
+        sig.topk_mass = torch.zeros(0, device=device)
+    sig.grad_sq = sig.grad_sq / temp**2
+    if isinstance(teacher, TopKTeacher):
+        sig.topk_mass = topk_mass(teacher.logp)
+    return sig
+
+
 def distill_step(
     pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict, scorer=None,
     step: int | None = None,
@@ -124,7 +147,9 @@ def distill_step(
     selector keeps every token anyway (selectors.keeps_all), there is no scoring pass: the loss pass computes each
     row's H and D from the log-probs it has in hand, and selection runs afterwards, for the statistics only.
 
-    H, D and the loss compare softmax(logits / T) of both models, T = distill_temperature(cfg). The student's passes
+    H, D and the loss compare softmax(logits / T) of both models, T = distill_temperature(cfg). With
+    train.signal_metrics the same passes give each token's loss and ||dl/dz||^2 (tip_cli.selection.signal), and the
+    step's metrics carry SPEC 7a's grad/, loss/, select/overlap_ and teacher/topk_mass values. The student's passes
     compute under the run's precision (tip_cli.train.precision: bf16 autocast under bf16_mixed). When H or D is not
     finite the step stops before selection (stats None, loss NaN) and the trainer skips its update. On a probe step
     (`step`, train.grad_probe_every) the full-token loss's gradient is compared with the budgeted one
@@ -150,14 +175,16 @@ def distill_step(
                 h_s_scores = torch.cat([student_hidden(pair, mb, temp, prec) for mb, _, _ in parts])
         w_s = head_weight(pair.student).to(h_s_scores.dtype)  # the compute dtype
         chunk = chunk_rows(cfg.importance.chunk_size, pair.vocab, h_s_scores.device)
+        sink = stats_sink(cfg)
         ent, div, log_z_s, teacher = score(
             h_s_scores, w_s, teacher, pair.vocab, chunk, cfg.importance.score_spec(),
-            compiled_kernels(cfg.loss.backend, pair.device),
+            compiled_kernels(cfg.loss.backend, pair.device), sink,
         )
         if not parallel.all_true(_finite(ent, div)):  # every rank skips together
             return skipped_step(ent.numel())
         # stats, selection and the loss normaliser over every rank's tokens under torchrun; this batch's otherwise
-        sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator)
+        sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator,
+                                     learning_signal(sink, teacher, temp))
         kept = sel.local.to(pair.device)  # [K_r], indices into this batch's N tokens
         del h_s_scores
     spec = loss_spec(cfg, pair, sel.normalizer)
@@ -187,7 +214,7 @@ def _full_token_step(
 ) -> tuple[dict, TokenStats, torch.Tensor]:
     """distill_step when every token is kept: one loss pass over all N rows that also yields their (H, D)."""
     normalizer = max(1, parallel.global_count(int(seq_id.numel())))  # N = K: either loss.norm divides by it
-    sink = StatsSink(cfg.importance.score_spec(), [])
+    sink = stats_sink(cfg)
     spec = loss_spec(cfg, pair, normalizer)
     losses = Accumulator(pair.student, len(parts), pair.device)
     with timed("time/train", metrics):
@@ -201,7 +228,8 @@ def _full_token_step(
         ent, div = sink.tensors() if sink.parts else (torch.zeros(0, device=pair.device),) * 2
         if not parallel.all_true(_finite(ent, div)):
             return skipped_step(ent.numel())
-        sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator)
+        sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator,
+                                     learning_signal(sink, teacher, temp))
     if sel.kept.numel() != len(sel.stats):
         raise RuntimeError(f"selector {cfg.selector.name} at budget {cfg.budget} kept {sel.kept.numel()} of "
                            f"{len(sel.stats)} tokens, but the loss was built on all of them")
