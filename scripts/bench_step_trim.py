@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from bench_memory import PRESETS, Bench, build_pair, resolve_shape
+from bench.presets import PRESETS, Bench, build_pair, resolve_shape
 
 from tip_cli.cli import compose_config
 from tip_cli.rollout.batch import Batch, pack
