@@ -78,7 +78,7 @@ def test_a_run_dir_of_another_config_stops_the_grid_but_an_older_tips_missing_ke
     monkeypatch.setattr("sys.argv", ["reproduce.py", "--out", str(tmp_path), "--seeds", "0", "--figure", ""])
     run = tmp_path / "runs" / "all_seed0"
     run.mkdir(parents=True)
-    overrides = ["selector=all", "budget=1.0", "seed=0", "logger=none", f"out_dir={run}"]
+    overrides = ["selector=all", "budget=1.0", "seed=0", "logger=none", *driver.PROBE, f"out_dir={run}"]
     (run / "config.yaml").write_text(to_yaml(compose_config([*overrides, "train.lr=0.001"])))
     assert driver.main() == 2
     assert "train.lr: 0.001 -> 0.0001" in capsys.readouterr().err
