@@ -100,7 +100,8 @@ def test_local_scope_selects_per_rank_and_counts_over_all_ranks():
     for r, sel in enumerate(sels):
         lo, first = sum(map(sum, SEQ_LENS[:r])), sum(map(len, SEQ_LENS[:r]))
         mine = slice(lo, lo + sum(SEQ_LENS[r]))
-        stats = quadrants.compute_stats(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - first, AXIS)
+        stats = quadrants.compute_stats(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - first,
+                                        AXIS)
         own = selectors.select(stats, spec, budget)
         assert torch.equal(sel.local, own) and torch.equal(sel.kept, own)
         kept_total += own.numel()

@@ -210,8 +210,8 @@ def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> di
 
 def save(run: Run, step: int) -> None:
     p = run.pair
-    checkpoints.save(run.run_dir, step, p.student, p.tokenizer, run.optimizer, run.scheduler, run.cfg.train.keep_checkpoints,
-                  run.prec.pair)
+    checkpoints.save(run.run_dir, step, p.student, p.tokenizer, run.optimizer, run.scheduler,
+                     run.cfg.train.keep_checkpoints, run.prec.pair)
 
 
 def stop_after(run: Run, step: int) -> None:
