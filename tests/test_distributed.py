@@ -29,6 +29,7 @@ from tip_cli.eval.benchmark import evaluate_benchmark, load_benchmark
 from tip_cli.losses import LossSpec, selected_token_loss
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
+from tip_cli.rollout import sources
 from tip_cli.rollout.batch import pack
 from tip_cli.rollout.hf import HFEngine
 from tip_cli.rollout.vllm import VLLMEngine
@@ -36,7 +37,7 @@ from tip_cli.selection import quadrants as importance
 from tip_cli.selection import selectors
 from tip_cli.teacher.targets import DenseTeacher
 from tip_cli.tracking import PeakMemory, read_jsonl
-from tip_cli.train import loop, parallel, precision, schedule
+from tip_cli.train import checkpoints, loop, parallel, precision, schedule, sharding
 from tip_cli.train import step as train_step
 
 WORLD = 2
@@ -175,7 +176,7 @@ def one_step(cfg: TipConfig) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"))
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(pair.student)
-    parallel.shard(pair, cfg.train)
+    sharding.shard(pair, cfg.train)
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.train.lr)
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     seen = []  # the dtype the final norm computed in (bf16 under bf16_mixed's FSDP2 policy)
@@ -254,7 +255,7 @@ def test_fsdp_bf16_mixed_step_on_two_ranks_uses_the_mixed_precision_policy(tmp_p
 
 
 def dies_in_step(pack, step: int | None):
-    """loop.pack, raising in the given step (before that step's checkpoint)."""
+    """sources.pack, raising in the given step (before that step's checkpoint)."""
     calls = {"n": 0}
 
     def pack_or_die(*args, **kwargs):
@@ -270,9 +271,9 @@ def train_on_ranks(cfg: TipConfig, runs: list[tuple[Path, int | None]]) -> None:
     """loop.train into each run dir in turn, in one process group; a run given a step dies there, and with it
     this process, so the next spawn starts afresh, as after a kill."""
     torch.distributed.init_process_group("gloo")  # train() joins it rather than making one per run
-    real_pack = loop.pack
+    real_pack = sources.pack
     for run_dir, die_in in runs:
-        loop.pack = dies_in_step(real_pack, die_in)
+        sources.pack = dies_in_step(real_pack, die_in)
         loop.train(cfg, run_dir)
     torch.distributed.destroy_process_group()
 
@@ -299,7 +300,7 @@ def test_sharded_checkpoint_save_kill_resume_continues_the_run(tmp_path, micro_o
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
     with pytest.raises(ConfigError, match="2 torchrun ranks"):  # a sharded checkpoint resumes under torchrun only
-        parallel.resume(Checkpoint(3, crashed / "checkpoints" / "step_3"), None, None, None)
+        checkpoints.resume(Checkpoint(3, crashed / "checkpoints" / "step_3"), None, None, None)
 
 
 def test_launch_checks():
@@ -391,7 +392,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
 
     parallel.setup("cpu")
     pair = load_pair(cfg.pair, torch.device("cpu"))
-    parallel.shard(pair, cfg.train)
+    sharding.shard(pair, cfg.train)
     out = {}
     engine = spy_vllm_engine()
     engine.sync_weights(pair.student)
@@ -401,7 +402,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
 
     hf = CountingHF(pair.student, pair.tokenizer, cfg.eval.batch_size)
     bench = load_benchmark(cfg)
-    with parallel.gathered(pair.student, hf):
+    with sharding.gathered(pair.student, hf):
         out["eval"] = evaluate_benchmark(pair.student, pair.tokenizer, cfg, bench, engine=hf, shard=parallel.eval_shard())
     out["eval_prompts"] = hf.prompts
 
@@ -411,7 +412,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
     staging = checkpoint.staging_dir(ckpt_root, 1)
     optimizer = schedule.make_optimizer(pair.student.parameters(), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    parallel.save(ckpt_root, 1, pair.student, pair.tokenizer, optimizer, scheduler, keep=2)
+    checkpoints.save(ckpt_root, 1, pair.student, pair.tokenizer, optimizer, scheduler, keep=2)
     checkpoint._sha256 = real_sha
     out["hashed"] = hashed
     parallel.teardown()
@@ -487,7 +488,7 @@ def test_sharded_checkpoint_files_are_hashed_once_each_by_their_own_rank(io_rank
 def test_hash_shares_give_each_rank_its_shards_and_balance_the_rest():
     sizes = {"dcp/__0_0.distcp": 100, "dcp/__1_0.distcp": 100, "dcp/.metadata": 5, "model.safetensors": 80,
              "config.json": 1, "trainer_state.pt": 3}
-    owner = parallel.hash_shares(sizes, 2)
+    owner = checkpoints.hash_shares(sizes, 2)
     assert owner["dcp/__0_0.distcp"] == 0 and owner["dcp/__1_0.distcp"] == 1
     assert owner["model.safetensors"] == 0 and owner["dcp/.metadata"] == 1  # largest first to the lighter rank
     load = [sum(s for n, s in sizes.items() if owner[n] == r) for r in range(2)]

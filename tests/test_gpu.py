@@ -14,7 +14,7 @@ from tip_cli.models import load_model, load_tokenizer
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
 from tip_cli.rollout.hf import HFEngine
-from tip_cli.train import parallel, precision
+from tip_cli.train import parallel, precision, sharding
 from tip_cli.train import step as train_step
 
 pytestmark = pytest.mark.gpu
@@ -28,7 +28,7 @@ def cuda_step(cfg, lr: float) -> dict:
     device = torch.device("cuda")
     prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, device)
     pair = load_pair(cfg.pair, device, student_dtype=prec.master, teacher_dtype=prec.pair)
-    parallel.shard(pair, cfg.train)
+    sharding.shard(pair, cfg.train)
     before = [p.detach().clone() for p in pair.student.parameters()]
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=lr, weight_decay=0.0)
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id).to(device)

@@ -36,13 +36,13 @@ def test_an_inf_logit_skips_the_step_counts_it_and_stops_the_run_after_the_limit
 
     monkeypatch.setattr(train_step, "teacher_targets", inf_from_step_2)
     weights = {}
-    real_save = loop.parallel.save
+    real_save = loop.checkpoints.save
 
     def save_and_keep(run_dir, step, student, *args, **kwargs):
         weights[step] = {n: p.detach().clone() for n, p in student.named_parameters()}
         real_save(run_dir, step, student, *args, **kwargs)
 
-    monkeypatch.setattr(loop.parallel, "save", save_and_keep)
+    monkeypatch.setattr(loop.checkpoints, "save", save_and_keep)
     with pytest.raises(loop.NonFiniteStepsError) as info:
         loop.train(cfg, tmp_path)
     message = str(info.value)

@@ -183,7 +183,7 @@ def test_loss_memory_shrinks_with_budget_and_is_bounded_by_the_chunk():
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl"])
 def test_stats_from_the_loss_pass_match_brute_force(kind, divergence, topk):
     """The (H, D) a sink collects during the loss equal the float64 textbook formulas, row for row."""
-    from tip_cli.losses import StatsSink
+    from tip_cli.logits import StatsSink
 
     h_s, w_s, h_t, w_t = make_inputs()
     cfg = ImportanceConfig(divergence=divergence, topk=topk)
@@ -216,7 +216,7 @@ def test_upstream_gradient_scales_the_loss_gradient():
 def test_log_partitions_from_a_scoring_pass_give_the_same_loss_and_gradients():
     """The loss reuses the student's and the teacher's log sum exp of each row (computed while scoring) instead of
     recomputing them: value and gradients equal the float64 reference, with other chunking than the scoring's."""
-    from tip_cli.losses import scored_logprobs
+    from tip_cli.logits import scored_logprobs
     from tip_cli.teacher.targets import DenseTeacher
 
     h_s, w_s, h_t, w_t = make_inputs()
@@ -247,7 +247,7 @@ COMPILED_DTYPES = [(torch.float64, 1e-10, 1e-9), (torch.float32, 1e-5, 1e-4), (t
 def test_compiled_loss_matches_the_float64_formula(dtype, rel, grad_rel, k, chunk):
     """The torch.compile'd reverse-KL chunk: value and gradients (hidden states and head) against float64 autograd,
     for chunks that do not divide K, one chunk, and a single row; its (H, D) sink rows against the formulas."""
-    from tip_cli.losses import StatsSink
+    from tip_cli.logits import StatsSink
 
     h_s, w_s, h_t, w_t = _cast(make_inputs(k=k, vocab=300), dtype)
     sink = StatsSink(ImportanceConfig().score_spec(), [])
@@ -297,7 +297,7 @@ def test_compiled_scoring_matches_the_float64_formula(dtype, rel, _, n, chunk):
 def test_a_kernel_that_fails_to_compile_stops_with_the_eager_setting(monkeypatch):
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
-    from tip_cli.losses import compiled
+    from tip_cli.logits import compiled
 
     def no_compiler(fn, **kwargs):
         def kernel(*args):
@@ -317,7 +317,8 @@ def test_compiled_kernels_stay_finite_at_minus_inf_logits():
     """Masked tokens (-inf logits, p = 0) in both models' rows: the fused scoring and loss kernels, compiled and
     as plain functions, give the eager scoring pass's H and D and the float64 formulas' H, D and dL/dz (0 where
     p_S = 0), not NaN rows. The teacher is -inf only where the student is too, so every KL is finite."""
-    from tip_cli.losses import compiled, reverse_kl_from_logits
+    from tip_cli.logits import compiled
+    from tip_cli.losses import reverse_kl_from_logits
     from tip_cli.selection.scores import entropy_and_reverse_kl, stats_from_logits
 
     g = torch.Generator().manual_seed(0)

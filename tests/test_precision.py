@@ -94,11 +94,11 @@ def test_export_keeps_the_pair_dtype_and_resume_continues_from_the_master_weight
     pair = load_pair(cfg.pair, torch.device("cpu"), student_path=str(ckpt), student_dtype=torch.float32)
     rounded = {n: p.detach().clone() for n, p in pair.student.named_parameters()}
     from tip_cli.checkpoint import latest_checkpoint
-    from tip_cli.train import parallel
+    from tip_cli.train import checkpoints
 
     opt = torch.optim.AdamW(pair.student.parameters(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    assert parallel.resume(latest_checkpoint(tmp_path), pair.student, opt, sched) == 1
+    assert checkpoints.resume(latest_checkpoint(tmp_path), pair.student, opt, sched) == 1
     for n, p in pair.student.named_parameters():
         assert torch.equal(p.detach(), master[n])
     assert any(not torch.equal(rounded[n], master[n]) for n in rounded)  # the export alone would have lost bits

@@ -18,7 +18,7 @@ from tip_cli.models import Pair
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop, parallel, probe
+from tip_cli.train import loop, parallel, probe, sharding
 from tip_cli.train.step import distill_step
 
 COS, RATIO = "grad/param_cosine", "grad/param_norm_ratio"
@@ -149,7 +149,7 @@ def probe_step(cfg) -> dict:
     left for the update, gathered whole."""
     parallel.setup("cpu")
     pair = load_pair(cfg.pair, torch.device("cpu"))
-    parallel.shard(pair, cfg.train)
+    sharding.shard(pair, cfg.train)
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     out = {}
     for step in (1, None):

@@ -36,13 +36,14 @@ FAST = ["train.eval_before=false", "train.eval_every=0", "train.token_sample_eve
 FIRST_WRITER = """
 import os, pathlib, time
 from tip_cli.cli import compose_config
+from tip_cli.rollout import sources
 from tip_cli.train import loop
 
 def stuck(*args, **kwargs):
     os.write({fd}, b"x")
     time.sleep(120)
 
-loop.pack = stuck
+sources.pack = stuck
 loop.train(compose_config({overrides!r}), pathlib.Path({run_dir!r}))
 """
 

@@ -27,7 +27,7 @@ TOPK = {
 
 
 def token_sample(n: int, seed: int, grad: bool = True) -> dict[str, np.ndarray]:
-    """A token sample in the trainer's format (tip_cli.train.loop.save_token_sample): distinct H, D (so that sorts have
+    """A token sample in the trainer's format (tip_cli.tracking.save_token_sample): distinct H, D (so that sorts have
     no ties) and, with grad, a grad_norm that is not a function of either."""
     rng = np.random.default_rng(seed)
     h = rng.permutation(np.arange(1, n + 1)).astype(np.float32) * np.float32(0.05)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_step_reference import llama, make_batch, per_token_div, qwen2, scaled
 
+from tip_cli import tracking
 from tip_cli.config.schema import ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
 from tip_cli.models import Pair
 from tip_cli.selection.quadrants import compute_stats
@@ -272,7 +273,7 @@ def test_token_sample_stores_each_tokens_gradient_norm(tmp_path):
     stats = compute_stats(torch.rand(n, generator=g), torch.rand(n, generator=g), torch.zeros(n, dtype=torch.long),
                           ImportanceConfig().axis_spec())
     stats.grad_sq = torch.rand(n, generator=g)
-    loop.save_token_sample(tmp_path, 3, stats, torch.tensor([1, 5]), limit=12)
+    tracking.save_token_sample(tmp_path, 3, stats, torch.tensor([1, 5]), limit=12)
     sample = np.load(tmp_path / "token_samples" / "step_000003.npz")
     rows = [int(np.flatnonzero(np.isclose(stats.entropy.numpy(), e))[0]) for e in sample["entropy"]]
     assert len(rows) == 12

@@ -192,7 +192,7 @@ CASES = [  # (pair, selector, budget, loss kind, micro-batch rows: 0 = all rows 
 ]
 
 
-# loss.backend=compiled: the torch.compile'd scoring statistics and reverse-KL chunk (tip_cli.losses.compiled)
+# loss.backend=compiled: the torch.compile'd scoring statistics and reverse-KL chunk (tip_cli.logits.compiled)
 COMPILED = [
     ("tied", "soft_or", 0.5, "reverse_kl", 0, "selected"),
     ("untied", "entropy", 0.1, "reverse_kl", 1, "total"),

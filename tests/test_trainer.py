@@ -15,6 +15,7 @@ from tip_cli.cli import compose_config
 from tip_cli.config.schema import ConfigError, TrainConfig
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
+from tip_cli.rollout import sources
 from tip_cli.rollout.batch import pack
 from tip_cli.tracking import read_jsonl
 from tip_cli.train import loop, schedule
@@ -80,7 +81,7 @@ def test_killed_run_resumes_and_continues_the_curve(tmp_path, micro_overrides, m
 
     crashed = tmp_path / "crashed"
     calls = {"n": 0}
-    real_pack = loop.pack
+    real_pack = sources.pack
 
     def dies_in_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -88,10 +89,10 @@ def test_killed_run_resumes_and_continues_the_curve(tmp_path, micro_overrides, m
             raise KeyboardInterrupt("killed")
         return real_pack(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "pack", dies_in_step_3)
+    monkeypatch.setattr(sources, "pack", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         loop.train(compose_config(overrides), crashed)
-    monkeypatch.setattr(loop, "pack", real_pack)
+    monkeypatch.setattr(sources, "pack", real_pack)
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step_1", "step_2"]
 
     loop.train(compose_config(overrides), crashed)

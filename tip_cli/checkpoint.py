@@ -1,5 +1,5 @@
 """Checkpoints: `checkpoints/step_N/` holds the student in HF format plus the optimizer and scheduler state
-(under torchrun, the optimizer and the sharded model are in step_N/dcp/ instead: tip_cli.train.parallel).
+(under torchrun, the optimizer and the sharded model are in step_N/dcp/ instead: tip_cli.train.checkpoints).
 
 A checkpoint is written to a hidden temp dir and renamed into place, so a run killed mid-save leaves the previous
 checkpoint intact and never a half-written one. The last file written into it is MANIFEST.json (every other

@@ -1,4 +1,5 @@
-"""Metrics: per-phase timers, peak memory, and a logger that writes metrics.jsonl and (optionally) W&B."""
+"""Metrics: per-phase timers, peak memory, a logger that writes metrics.jsonl and (optionally) W&B, and the token
+samples (token_samples/step_N.npz) that `tip analyze` replays selectors on."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tip_cli.checkpoint import storage_errors
 from tip_cli.config.schema import LoggerConfig
 from tip_cli.errors import DataError
+from tip_cli.selection.quadrants import TokenStats
 
 
 @contextmanager
@@ -156,3 +159,28 @@ class MetricsLogger:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def save_token_sample(run_dir: Path, step: int, stats: TokenStats, kept: torch.Tensor, limit: int) -> None:
+    """Per-token (H, D, quadrant, kept, and ||dl/dz|| as grad_norm when the step measured it) of one rollout batch,
+    at most `limit` tokens drawn uniformly, for analysis: a selector's gradient share can be recomputed offline."""
+    n = len(stats)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(step))[:limit].sort().values if n > limit else torch.arange(n)
+    kept_mask = torch.zeros(n, dtype=torch.bool)
+    kept_mask[kept] = True
+    out = run_dir / "token_samples"
+    path = out / f"step_{step:06d}.npz"
+    extra = {} if stats.grad_sq is None else {"grad_norm": stats.grad_sq.cpu()[rows].sqrt().numpy().astype(np.float32)}
+    with storage_errors(run_dir, path):
+        out.mkdir(exist_ok=True)
+        np.savez_compressed(
+            path,
+            **extra,
+            entropy=stats.entropy.cpu()[rows].numpy().astype(np.float32),
+            divergence=stats.divergence.cpu()[rows].numpy().astype(np.float32),
+            quadrant=stats.quadrant.cpu()[rows].numpy().astype(np.int8),
+            kept=kept_mask[rows].numpy(),
+            h_threshold=np.float32(stats.h_thr),
+            d_threshold=np.float32(stats.d_thr),
+            total_tokens=np.int64(n),
+        )

@@ -1,7 +1,7 @@
 """Where the learning signal comes from (SPEC 7a): the share of a step's full-token logit gradient that a selector
 keeps, replayed on saved tokens.
 
-A token sample that holds `grad_norm` (each sampled token's ||g_t||, tip_cli.train.loop.save_token_sample) is enough
+A token sample that holds `grad_norm` (each sampled token's ||g_t||, tip_cli.tracking.save_token_sample) is enough
 to ask any selector what it would have kept of the same tokens: its gradient share sum_{t in S} ||g_t||^2 /
 sum_t ||g_t||^2 is the squared cosine between its budgeted logit gradient and the full-token one (the loss's
 normaliser cancels). The selectors are the package's own (tip_cli.selection), on the run's importance settings. The

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import torch
 
-from tip_cli.losses import StatsSink, compiled, scored_logprobs
+from tip_cli.logits import StatsSink, Teacher, compiled, scored_logprobs
 from tip_cli.selection.scores import ScoreSpec, stats_from_logits, token_stats_chunk
 from tip_cli.selection.signal import entropy_reverse_kl_signal, stats_signal_from_logits
-from tip_cli.teacher.targets import DenseTeacher, Teacher
+from tip_cli.teacher.targets import DenseTeacher
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@
 log-probs are computed chunk by chunk where needed (never stored as [N, V]). `TopKTeacher`: its top-K next-token
 ids and log-probs [N, K] from a vLLM engine or server (teacher.backend=vllm_topk, vllm_server); the divergence is
 then taken over K + 1 buckets. Both give tip_cli.losses what it needs per chunk of rows (`target`,
-`divergence_to`, `stats_to`), and `teacher_targets` builds the one a run uses.
+`divergence_to`, `stats_to`: the tip_cli.logits.Teacher protocol), and `teacher_targets` builds the one a run uses.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tip_cli.losses import logprobs, scored_logprobs
+from tip_cli.logits import Teacher, logprobs, scored_logprobs
 from tip_cli.selection.scores import ScoreSpec, entropy, token_divergence, token_stats_chunk, topk_buckets
 from tip_cli.selection.signal import dense_signal, topk_signal
 
@@ -92,9 +92,6 @@ class TopKTeacher:
     def signal_to(self, logp_s: torch.Tensor, target: tuple, kind: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's loss over the K + 1 buckets and its squared gradient norm w.r.t. the student logits (autograd)."""
         return topk_signal(logp_s, *target, kind, beta)
-
-
-Teacher = DenseTeacher | TopKTeacher
 
 if TYPE_CHECKING:  # the targets themselves need torch only; building them needs the models (transformers)
     from tip_cli.models import Pair

@@ -2,7 +2,7 @@
 
 One step, for a batch of prompts:
   1. the student samples responses (the rollout engine); with data.env, tool-use episodes (tip_cli.rollout.agent) whose
-     tool results are masked out, so steps 2-4 see only the student's own tokens (`rollout_source`);
+     tool results are masked out, so steps 2-4 see only the student's own tokens (tip_cli.rollout.sources);
   2-4. the teacher scores the same tokens, the selector keeps K of them and the loss is built on those
      (tip_cli.train.step.distill_step);
   5. the optimizer steps unless a value was non-finite; metrics, token samples, checkpoints and evaluations follow.
@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tip_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, storage_errors
+from tip_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
 from tip_cli.config.compose import to_container
 from tip_cli.config.schema import TipConfig
 from tip_cli.data import Problem, load_problems
@@ -35,19 +33,15 @@ from tip_cli.eval.benchmark import (
     load_benchmark,
 )
 from tip_cli.eval.benchmark import console as eval_console
-from tip_cli.grading import grade
-from tip_cli.models import (
-    Pair,
-    enable_checkpointing,
-    render_prompt,
-)
+from tip_cli.models import Pair, enable_checkpointing
 from tip_cli.pairs import load_pair, resolve_model
 from tip_cli.rollout import make_engine
-from tip_cli.rollout.batch import Batch, Sampling, eos_ids, pack
+from tip_cli.rollout.batch import Sampling
+from tip_cli.rollout.sources import EpisodeSource, PromptSource, Rollout, rollout_source
 from tip_cli.seeds import derive_seed, stream_seed
-from tip_cli.selection.quadrants import TokenStats
-from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, timed
-from tip_cli.train import parallel, precision, rundir, signals
+from tip_cli.teacher.factory import make_scorer
+from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, save_token_sample, timed
+from tip_cli.train import checkpoints, parallel, precision, rundir, sharding, signals
 from tip_cli.train.schedule import apply_schedule, lr_lambda, make_optimizer, prompt_indices
 from tip_cli.train.step import check_temperature, distill_step, weights_finite
 
@@ -64,31 +58,6 @@ def non_finite_message(step: int, skipped: int, last) -> str:
     return (f"step {step}: {skipped} steps in a row had a non-finite entropy, divergence, loss or gradient, so none "
             f"of them updated the student (train.max_skipped_steps); last good checkpoint: {where}. Try a lower "
             "train.lr or train.precision=bf16_mixed / fp32, and check the models' logits for inf")
-
-
-def save_token_sample(run_dir: Path, step: int, stats: TokenStats, kept: torch.Tensor, limit: int) -> None:
-    """Per-token (H, D, quadrant, kept, and ||dl/dz|| as grad_norm when the step measured it) of one rollout batch,
-    at most `limit` tokens drawn uniformly, for analysis: a selector's gradient share can be recomputed offline."""
-    n = len(stats)
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(step))[:limit].sort().values if n > limit else torch.arange(n)
-    kept_mask = torch.zeros(n, dtype=torch.bool)
-    kept_mask[kept] = True
-    out = run_dir / "token_samples"
-    path = out / f"step_{step:06d}.npz"
-    extra = {} if stats.grad_sq is None else {"grad_norm": stats.grad_sq.cpu()[rows].sqrt().numpy().astype(np.float32)}
-    with storage_errors(run_dir, path):
-        out.mkdir(exist_ok=True)
-        np.savez_compressed(
-            path,
-            **extra,
-            entropy=stats.entropy.cpu()[rows].numpy().astype(np.float32),
-            divergence=stats.divergence.cpu()[rows].numpy().astype(np.float32),
-            quadrant=stats.quadrant.cpu()[rows].numpy().astype(np.int8),
-            kept=kept_mask[rows].numpy(),
-            h_threshold=np.float32(stats.h_thr),
-            d_threshold=np.float32(stats.d_thr),
-            total_tokens=np.int64(n),
-        )
 
 
 def train(cfg: TipConfig, run_dir: Path) -> dict:
@@ -127,88 +96,6 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
 
 
 @dataclass
-class Rollout:
-    """One step's rollouts as a training batch; `metrics()` gives their rollout/* metrics (after the update: grading
-    is not part of the step's time) and the number of model tokens generated."""
-
-    batch: Batch
-    metrics: Callable[[], tuple[dict[str, float], int]]
-
-
-class PromptSource:
-    """Single-turn prompts: one response per sample, graded against the problem's answer (math-verify)."""
-
-    def __init__(self, problems: list[Problem], tok, cfg: TipConfig):
-        self.problems, self.tok = problems, tok
-        self.prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def generate(self, engine, idx: list[int], sampling: Sampling):
-        return engine.generate([self.prompts[i] for i in idx], sampling).tokens
-
-    def pack(self, responses, idx: list[int], sampling: Sampling, device: torch.device) -> Rollout:
-        rows = [i for i in idx for _ in range(sampling.n)]
-        batch = pack([self.prompts[i] for i in rows], responses, self.tok.pad_token_id).to(device)
-
-        def metrics() -> tuple[dict[str, float], int]:
-            texts = self.tok.batch_decode(responses, skip_special_tokens=True)
-            correct = sum(grade(t, self.problems[i].answer).correct for t, i in zip(texts, rows, strict=True))
-            return {"rollout/response_len": sum(map(len, responses)) / len(responses),
-                    "rollout/accuracy": correct / len(rows)}, sum(map(len, responses))
-
-        return Rollout(batch, metrics)
-
-
-class EpisodeSource:
-    """Tool-use episodes of an environment (data.env); the batch's target_mask holds the student's own tokens only,
-    never the prompt or tool results."""
-
-    def __init__(self, tasks):
-        self.tasks, self.tok = tasks, tasks.tok
-
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-    def generate(self, engine, idx: list[int], sampling: Sampling):
-        return self.tasks.rollout(engine, idx, sampling)
-
-    def pack(self, trajs, idx: list[int], sampling: Sampling, device: torch.device) -> Rollout:
-        from tip_cli.rollout import agent
-
-        def metrics() -> tuple[dict[str, float], int]:
-            m = agent.rollout_metrics(trajs, self.tasks.env)
-            return m, m["rollout/response_len"] * len(trajs)
-
-        return Rollout(agent.pack(trajs, self.tok.pad_token_id).to(device), metrics)
-
-
-def rollout_source(cfg: TipConfig, pair: Pair, problems: list[Problem] | None) -> PromptSource | EpisodeSource:
-    """Where a step's rollouts come from: tool-use episodes with data.env, single-turn prompts otherwise."""
-    if not cfg.data.env:
-        return PromptSource(problems, pair.tokenizer, cfg)
-    from tip_cli.envs import make_env
-    from tip_cli.rollout import agent
-
-    stop_ids = eos_ids(pair.student.generation_config.eos_token_id, pair.tokenizer)
-    return EpisodeSource(agent.TaskSource(cfg, pair.tokenizer, stop_ids, make_env(cfg.data, cfg.pair, resolve_model)))
-
-
-def make_scorer(cfg: TipConfig, pair: Pair, prec: precision.Precision, run_dir: Path):
-    """The teacher's top-K scorer when teacher.backend is vllm_topk or vllm_server; None for the in-process teacher."""
-    if cfg.teacher.backend == "vllm_topk":
-        from tip_cli.teacher.vllm import VLLMTeacher
-
-        return VLLMTeacher(pair.teacher_path, cfg.teacher.vllm, prec.pair, cfg.teacher.topk, cfg.seed)
-    if cfg.teacher.backend == "vllm_server":  # the same top-K from running `vllm serve` replicas
-        from tip_cli.teacher.server import ServerTeacher
-
-        return ServerTeacher.connect(cfg.teacher, pair.tokenizer, pair.vocab, run_dir)
-    return None
-
-
-@dataclass
 class Run:
     """Everything a training run holds: the pair, its precision, the teacher's scorer, the rollout engine and source,
     the optimizer and schedule, the logger, and the step it starts after."""
@@ -234,7 +121,7 @@ class Run:
     def evaluate(self, step: int) -> dict:
         """Evaluate the student on the benchmark; each rank its share of the rows, rank 0 logs the metrics."""
         cfg, student = self.cfg, self.pair.student
-        with parallel.gathered(student, self.engine), self.prec.autocast(self.device, student):
+        with sharding.gathered(student, self.engine), self.prec.autocast(self.device, student):
             result, _ = evaluate_benchmark(student, self.pair.tokenizer, cfg, self.bench, engine=self.engine,
                                            shard=parallel.eval_shard())
         self.logger.log({f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}, step)
@@ -253,17 +140,17 @@ def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoin
     student = pair.student
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
-    parallel.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
-    scorer = make_scorer(cfg, pair, prec, run_dir)
+    sharding.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
+    scorer = make_scorer(cfg, pair, prec.pair, run_dir)
     memory = PeakMemory(device)
     with memory.engine_build():
         engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
-    source = rollout_source(cfg, pair, problems)
+    source = rollout_source(cfg, pair, problems, resolve_model)
     optimizer = make_optimizer(student.parameters(), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = 0
     if ckpt:
-        start = parallel.resume(ckpt, student, optimizer, scheduler)
+        start = checkpoints.resume(ckpt, student, optimizer, scheduler)
         apply_schedule(optimizer, scheduler, cfg)
         console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})", soft_wrap=True)
     logger = parallel.NullLogger()
@@ -285,7 +172,7 @@ def rollout(run: Run, step: int, m: dict) -> Rollout:
     idx = parallel.my_slice(prompt_indices(len(run.source), cfg.train.prompts_per_step, step, cfg.seed))
     sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
                         seed=derive_seed(cfg.seed, step, parallel.rank()))
-    with timed("time/rollout", m), parallel.gathered(student, run.engine), run.prec.autocast(run.device, student):
+    with timed("time/rollout", m), sharding.gathered(student, run.engine), run.prec.autocast(run.device, student):
         out = run.source.generate(run.engine, idx, sampling)
         run.engine.sleep()
     run.memory.start()
@@ -323,8 +210,8 @@ def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> di
 
 def save(run: Run, step: int) -> None:
     p = run.pair
-    parallel.save(run.run_dir, step, p.student, p.tokenizer, run.optimizer, run.scheduler, run.cfg.train.keep_checkpoints,
-                  run.prec.pair)
+    checkpoints.save(run.run_dir, step, p.student, p.tokenizer, run.optimizer, run.scheduler,
+                     run.cfg.train.keep_checkpoints, run.prec.pair)
 
 
 def stop_after(run: Run, step: int) -> None:

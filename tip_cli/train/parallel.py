@@ -1,53 +1,34 @@
-"""Scale-out over torchrun ranks: the student sharded with FSDP2, rollouts split, token selection over the global batch.
+"""Scale-out over torchrun ranks: the process group, each rank's share of the work, and what the ranks exchange.
 
 Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK set) every rank, each step:
-  1. generates the rollouts of its contiguous slice of the step's prompts (`my_slice`): the HF engine with the whole
-     student gathered for the duration (`gathered`), so decoding runs without per-layer all-gathers; vLLM with its
-     own copy, which `sync_weights` refreshes one gathered parameter at a time;
+  1. generates the rollouts of its contiguous slice of the step's prompts (`my_slice`), the student gathered for the
+     duration (tip_cli.train.sharding: FSDP2);
   2. runs the teacher (a full replica by default, no grads, no optimizer) and the sharded student on its own rows;
-  3. all-gathers the compact per-token scores H, D [N_r] (`select_tokens`), so the normalisation, the quadrant
-     thresholds and the top-K budget are computed over the global batch, identically on every rank (same generator
-     seed), and keeps the selected indices that fall in its own slice;
+  3. all-gathers the compact per-token scores H, D [N_r] (`select_tokens`: tip_cli.selection.global_select with this
+     job's gathers), so the normalisation, the quadrant thresholds and the top-K budget are computed over the global
+     batch, identically on every rank, and keeps the selected indices that fall in its own slice;
   4. divides its loss by the global kept (or total) count and has FSDP *sum* the gradients across ranks (its
      default is the mean), so the summed loss and the step equal one process on the whole batch.
 An evaluation is split over the ranks (`RankShard`: each generates and grades its share of the benchmark, the
-records are gathered); a checkpoint's files are hashed by the ranks in parallel (`hash_shares`). Only rank 0 logs,
-prints and writes checkpoints' HF exports, manifests and eval results. Without torchrun every function here
-is the single-process identity and no process group exists; torchrun with one process still shards (a world of 1),
-which is how `train.cpu_offload` runs on a single GPU.
+records are gathered); checkpoints are written and resumed by tip_cli.train.checkpoints. Only rank 0 logs, prints
+and writes the files every rank would otherwise write alike. Without torchrun every function here is the
+single-process identity and no process group exists; torchrun with one process still shards (a world of 1), which
+is how `train.cpu_offload` runs on a single GPU.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from tip_cli.checkpoint import (
-    Checkpoint,
-    checkpoint_files,
-    commit_checkpoint,
-    file_entries,
-    load_trainer_state,
-    save_checkpoint,
-    staging_dir,
-    write_checkpoint,
-)
-from tip_cli.config.schema import ConfigError, TipConfig, TrainConfig
-from tip_cli.models import Pair, pick_device
-from tip_cli.selection import quadrants, selectors
-from tip_cli.selection.signal import Signal, signal_metrics
-from tip_cli.train import precision
-
-DCP_DIR = "dcp"  # inside checkpoints/step_N/: the sharded model + optimizer state (torch.distributed.checkpoint)
-
+from tip_cli.config.schema import ConfigError, TipConfig
+from tip_cli.models import pick_device
+from tip_cli.selection import global_select
+from tip_cli.selection.global_select import Selection
+from tip_cli.selection.signal import Signal
 
 _JOB = {"joined": False, "owned": False}  # set by setup(): a torchrun job joined, and whether we made its group
 
@@ -145,93 +126,7 @@ def rank_seed(seed: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Sharding
-
-
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    """The model's transformer blocks, by the class names HF marks as not to be split (`_no_split_modules`)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ConfigError(f"{type(model).__name__}: no decoder layers found to shard (its _no_split_modules is {sorted(names)})")
-    return layers
-
-
-def _fully_shard(model, mesh, offload, mp_policy=None) -> None:
-    """Each decoder layer one FSDP2 unit; the root holds the rest (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    policy = mp_policy or MixedPrecisionPolicy()
-    for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=mesh, offload_policy=offload, mp_policy=policy)
-    fully_shard(model, mesh=mesh, offload_policy=offload, mp_policy=policy)
-    # tip runs a model as `base_model(...)` and then reads `lm_head.weight` itself (tip_cli.losses), never through
-    # model.forward. FSDP2 gathers the root's parameters only around a forward of the root, so the base model's
-    # forward is registered as one: gathered on entry, kept so through the loss (a root does not reshard after
-    # forward), reduce-scattered and resharded after backward.
-    base = model.base_model
-    model.tip_base_forward = base.forward
-    register_fsdp_forward_method(model, "tip_base_forward")
-    base.forward = model.tip_base_forward
-
-
-def shard(pair: Pair, cfg: TrainConfig) -> None:
-    """FSDP2 on the student (optionally offloading shards, grads and optimizer state to CPU), gradients summed over
-    ranks; with `train.shard_teacher` the teacher too (inference only). No-op without a process group."""
-    if not active():
-        return
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy
-
-    if cfg.cpu_offload and pair.device.type != "cuda":
-        raise ConfigError("train.cpu_offload=true moves shards off the GPU: it needs CUDA (on CPU they already are)")
-    mesh = init_device_mesh(pair.device.type, (world_size(),))
-    # bf16_mixed: fp32 shards and AdamW state, bf16 parameters in forward/backward, gradients reduced in fp32
-    policy = precision.resolve(cfg.precision, "auto", pair.device).mp_policy()
-    _fully_shard(pair.student, mesh, CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(), policy)
-    for unit in pair.student.modules():
-        if isinstance(unit, FSDPModule):
-            # each rank's loss is already divided by the global token count, so ranks' gradients add up to the
-            # single-process gradient; FSDP's default would divide that sum by the world size
-            unit.set_gradient_divide_factor(1.0)
-            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
-    if cfg.shard_teacher:
-        _fully_shard(pair.teacher, mesh, OffloadPolicy())
-
-
-@contextmanager
-def gathered(model, engine) -> Iterator[None]:
-    """The whole model unsharded inside the block, so `engine`'s generation (rollouts, evaluation) decodes without an
-    all-gather per layer and token. Every rank enters it; HF generate then keeps ranks in step (synced_gpus), so all
-    ranks must call it equally often. A plain (unsharded) model, or an engine with weights of its own (vLLM, synced
-    after each step), passes through."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [] if engine.own_weights else [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-            unit.set_reshard_after_forward(unit is not model, recurse=False)  # FSDP's defaults: the root keeps its own
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Selection over the global batch
-
-
-@dataclass
-class Selection:
-    """The selected tokens of one step, and what the loss and the logs need of them."""
-
-    stats: quadrants.TokenStats  # over the selection's scope: the global batch, or this rank's tokens (scope local)
-    kept: torch.Tensor  # [K] indices into stats
-    local: torch.Tensor  # [K_r] indices into this rank's N_r tokens: the ones its loss is built on
-    normalizer: int  # the loss's divisor over all ranks: kept tokens (loss.norm=selected) or all tokens (total)
-    metrics: dict[str, float]  # quadrants.stats_metrics, with global token counts
+# Selection over the global batch: tip_cli.selection.global_select, with torch.distributed's gathers
 
 
 def _gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -258,48 +153,22 @@ def global_count(n: int) -> int:
     return int(_all_sizes(n, device=torch.device("cpu")).sum())
 
 
+def ranks() -> global_select.Ranks:
+    """This process among the ranks, as global selection takes it: the job's all-gathers, or the identity."""
+    return global_select.Ranks(rank(), _all_sizes, _gather) if active() else global_select.ONE
+
+
 def select_tokens(
     entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, cfg: TipConfig,
     generator: torch.Generator | None, signal: Signal | None = None,
 ) -> Selection:
-    """Stats and selection for this rank's N_r tokens (entropy, divergence, seq_id [N_r]; `rows` sequences).
+    """global_select.select_tokens for this rank's N_r tokens (entropy, divergence, seq_id [N_r]; `rows` sequences)
+    with the run's specs: train.selection_scope, the importance axes, the selector, the budget and loss.norm."""
+    return global_select.select_tokens(
+        entropy, divergence, seq_id, rows, cfg.importance.axis_spec(), cfg.selector.spec(), cfg.budget, generator,
+        signal, scope=cfg.train.selection_scope, norm=cfg.loss.norm, ranks=ranks(),
+    )
 
-    `signal` (each token's loss and gradient norm, [N_r] each) is gathered like H and D; its SPEC 7a metrics join
-    the selection's, over the same scope, and its grad_sq goes into the stats (the token samples' grad_norm).
-
-    scope global (default): over the tokens of every rank, concatenated in rank order, which is the order one process
-    holding the whole batch would have, so the kept set and the normaliser match it exactly. scope local: over this
-    rank's tokens only (own normalisation, thresholds and budget; cheaper, no gather), the normaliser still global.
-    """
-    if active() and cfg.train.selection_scope == "global":
-        sizes = _all_sizes(entropy.numel(), rows, device=entropy.device)  # [world, 2]: tokens, sequences
-        tokens, seqs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
-        first_seq = sum(seqs[: rank()])
-        stats = quadrants.compute_stats(
-            _gather(entropy, tokens), _gather(divergence, tokens), _gather(seq_id + first_seq, tokens), cfg.importance.axis_spec()
-        )
-        kept = selectors.select(stats, cfg.selector.spec(), cfg.budget, generator)  # [K], the same on every rank
-        lo = sum(tokens[: rank()])
-        local = kept[(kept >= lo) & (kept < lo + tokens[rank()])] - lo
-        metrics = quadrants.stats_metrics(stats, kept)
-        if signal is not None:
-            signal = Signal(*(None if x is None else _gather(x, tokens)
-                              for x in (signal.loss, signal.grad_sq, signal.topk_mass)))
-        n, k = len(stats), kept.numel()
-    else:
-        if active() and generator is not None:  # independent noise per rank, as independent replicas would draw
-            generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + rank())
-        stats = quadrants.compute_stats(entropy, divergence, seq_id, cfg.importance.axis_spec())
-        kept = local = selectors.select(stats, cfg.selector.spec(), cfg.budget, generator)
-        metrics = quadrants.stats_metrics(stats, kept)
-        n, k = len(stats), kept.numel()
-        if active():  # the counts (and so the loss normaliser) over all ranks; the other metrics are this rank's
-            n, k = _all_sizes(n, k, device=entropy.device).sum(0).tolist()
-            metrics |= {"tokens/total": float(n), "tokens/kept": float(k), "tokens/kept_frac": k / n if n else 0.0}
-    if signal is not None:
-        stats.grad_sq = signal.grad_sq
-        metrics |= signal_metrics(stats, kept, signal)
-    return Selection(stats, kept, local, max(1, k if cfg.loss.norm == "selected" else n), metrics)
 
 
 def all_true(flag: bool) -> bool:
@@ -363,98 +232,3 @@ class NullLogger:
 
     def finish(self) -> None:
         pass
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _export(state_dict: dict, dtype: torch.dtype | None) -> dict:
-    """The HF export's tensors in the pair's dtype (fp32 master weights are written as the pair's bf16)."""
-    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state_dict.items()}
-
-
-def save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, keep: int,
-         export_dtype: torch.dtype | None = None) -> None:
-    """Write checkpoints/step_N atomically. Single process: HF student + optimizer/scheduler (tip_cli.checkpoint).
-    Under torchrun: the sharded model and optimizer state as a torch.distributed.checkpoint in step_N/dcp/ (every
-    rank writes its shards; the file system must be shared), and rank 0 adds the full student as a HF export (what
-    `tip eval` reads), the tokenizer, and the step, scheduler and world size in trainer_state.pt.
-
-    The HF export is written in `export_dtype` (the pair's); when that is narrower than the student's own (fp32 master
-    weights under bf16_mixed), the exact weights go into trainer_state.pt (single process) or dcp/ (torchrun)."""
-    if not active():
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        own = student.state_dict()
-        export = _export(own, export_dtype)
-        if any(export[k].dtype != v.dtype for k, v in own.items()):
-            state["master_weights"] = own
-        save_checkpoint(run_dir, step, student, tokenizer, state, keep, state_dict=export)
-        return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-    tmp = staging_dir(run_dir, step)
-    if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(student, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / DCP_DIR)
-    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # on rank 0
-    if is_main():
-        state = {"scheduler": scheduler.state_dict(), "world_size": world_size()}
-        write_checkpoint(tmp, step, student, tokenizer, state, state_dict=_export(full, export_dtype))
-    del full
-    dist.barrier()  # every file is written: the ranks hash them in parallel, each its share
-    sizes = checkpoint_files(tmp)
-    mine = [name for name, owner in hash_shares(sizes, world_size()).items() if owner == rank()]
-    hashed: list[dict] = [{} for _ in range(world_size())]
-    dist.all_gather_object(hashed, file_entries(tmp, mine))
-    if is_main():
-        commit_checkpoint(run_dir, tmp, step, keep, {name: e for part in hashed for name, e in part.items()})
-    dist.barrier()
-
-
-def hash_shares(sizes: dict[str, int], world: int) -> dict[str, int]:
-    """Which rank hashes each file of a sharded checkpoint (relative path -> size): a rank's own DCP shards
-    (dcp/__R_*.distcp, the bulk: model and AdamW state) its own, so they are read back where they were written; the
-    rest (HF export, tokenizer, metadata) largest first to the rank with the fewest bytes so far."""
-    owner, load = {}, [0] * world
-    for name, size in sizes.items():
-        stem = Path(name).name
-        if Path(name).parent.name == DCP_DIR and stem.startswith("__") and stem.endswith(".distcp"):
-            r = int(stem[2:].split("_")[0])
-            if r < world:
-                owner[name] = r
-                load[r] += size
-    for name in sorted((n for n in sizes if n not in owner), key=lambda n: (-sizes[n], n)):
-        owner[name] = min(range(world), key=lambda r: (load[r], r))
-        load[owner[name]] += sizes[name]
-    return owner
-
-
-def resume(ckpt: Checkpoint, student, optimizer, scheduler) -> int:
-    """Restore optimizer and scheduler (and, under torchrun, the sharded model) from `ckpt`; returns its step.
-
-    A checkpoint resumes under the launch that wrote it: the same number of torchrun ranks, or no torchrun."""
-    state = load_trainer_state(ckpt)
-    written_by = state.get("world_size", 0)  # 0: without torchrun (tip_cli.checkpoint's format, no world size)
-    if written_by != (world_size() if active() else 0):
-        wrote = f"{written_by} torchrun ranks" if written_by else "a run without torchrun"
-        now = f"runs on {world_size()} torchrun ranks" if active() else "runs without torchrun"
-        raise ConfigError(f"{ckpt.path} was written by {wrote}, but this run {now}; resume it as it was launched "
-                          "(torchrun --nproc_per_node N), or start a new out_dir")
-    if active():
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_sd, optim_sd = get_state_dict(student, optimizer)
-        loaded = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(loaded, checkpoint_id=ckpt.path / DCP_DIR)
-        set_state_dict(student, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
-    else:
-        if "master_weights" in state:  # the HF export was rounded to the pair's dtype; continue from the exact weights
-            student.load_state_dict(state["master_weights"])
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return state["step"]

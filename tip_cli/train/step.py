@@ -15,14 +15,15 @@ import math
 import torch
 
 from tip_cli.config.schema import ConfigError, TipConfig
-from tip_cli.losses import LossSpec, StatsSink, selected_token_loss
+from tip_cli.logits import StatsSink, Teacher
+from tip_cli.losses import LossSpec, selected_token_loss
 from tip_cli.models import Pair, head_weight, response_hidden
 from tip_cli.rollout.batch import Batch
 from tip_cli.selection import selectors
 from tip_cli.selection.quadrants import TokenStats
 from tip_cli.selection.signal import Signal, topk_mass
 from tip_cli.teacher.scoring import score
-from tip_cli.teacher.targets import Teacher, TopKTeacher, teacher_targets
+from tip_cli.teacher.targets import TopKTeacher, teacher_targets
 from tip_cli.tracking import timed
 from tip_cli.train import parallel, precision, probe
 from tip_cli.train.chunks import chunk_rows, compiled_kernels
