@@ -260,9 +260,10 @@ def global_count(n: int) -> int:
 
 def select_tokens(
     entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, cfg: TipConfig,
-    generator: torch.Generator | None, signal: Signal | None = None,
+    generator: torch.Generator | None, signal: Signal | None = None, support: torch.Tensor | None = None,
 ) -> Selection:
-    """Stats and selection for this rank's N_r tokens (entropy, divergence, seq_id [N_r]; `rows` sequences).
+    """Stats and selection for this rank's N_r tokens (entropy, divergence, seq_id and the optional support mass C
+    [N_r]; `rows` sequences). C is gathered like H and D.
 
     `signal` (each token's loss and gradient norm, [N_r] each) is gathered like H and D; its SPEC 7a metrics join
     the selection's, over the same scope, and its grad_sq goes into the stats (the token samples' grad_norm).
@@ -276,7 +277,8 @@ def select_tokens(
         tokens, seqs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
         first_seq = sum(seqs[: rank()])
         stats = quadrants.compute_stats(
-            _gather(entropy, tokens), _gather(divergence, tokens), _gather(seq_id + first_seq, tokens), cfg.importance.axis_spec()
+            _gather(entropy, tokens), _gather(divergence, tokens), _gather(seq_id + first_seq, tokens), cfg.importance.axis_spec(),
+            None if support is None else _gather(support, tokens),
         )
         kept = selectors.select(stats, cfg.selector.spec(), cfg.budget, generator)  # [K], the same on every rank
         lo = sum(tokens[: rank()])
@@ -289,7 +291,7 @@ def select_tokens(
     else:
         if active() and generator is not None:  # independent noise per rank, as independent replicas would draw
             generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + rank())
-        stats = quadrants.compute_stats(entropy, divergence, seq_id, cfg.importance.axis_spec())
+        stats = quadrants.compute_stats(entropy, divergence, seq_id, cfg.importance.axis_spec(), support)
         kept = local = selectors.select(stats, cfg.selector.spec(), cfg.budget, generator)
         metrics = quadrants.stats_metrics(stats, kept)
         n, k = len(stats), kept.numel()
