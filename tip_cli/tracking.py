@@ -22,6 +22,11 @@ from tip_cli.config.schema import LoggerConfig
 from tip_cli.errors import DataError
 from tip_cli.selection.quadrants import TokenStats
 
+# The phases of a training step, in seconds, logged every step (SPEC 7, 7a; 0.0 for a phase the step did not run):
+# they do not overlap, so they add up to at most time/step. time/wait is the time the trainer waited for samples.
+STEP_PHASES = ("time/rollout", "time/teacher", "time/select", "time/train", "time/probe", "time/weight_sync",
+               "time/wait")
+
 
 @contextmanager
 def timed(name: str, metrics: dict[str, float]) -> Iterator[None]:
