@@ -2,7 +2,9 @@
 files for the table rows, the files it writes, and the quadrant shares it prints."""
 
 import json
+import random
 import shutil
+import statistics
 
 import numpy as np
 import pytest
@@ -10,7 +12,14 @@ from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from tip_cli.analysis.plots import token_histogram
-from tip_cli.analysis.report import BUDGET_COLUMNS, COLUMNS, analyze, budget_markdown, budget_rows
+from tip_cli.analysis.report import (
+    BUDGET_COLUMNS,
+    COLUMNS,
+    TIME_COLUMNS,
+    analyze,
+    budget_markdown,
+    budget_rows,
+)
 from tip_cli.analysis.runs import load_runs, load_token_sample, quadrant_shares, samples_with
 from tip_cli.cli import app, compose_config
 from tip_cli.tracking import read_jsonl
@@ -33,11 +42,12 @@ def trained(micro, tmp_path_factory):
     return run
 
 
-def make_run(run_dir, overrides, samples=None, steps=4, accuracy=None, kept_frac=None, seed=0):
+def make_run(run_dir, overrides, samples=None, steps=4, accuracy=None, kept_frac=None, seed=0, extra=None):
     """A run dir as the trainer leaves it: config.yaml, metrics.jsonl (train steps, eval rows) and, from `samples`
     (a real run's token_samples/), its token samples.
 
     accuracy: {eval step: accuracy}, or None for a run that was never evaluated.
+    extra: step -> more metrics of that step's row, replacing the defaults.
     """
     cfg = compose_config([*overrides, f"seed={seed}", "logger=none"])
     run_dir.mkdir(parents=True)
@@ -50,7 +60,7 @@ def make_run(run_dir, overrides, samples=None, steps=4, accuracy=None, kept_frac
             "tokens/q1_frac": 0.4, "tokens/q2_frac": 0.1, "tokens/q3_frac": 0.1, "tokens/q4_frac": 0.4,
             "tokens/kept_q1_frac": 0.7, "tokens/kept_q2_frac": 0.1, "tokens/kept_q3_frac": 0.2, "tokens/kept_q4_frac": 0.0,
             "div/mean": 0.5, "div/kept_mean": 0.8, "div/dropped_mean": 0.1, "rollout/accuracy": 0.25,
-            "perf/peak_mem_gb": 1.0 + kept + step / 100, "time/step": 0.5 + kept,
+            "perf/peak_mem_gb": 1.0 + kept + step / 100, "time/step": 0.5 + kept, **(extra(step) if extra else {}),
         })
     rows.sort(key=lambda r: (r["step"], "loss" in r))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -81,8 +91,9 @@ def analysis(sweep, tmp_path_factory):
 
 
 def table_rows(summary_md: str) -> dict[str, dict[str, str]]:
-    """The summary table of summary.md, by run name."""
-    lines = [line for line in summary_md.splitlines() if line.startswith("| ")]
+    """The summary table of summary.md (its first table), by run name."""
+    lines = summary_md[summary_md.index("| "):].split("\n\n")[0].splitlines()
+    lines = [line for line in lines if line.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(header, [c.strip() for c in line.strip("|").split("|")], strict=True)) for line in lines[1:]]
     return {row["run"]: row for row in rows}
@@ -257,3 +268,82 @@ def test_by_budget_table_groups_seeds_with_mean_min_max(tmp_path):
     assert [rows[1][f"Q{q} of kept"] for q in range(1, 5)] == ["0.700", "0.100", "0.200", "0.000"]
     text = budget_markdown(load_runs([root]))  # what analyze writes to by_budget.md (its figures take a while)
     assert "| soft_or | 0.5 | 3 |" in text and f"{mean:.3f} [0.500, 0.700]" in text
+
+
+PHASE_KEYS = {"rollout": "time/rollout", "teacher": "time/teacher", "select": "time/select", "train": "time/train",
+              "probe": "time/probe", "weight sync": "time/weight_sync", "wait": "time/wait"}
+
+
+def timed_steps(seed, steps, names):
+    """Random phase seconds per step (`names`: the phases logged; time/probe on even steps only) and a time/step a
+    little above their sum."""
+    rng = random.Random(seed)
+    rows = {}
+    for step in range(1, steps + 1):
+        row = {n: rng.uniform(0.01, 2.0) for n in names if n != "time/probe" or step % 2 == 0}
+        rows[step] = row | {"time/step": sum(row.values()) + rng.uniform(0.0, 0.1)}
+    return rows
+
+
+def time_table(text: str) -> dict[str, dict[str, str]]:
+    """The "Where the time goes" table of summary.md (or of the printed output), by run name."""
+    lines = text.split("Where the time goes")[-1].splitlines() if "Where the time goes" in text else text.splitlines()
+    header = "| " + " | ".join(TIME_COLUMNS) + " |"
+    start = lines.index(header)
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(TIME_COLUMNS, cells, strict=True))
+    return rows
+
+
+def expected_cell(rows: dict[int, dict], key: str) -> str:
+    """A phase's cell from plain statistics: the median seconds over the steps (0 where a step lacks a phase the run
+    logged), and the summed seconds over the summed time/step."""
+    if not any(key in r for r in rows.values()):
+        return "—"
+    seconds = [r.get(key, 0.0) for r in rows.values()]
+    total = sum(r["time/step"] for r in rows.values())
+    return f"{statistics.median(seconds):.3f} ({sum(seconds) / total:.1%})"
+
+
+def test_where_the_time_goes_has_each_phases_median_and_share(tmp_path, monkeypatch):
+    """summary.md and the printed output: per run the median seconds per step of each phase and its share of the
+    step time, against statistics.median and plain sums; a run from an older trainer (time/sync, no time/wait) is
+    read with its sync as weight sync."""
+    root = tmp_path / "runs"
+    new = timed_steps(1, 7, list(PHASE_KEYS.values()))
+    old = timed_steps(2, 6, ["time/rollout", "time/teacher", "time/select", "time/train", "time/probe", "time/sync"])
+    make_run(root / "new", ["selector=entropy", "budget=0.2"], steps=7, extra=new.get)
+    make_run(root / "old", ["selector=all"], steps=6, extra=old.get)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["analyze", str(root), "--no-wandb"])
+    assert result.exit_code == 0, result.output
+    written = time_table((tmp_path / "analysis" / "summary.md").read_text())
+    assert time_table(result.output) == written
+    for name, rows, renamed in (("new", new, {}), ("old", old, {"time/weight_sync": "time/sync"})):
+        row = written[name]
+        assert row["s/step"] == f"{statistics.median(r['time/step'] for r in rows.values()):.3f}"
+        for column, key in PHASE_KEYS.items():
+            assert row[column] == expected_cell(rows, renamed.get(key, key)), (name, column)
+        other = {s: {"other": r["time/step"] - sum(v for k, v in r.items() if k != "time/step"),
+                     "time/step": r["time/step"]} for s, r in rows.items()}
+        assert row["other"] == expected_cell(other, "other")
+    assert written["old"]["wait"] == "—" and written["old"]["weight sync"] != "—"
+    assert (tmp_path / "analysis" / "time_split.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_without_phase_times_get_dashes_and_no_figure(tmp_path):
+    """A run that logged only time/step (every phase —, other: all of the step) and one without a step (blank)."""
+    bare = make_run(tmp_path / "runs" / "bare", ["selector=entropy"], steps=3)
+    make_run(tmp_path / "runs" / "none", ["selector=random"], steps=0)
+    out = tmp_path / "analysis"
+    _, files = analyze([tmp_path / "runs"], out, use_wandb=False)
+    rows = time_table((out / "summary.md").read_text())
+    assert [rows["bare"][c] for c in PHASE_KEYS] == ["—"] * len(PHASE_KEYS)
+    step = statistics.median(r["time/step"] for r in read_jsonl(bare / "metrics.jsonl"))
+    assert (rows["bare"]["s/step"], rows["bare"]["other"]) == (f"{step:.3f}", f"{step:.3f} (100.0%)")
+    assert set(rows["none"].values()) == {"none", ""}
+    assert out / "time_split.png" not in files

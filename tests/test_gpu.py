@@ -122,7 +122,7 @@ def test_compiled_loss_and_scoring_on_cuda_match_float64(dtype, rel):
     assert loss.item() == pytest.approx(want.item(), rel=rel)
     for a, b in zip(torch.autograd.grad(loss, low[:2]), torch.autograd.grad(want, ref[:2]), strict=True):
         assert (a.double() - b).norm() <= 3 * rel * b.norm()
-    ent, div, _, _ = score(low[0].detach(), low[1].detach(), DenseTeacher(low[2], low[3], vocab), vocab, 128,
+    ent, div, _, _, _ = score(low[0].detach(), low[1].detach(), DenseTeacher(low[2], low[3], vocab), vocab, 128,
                            ScoreSpec(), fused=True)
     p = logp.detach().exp()
     torch.testing.assert_close(ent.double(), -(p * logp.detach()).sum(-1), rtol=rel, atol=rel)

@@ -275,7 +275,8 @@ def test_compiled_scoring_matches_the_float64_formula(dtype, rel, _, n, chunk):
 
     h_s, w_s, h_t, w_t = _cast(make_inputs(k=n, vocab=300), dtype)
     teacher = DenseTeacher(h_t, w_t, 300)
-    ent, div, z_s, scored = score(h_s, w_s, teacher, 300, chunk, ScoreSpec(), fused=True)
+    ent, div, sup, z_s, scored = score(h_s, w_s, teacher, 300, chunk, ScoreSpec(), fused=True)
+    assert sup is None  # no support mass unless asked for
     z, zt = (h_s.double() @ w_s.double()[:300].T), (h_t.double() @ w_t.double()[:300].T)
     logp, logq = z.log_softmax(-1), zt.log_softmax(-1)
     acc, tol = torch.promote_types(dtype, torch.float32), max(rel * 10, 1e-6)  # H and D are fp32 scores
@@ -285,7 +286,7 @@ def test_compiled_scoring_matches_the_float64_formula(dtype, rel, _, n, chunk):
         assert got.dtype == out and got.shape == (n,)
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
     eager = score(h_s, w_s, teacher, 300, chunk, ScoreSpec(), fused=False)
-    for a, b in zip(eager[:3], (ent, div, z_s), strict=True):
+    for a, b in zip((eager[0], eager[1], eager[3]), (ent, div, z_s), strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     jsd = score(h_s, w_s, teacher, 300, chunk, ScoreSpec(divergence="jsd"), fused=True)[1]
     p, q = logp.exp(), logq.exp()

@@ -129,6 +129,7 @@ def test_probe_is_logged_every_n_steps_of_a_run(tmp_path, micro_overrides):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["step"] for r in steps if COS in r and RATIO in r] == [2, 4]
     assert all(-1 <= r[COS] <= 1 and r[RATIO] > 0 for r in steps if COS in r)
+    assert [r["step"] for r in steps if r["time/probe"] > 0] == [2, 4]  # logged every step: 0.0 off the probe steps
 
 
 def test_grad_probe_every_is_validated():

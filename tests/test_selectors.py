@@ -9,13 +9,16 @@ from tip_cli.config.schema import ImportanceConfig, SelectorConfig
 from tip_cli.selection.quadrants import compute_stats
 from tip_cli.selection.selectors import SELECTORS, budget_count, select
 
-ALL_NAMES = ["all", "random", "entropy", "divergence", "soft_or", "hard_or", "and", "quadrant"]
+ALL_NAMES = ["all", "random", "entropy", "divergence", "soft_or", "hard_or", "and", "quadrant", "teachability"]
+RANKING_NAMES = [*ALL_NAMES[:5], "teachability"]  # keep the top K of a score: every token at budget 1.0
 
 
 def make_stats(h, d, seq=None):
+    """Stats of (H, D) with a seeded support mass C in [0, 1], so that every selector can run on them."""
     h, d = torch.as_tensor(h, dtype=torch.float32), torch.as_tensor(d, dtype=torch.float32)
     seq = torch.zeros(len(h), dtype=torch.long) if seq is None else torch.as_tensor(seq, dtype=torch.long)
-    return compute_stats(h, d, seq, ImportanceConfig())
+    c = torch.rand(len(h), generator=torch.Generator().manual_seed(len(h)))
+    return compute_stats(h, d, seq, ImportanceConfig(), c)
 
 
 def random_stats(n=40, n_seq=4, seed=0):
@@ -269,4 +272,4 @@ def test_keeps_all_only_where_select_keeps_every_token(name, budget):
             kept = run(stats, budget, seed, name=name, scope=scope)
             if keeps_all(SelectorConfig(name=name, scope=scope), budget):
                 assert kept == list(range(len(stats)))
-    assert keeps_all(SelectorConfig(name=name), budget) == (name == "all" or (budget == 1.0 and name in ALL_NAMES[:5]))
+    assert keeps_all(SelectorConfig(name=name), budget) == (name == "all" or (budget == 1.0 and name in RANKING_NAMES))

@@ -27,7 +27,10 @@ SPEC_METRICS = [
     "entropy/mean", "entropy/p50", "entropy/p90", "div/mean", "div/p50", "div/p90", "div/kept_mean", "div/dropped_mean",
     "rollout/response_len", "rollout/accuracy", "time/rollout", "time/teacher", "time/select", "time/train",
     "time/step", "perf/tokens_per_s", "perf/peak_mem_gb", "optim/lr", "optim/grad_norm",
+    "time/weight_sync", "time/wait", "time/probe", "perf/rollout_tokens_per_s",
 ]
+# the phases of a step: none overlaps another, all lie inside time/step
+PHASES = ["time/rollout", "time/teacher", "time/select", "time/train", "time/probe", "time/weight_sync", "time/wait"]
 
 
 def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_overrides):
@@ -39,6 +42,10 @@ def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_o
     for row in steps:
         assert set(SPEC_METRICS) <= set(row), set(SPEC_METRICS) - set(row)
         assert 0.4 <= row["tokens/kept_frac"] <= 0.6
+        # synchronous, on the hf engine (it decodes with the training module), without a gradient probe
+        assert row["time/wait"] == row["time/weight_sync"] == row["time/probe"] == 0.0
+        assert all(row[p] > 0 for p in ("time/rollout", "time/teacher", "time/select", "time/train"))
+        assert sum(row[p] for p in PHASES) <= row["time/step"] + 1e-6
     assert any("eval/toy/accuracy" in r for r in rows if r["step"] == 0)
     ckpt = tmp_path / "checkpoints" / "step_2"
     AutoModelForCausalLM.from_pretrained(ckpt)
@@ -261,6 +268,33 @@ def test_each_step_starts_its_peak_when_the_engine_sleeps(tmp_path, micro_overri
     assert events == [("sleep", 0), ("step", 1), ("sleep", 1), ("step", 2)]
     peaks = [r["perf/peak_mem_gb"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert peaks == [2.0, 2.0]
+
+
+def test_an_engine_with_its_own_weights_is_synced_and_timed_each_step(tmp_path, micro_overrides, monkeypatch):
+    """An engine that decodes with its own copy (vLLM) takes the student after every update; the push is
+    time/weight_sync, inside time/step with the other phases."""
+    import time
+
+    build, pushes = loop.make_engine, []
+
+    def engine_with_its_own_copy(*args, **kwargs):
+        engine = build(*args, **kwargs)
+        engine.own_weights = True  # an unsharded student is used as it is either way
+
+        def slow_sync(model):
+            pushes.append(model)
+            time.sleep(0.05)
+
+        engine.sync_weights = slow_sync
+        return engine
+
+    monkeypatch.setattr(loop, "make_engine", engine_with_its_own_copy)
+    loop.train(compose_config([*micro_overrides, "train.eval_before=false"]), tmp_path)
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(pushes) == len(steps) == 2
+    for row in steps:
+        assert 0.05 <= row["time/weight_sync"] < row["time/step"] and row["time/wait"] == 0.0
+        assert sum(row[p] for p in PHASES) <= row["time/step"] + 1e-6
 
 
 def test_adamw_is_fused_when_every_parameter_is_on_cuda(monkeypatch):

@@ -317,8 +317,10 @@ def analyze(
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from err
     print(table, end="", flush=True)
-    # by (selector, budget), over seeds; then the counterfactual gradient share, when there is one
-    tables = [block for block in (out / "by_budget.md").read_text().split("\n\n") if block.startswith("|")]
+    # where the time goes (summary.md's second table); by (selector, budget), over seeds; then the counterfactual
+    # gradient share, when there is one
+    blocks = [b for name in ("summary.md", "by_budget.md") for b in (out / name).read_text().split("\n\n")]
+    tables = [block for block in blocks if block.startswith("|")][1:]
     print("\n" + "\n\n".join(t.rstrip("\n") for t in tables), flush=True)
     console.print(f"wrote {len(files)} files into {out}/: summary.md, the comparison PNGs, curves/ and token_hist/")
 

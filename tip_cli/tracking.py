@@ -22,6 +22,11 @@ from tip_cli.config.schema import LoggerConfig
 from tip_cli.errors import DataError
 from tip_cli.selection.quadrants import TokenStats
 
+# The phases of a training step, in seconds, logged every step (SPEC 7, 7a; 0.0 for a phase the step did not run):
+# they do not overlap, so they add up to at most time/step. time/wait is the time the trainer waited for samples.
+STEP_PHASES = ("time/rollout", "time/teacher", "time/select", "time/train", "time/probe", "time/weight_sync",
+               "time/wait")
+
 
 @contextmanager
 def timed(name: str, metrics: dict[str, float]) -> Iterator[None]:
@@ -162,8 +167,9 @@ class MetricsLogger:
 
 
 def save_token_sample(run_dir: Path, step: int, stats: TokenStats, kept: torch.Tensor, limit: int) -> None:
-    """Per-token (H, D, quadrant, kept, and ||dl/dz|| as grad_norm when the step measured it) of one rollout batch,
-    at most `limit` tokens drawn uniformly, for analysis: a selector's gradient share can be recomputed offline."""
+    """Per-token (H, D, quadrant, kept, and ||dl/dz|| as grad_norm and C as support_mass when the step measured
+    them) of one rollout batch, at most `limit` tokens drawn uniformly, for analysis: a selector's gradient share can
+    be recomputed offline."""
     n = len(stats)
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(step))[:limit].sort().values if n > limit else torch.arange(n)
     kept_mask = torch.zeros(n, dtype=torch.bool)
@@ -171,6 +177,8 @@ def save_token_sample(run_dir: Path, step: int, stats: TokenStats, kept: torch.T
     out = run_dir / "token_samples"
     path = out / f"step_{step:06d}.npz"
     extra = {} if stats.grad_sq is None else {"grad_norm": stats.grad_sq.cpu()[rows].sqrt().numpy().astype(np.float32)}
+    if stats.support_mass is not None:
+        extra["support_mass"] = stats.support_mass.cpu()[rows].numpy().astype(np.float32)
     with storage_errors(run_dir, path):
         out.mkdir(exist_ok=True)
         np.savez_compressed(

@@ -9,6 +9,7 @@
                        beside the share the budgeted runs measured
   grad_quadrant_share  each quadrant's share of the full-token logit gradient over training, stacked
   cost_vs_budget       peak memory and seconds/step against the kept fraction
+  time_split           where the time of a step goes: each phase's seconds per step, stacked, one bar per run
   training_curves      loss, kept fraction, accuracy, quadrant shares and divergence over training, one run
   curves_overview      loss, kept fraction, Q3 share and accuracy of every run on one figure
 
@@ -26,8 +27,9 @@ from matplotlib import colormaps
 from matplotlib.colors import LogNorm, to_rgb
 from matplotlib.figure import Figure
 
-from tip_cli.analysis.runs import Run, budget_groups, describe, quadrant_shares
+from tip_cli.analysis.runs import OTHER, Run, budget_groups, describe, phase_label, quadrant_shares
 from tip_cli.analysis.signal import Counterfactual, counterfactual_label
+from tip_cli.tracking import STEP_PHASES
 
 QUADRANT_NAMES = {1: "high H, high D", 2: "high H, low D", 3: "low H, high D", 4: "low H, low D"}
 QUADRANT_COLORS = {1: "tab:red", 2: "tab:orange", 3: "tab:purple", 4: "tab:green"}
@@ -202,6 +204,30 @@ def cost_vs_budget(runs: list[Run]) -> Figure:
         ax.set_title(title)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
     fig.suptitle("Cost vs token budget, per selector" + _repeats_note(runs))
+    return fig
+
+
+def time_split(runs: list[Run]) -> Figure:
+    """Where the time of a step goes: per run (runs with a timed step), each phase's mean seconds per step (its share
+    of the summed step time times the mean step), stacked into one bar as long as the mean step."""
+    timed = [(r, split) for r in runs if (split := r.time_split()) is not None]
+    runs, splits = [r for r, _ in timed], [s for _, s in timed]
+    fig = Figure(figsize=(11, 1.6 + 0.45 * len(runs)), layout="constrained")
+    ax = fig.subplots()
+    left = np.zeros(len(runs))
+    colors = iter(colormaps["tab10"].colors)
+    for phase in (*STEP_PHASES, OTHER):
+        seconds = np.array([max(s.share[phase] or 0.0, 0.0) * s.mean_step for s in splits])
+        color = "lightgray" if phase == OTHER else next(colors)
+        if seconds.any():
+            ax.barh(range(len(runs)), seconds, left=left, color=color, label=phase_label(phase))
+        left += seconds
+    ax.set_yticks(range(len(runs)), [r.name for r in runs], fontsize=8)
+    ax.invert_yaxis()  # the table's order, top to bottom
+    ax.set(xlabel="seconds per training step (mean over steps)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8, title="phase")
+    fig.suptitle("Where the time goes: each phase's seconds per step")
     return fig
 
 

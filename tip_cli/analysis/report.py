@@ -16,7 +16,9 @@ Reads each run's `config.yaml`, `metrics.jsonl` (training steps, and the evaluat
   cost_vs_budget.png       peak memory and seconds/step against the kept fraction
   curves/<run>.png         loss, kept fraction, accuracy, quadrant shares and divergence over training, per run
   curves.png               loss, kept fraction, Q3 share and accuracy of every run on one figure
-  summary.md               one row per run; the table is also printed
+  time_split.png           where the time of a step goes: each phase's mean seconds per step, stacked, per run
+  summary.md               one row per run, and where the time goes (each phase's median seconds per step and
+                           its share of the training time); the tables are also printed
   by_budget.md             one row per (selector, budget) over seeds: kept-token share per quadrant, gradient
                            share, parameter-gradient cosine and the final accuracy as mean [min, max]; and the
                            predicted gradient share per selector and budget beside the measured one; also printed
@@ -41,10 +43,20 @@ from tip_cli.analysis.plots import (
     curves_overview,
     grad_quadrant_share,
     grad_share_vs_budget,
+    time_split,
     token_histogram,
     training_curves,
 )
-from tip_cli.analysis.runs import Run, budget_groups, console, describe, load_runs, load_token_sample
+from tip_cli.analysis.runs import (
+    OTHER,
+    Run,
+    budget_groups,
+    console,
+    describe,
+    load_runs,
+    load_token_sample,
+    phase_label,
+)
 from tip_cli.analysis.signal import (
     BUDGET_GRID,
     Counterfactual,
@@ -53,7 +65,9 @@ from tip_cli.analysis.signal import (
     run_counterfactual,
     signal_source,
 )
-from tip_cli.tracking import init_wandb
+from tip_cli.tracking import STEP_PHASES, init_wandb
+
+ABSENT = "—"  # a metric (a SPEC 7a research metric, a step phase) the runs did not log
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -95,15 +109,43 @@ def summary_markdown(runs: list[Run], table: str, figures: list[Path], out: Path
         "share of the kept tokens: means over training steps. peak mem: the highest over steps (CUDA max "
         "allocated, or the process's peak RSS on CPU). s/step: median; time: the sum of the steps, in minutes. "
         "budget is blank for selector=all, which ignores it.\n\n"
-        f"{table}\n## Figures\n\n" + "".join(f"- `{f.relative_to(out)}`\n" for f in figures)
+        f"{table}\n## Where the time goes\n\n{TIME_NOTE}\n\n{markdown_table(TIME_COLUMNS, time_rows(runs))}"
+        "\n## Figures\n\n" + "".join(f"- `{f.relative_to(out)}`\n" for f in figures)
     )
+
+
+# -------------------------------------------------------------------------------------- where the time goes
+
+TIME_COLUMNS = ["run", "s/step", *(phase_label(p) for p in STEP_PHASES), OTHER]
+TIME_NOTE = (
+    "Each phase of a training step (time/rollout, time/teacher, time/select, time/train, time/probe, "
+    "time/weight_sync, time/wait): its median seconds per step, and in brackets its share of the training time (its "
+    "seconds summed over the steps / time/step summed), so the shares add up to 100% where the medians need not add "
+    "up to s/step (the median time/step). other: time/step less the timed phases (packing the batch, merging and "
+    "logging the metrics). A step that did not run a phase counts 0 (time/probe off the probe steps); — where a run "
+    "did not log the phase."
+)
+
+
+def time_rows(runs: list[Run]) -> list[list[str]]:
+    """One row per run (TIME_COLUMNS): median seconds (share of the summed step time) per phase; blank without a
+    timed step."""
+    rows = []
+    for run in runs:
+        split = run.time_split()
+        if split is None:
+            rows.append([run.name] + [""] * (len(TIME_COLUMNS) - 1))
+            continue
+        cells = [ABSENT if split.median[p] is None else f"{split.median[p]:.3f} ({split.share[p]:.1%})"
+                 for p in (*STEP_PHASES, OTHER)]
+        rows.append([run.name, _fmt(split.step, 3), *cells])
+    return rows
 
 
 # ------------------------------------------------------------------------------- the table over seeds
 
 BUDGET_COLUMNS = ["selector", "budget", "seeds", "kept frac", "Q1 of kept", "Q2 of kept", "Q3 of kept", "Q4 of kept",
                   "grad share", "param cosine", "acc before", "acc final: mean [min, max]"]
-ABSENT = "—"  # a research metric (SPEC 7a) the runs did not log
 
 
 def _spread(values: list[float]) -> str:
@@ -215,8 +257,8 @@ def budget_markdown(runs: list[Run], predicted: Counterfactual | None = None) ->
 
 def log_to_wandb(runs: list[Run], figures: list[Path], rows: list[list[str]], out: Path,
                  predicted: Counterfactual | None = None) -> str:
-    """Log the figures and the tables (summary, by budget, and the counterfactual gradient share when there is one)
-    to a W&B run of job_type `analysis` (offline without credentials)."""
+    """Log the figures and the tables (summary, where the time goes, by budget, and the counterfactual gradient share
+    when there is one) to a W&B run of job_type `analysis` (offline without credentials)."""
     import wandb
 
     logger = runs[0].cfg.logger
@@ -224,7 +266,8 @@ def log_to_wandb(runs: list[Run], figures: list[Path], rows: list[list[str]], ou
                      config={"runs": [str(r.path) for r in runs]})
     images = {"analysis/" + str(f.relative_to(out).with_suffix("")): wandb.Image(str(f)) for f in figures}
     tables = {"analysis/summary": wandb.Table(columns=COLUMNS, data=rows),
-              "analysis/by_budget": wandb.Table(columns=BUDGET_COLUMNS, data=budget_rows(runs))}
+              "analysis/by_budget": wandb.Table(columns=BUDGET_COLUMNS, data=budget_rows(runs)),
+              "analysis/time": wandb.Table(columns=TIME_COLUMNS, data=time_rows(runs))}
     if predicted is not None:
         tables["analysis/grad_share_counterfactual"] = wandb.Table(columns=counterfactual_columns(predicted),
                                                                    data=counterfactual_rows(predicted, runs))
@@ -275,6 +318,9 @@ def analyze(paths: list[Path], out: Path, step: int | None = None, benchmark: st
     if with_quadrants:
         save(grad_quadrant_share([r for r in with_quadrants if r.selector == "all"] or with_quadrants),
              "grad_quadrant_share.png")
+    timed = [r for r in runs if (split := r.time_split()) and any(split.median[p] is not None for p in STEP_PHASES)]
+    if timed:
+        save(time_split(timed), "time_split.png")
     rows = summary_rows(runs)
     table = markdown_table(COLUMNS, rows)
     summary = out / "summary.md"

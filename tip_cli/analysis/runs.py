@@ -1,7 +1,8 @@
 """Finished runs, read: run dirs found below the given paths, each dir's `config.yaml`, `metrics.jsonl` (training
-steps, and the evaluations done during training), `eval/<benchmark>/curve.json` (from `tip eval RUN_DIR`, when
-present), its `overrides.jsonl` (one Run per config it ran under), labels and colors per variant, and the token
-samples (`token_samples/step_*.npz`) the trainer saved.
+steps, and the evaluations done during training; an older trainer's time/sync is read as time/weight_sync),
+`eval/<benchmark>/curve.json` (from `tip eval RUN_DIR`, when present), its `overrides.jsonl` (one Run per config it
+ran under), labels and colors per variant, where each run's step time went, and the token samples
+(`token_samples/step_*.npz`) the trainer saved.
 """
 
 from __future__ import annotations
@@ -24,13 +25,32 @@ from rich.console import Console
 
 from tip_cli.config.compose import load_yaml, set_key, to_container
 from tip_cli.config.schema import ConfigError
-from tip_cli.tracking import read_jsonl
+from tip_cli.tracking import STEP_PHASES, read_jsonl
 
 console = Console(stderr=True)
 
 # config keys that never make a run a different variant: a seed is a repeat, the budget is the x-axis, and how a run
 # was resumed or stops on SIGTERM changes nothing it computes
 NOT_A_VARIANT = {"budget", "seed", "out_dir", "checkpoint", "train.resume", "train.sigterm_grace_s"}
+# metric names an older trainer logged, read under today's name
+RENAMED = {"time/sync": "time/weight_sync"}
+OTHER = "other"  # time/step less the timed phases: packing the batch, merging and logging the metrics
+
+
+def phase_label(key: str) -> str:
+    """A phase in tables and legends: `time/weight_sync` -> `weight sync`."""
+    return key.removeprefix("time/").replace("_", " ")
+
+
+@dataclass
+class TimeSplit:
+    """Where a run's step time went, per phase (tracking.STEP_PHASES, then OTHER); None for a phase it never
+    logged."""
+
+    step: float  # median time/step, seconds
+    mean_step: float
+    median: dict[str, float | None]  # median seconds per step
+    share: dict[str, float | None]  # the phase's summed seconds / the summed time/step
 
 
 @dataclass
@@ -84,6 +104,23 @@ class Run:
         values = self.series("time/step")[1]
         return statistics.median(values) if values else None
 
+    def time_split(self) -> TimeSplit | None:
+        """Where the time of the steps that logged time/step went; None without such a step."""
+        timed = [r for r in self.steps if "time/step" in r]
+        if not timed:
+            return None
+        logged = [p for p in STEP_PHASES if any(p in r for r in timed)]
+        # a step without a phase the run logged elsewhere spent no time in it (time/probe off the probe steps)
+        seconds = {p: [r.get(p, 0.0) for r in timed] for p in logged}
+        step = [r["time/step"] for r in timed]
+        seconds[OTHER] = [s - sum(seconds[p][i] for p in logged) for i, s in enumerate(step)]
+        total = sum(step)
+        return TimeSplit(
+            statistics.median(step), statistics.fmean(step),
+            {p: statistics.median(seconds[p]) if p in seconds else None for p in (*STEP_PHASES, OTHER)},
+            {p: sum(seconds[p]) / total if p in seconds and total > 0 else None for p in (*STEP_PHASES, OTHER)},
+        )
+
     @property
     def train_minutes(self) -> float | None:
         values = self.series("time/step")[1]
@@ -136,7 +173,7 @@ def _accuracy_by_step(path: Path, rows: list[dict[str, Any]], benchmark: str) ->
 
 def load_run(path: Path, name: str, benchmark: str | None = None) -> Run:
     cfg = load_yaml(path / "config.yaml")
-    rows = read_jsonl(path / "metrics.jsonl")
+    rows = [{RENAMED.get(k, k): v for k, v in r.items()} for r in read_jsonl(path / "metrics.jsonl")]
     bench = benchmark or str(cfg.benchmark.name)
     accuracy, num_problems = _accuracy_by_step(path, rows, bench)
     steps = sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])

@@ -7,6 +7,8 @@ sum_t ||g_t||^2 is the squared cosine between its budgeted logit gradient and th
 normaliser cancels). The selectors are the package's own (tip_cli.selection), on the run's importance settings. The
 sample's tokens stand in for the rollout batch: H and D are normalised and split over them and K is counted over them
 (scope batch; a sample has no sequence ids), which is the batch itself unless train.token_sample_size cut it.
+Teachability needs each token's support mass C, which only a teachability run saves (`support_mass`): it is
+replayed when every sample replayed holds it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from tip_cli.analysis.runs import Run, load_token_sample, samples_with, selector_name
 from tip_cli.selection.quadrants import AxisSpec, compute_stats
-from tip_cli.selection.selectors import RANKING, SelectorSpec, select
+from tip_cli.selection.selectors import RANKING, SelectorSpec, needs_support, select
 
 BUDGET_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -33,6 +35,7 @@ COUNTERFACTUAL = {
     "soft_or": SelectorSpec("soft_or", mode="topk"),
     "random": SelectorSpec("random", mode="sample"),
     "quadrant [Q3]": SelectorSpec("quadrant", quadrants=("Q3",), cap_by="divergence"),
+    "teachability": SelectorSpec("teachability", mode="topk"),  # where the sample holds support_mass
 }
 
 
@@ -51,14 +54,17 @@ def counterfactual_share(
     """For each selector of `specs`, at each budget, the gradient share sum_{t in S} g_t^2 / sum_t g_t^2 it keeps of
     the sample's tokens and its kept fraction |S| / N: label -> (share, kept), both [len(budgets)] float64 (NaN for no
     tokens or no gradient). Selectors that draw (random, mode sample) average `draws` seeded draws; one draw's noise is
-    the same at every budget, so its kept sets nest."""
+    the same at every budget, so its kept sets nest. A selector that needs C is left out when the sample lacks it."""
     h = torch.from_numpy(np.asarray(sample["entropy"]))  # [N]
     d = torch.from_numpy(np.asarray(sample["divergence"]))  # [N]
     g2 = torch.from_numpy(np.asarray(sample["grad_norm"], dtype=np.float64)) ** 2  # [N]
+    c = torch.from_numpy(np.asarray(sample["support_mass"])) if "support_mass" in sample else None  # [N]
     n, total = len(g2), float(g2.sum())
-    stats = compute_stats(h, d, torch.zeros(n, dtype=torch.long), axis)
+    stats = compute_stats(h, d, torch.zeros(n, dtype=torch.long), axis, c)
     out = {}
     for label, spec in specs.items():
+        if needs_support(spec) and c is None:
+            continue
         spec = dataclasses.replace(spec, scope="batch")
         share, kept = np.full((2, len(budgets)), np.nan)
         if n and total > 0:
@@ -123,7 +129,8 @@ def _one_thread() -> Iterator[None]:
 def run_counterfactual(runs: list[Run], budgets: tuple[float, ...] = BUDGET_GRID, max_samples: int = 4,
                        draws: int = 4) -> Counterfactual | None:
     """counterfactual_share over the samples holding grad_norm of each of `runs` (at most max_samples per run, evenly
-    spaced over training), averaged over the samples; None when there are none."""
+    spaced over training), averaged over the samples, for the selectors replayed on all of them; None when there are
+    none."""
     shares, kepts, names = [], [], []
     for run in runs:
         logged = {r["step"] for r in run.steps}  # a run split at its overrides replays each part's own samples
@@ -139,7 +146,7 @@ def run_counterfactual(runs: list[Run], budgets: tuple[float, ...] = BUDGET_GRID
         names += [run.name] if steps else []
     if not shares:
         return None
-    mean = lambda rows: {k: np.mean([r[k] for r in rows], axis=0) for k in rows[0]}  # noqa: E731
+    mean = lambda rows: {k: np.mean([r[k] for r in rows], axis=0) for k in rows[0] if all(k in r for r in rows)}  # noqa: E731
     return Counterfactual(tuple(budgets), mean(shares), mean(kepts), names, len(shares))
 
 

@@ -144,6 +144,8 @@ class ImportanceConfig:
     topk: int | None = None  # restrict D to the teacher's top-K tokens, renormalised
     # warn once a run when the teacher's mean probability mass inside its top-K (teacher/topk_mass) falls below this
     topk_mass_warn: float = 0.9
+    # selector=teachability: C_t = the teacher's probability mass on the student's support_k most likely tokens
+    support_k: int = 16
     norm: str = "minmax"  # minmax | rank | quantile_clip
     clip_lo: float = 0.01  # norm=quantile_clip: lower quantile clipped to
     clip_hi: float = 0.99  # norm=quantile_clip: upper quantile clipped to
@@ -168,6 +170,9 @@ class ImportanceConfig:
             raise ConfigError(f"importance.topk={self.topk} must be >= 2 (or null for the full vocabulary): "
                               "renormalised over a single token both distributions are 1, so D would be 0")
         _check_chunk("importance.chunk_size", self.chunk_size)
+        if self.support_k < 1:
+            raise ConfigError(f"importance.support_k={self.support_k} must be >= 1: C sums the teacher's probability "
+                              "over the student's support_k most likely tokens (TA-OPD uses 16)")
 
     def score_spec(self) -> ScoreSpec:
         """How D is taken (tip_cli.selection.scores)."""

@@ -50,9 +50,10 @@ class Selection:
 def select_tokens(
     entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, axis: quadrants.AxisSpec,
     selector: selectors.SelectorSpec, budget: float, generator: torch.Generator | None, signal: Signal | None = None,
-    scope: str = "global", norm: str = "selected", ranks: Ranks = ONE,
+    scope: str = "global", norm: str = "selected", ranks: Ranks = ONE, support: torch.Tensor | None = None,
 ) -> Selection:
-    """Stats and selection for this rank's N_r tokens (entropy, divergence, seq_id [N_r]; `rows` sequences).
+    """Stats and selection for this rank's N_r tokens (entropy, divergence, seq_id and the optional support mass C
+    [N_r]; `rows` sequences). C is gathered like H and D.
 
     `signal` (each token's loss and gradient norm, [N_r] each) is gathered like H and D; its SPEC 7a metrics join
     the selection's, over the same scope, and its grad_sq goes into the stats (the token samples' grad_norm).
@@ -68,7 +69,7 @@ def select_tokens(
         first_seq = sum(seqs[: ranks.rank])
         stats = quadrants.compute_stats(
             ranks.gather(entropy, tokens), ranks.gather(divergence, tokens), ranks.gather(seq_id + first_seq, tokens),
-            axis,
+            axis, None if support is None else ranks.gather(support, tokens),
         )
         kept = selectors.select(stats, selector, budget, generator)  # [K], the same on every rank
         lo = sum(tokens[: ranks.rank])
@@ -81,7 +82,7 @@ def select_tokens(
     else:
         if ranks.joined and generator is not None:  # independent noise per rank, as independent replicas would draw
             generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + ranks.rank)
-        stats = quadrants.compute_stats(entropy, divergence, seq_id, axis)
+        stats = quadrants.compute_stats(entropy, divergence, seq_id, axis, support)
         kept = local = selectors.select(stats, selector, budget, generator)
         metrics = quadrants.stats_metrics(stats, kept)
         n, k = len(stats), kept.numel()

@@ -37,3 +37,15 @@ def normalize(x: torch.Tensor, method: str, clip_lo: float = 0.01, clip_hi: floa
         lo, hi = torch.quantile(x, torch.tensor([clip_lo, clip_hi], dtype=x.dtype, device=x.device))
         x = x.clamp(lo, hi)
     return _minmax(x)
+
+
+def robust_minmax(x: torch.Tensor, lo: float = 0.05, hi: float = 0.95, eps: float = 1e-12) -> torch.Tensor:
+    """(x - q_lo) / (q_hi - q_lo) clipped to [0, 1], with q the batch's lo / hi quantiles of x [N] (linear
+    interpolation, as numpy's default), taken in float64; all zeros when q_hi - q_lo < eps. The teachability
+    selector's norm: quantile_clip at [lo, hi] but for the spread below which it calls the batch flat."""
+    if x.numel() == 0:
+        return x.float()
+    x64 = x.double()
+    q_lo, q_hi = torch.quantile(x64, torch.tensor([lo, hi], dtype=torch.float64, device=x.device)).tolist()
+    out = torch.zeros_like(x64) if q_hi - q_lo < eps else ((x64 - q_lo) / (q_hi - q_lo)).clamp(0.0, 1.0)
+    return out.to(x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tip_cli.selection.normalize import normalize
+from tip_cli.selection.normalize import normalize, robust_minmax
 from tip_cli.selection.options import THRESHOLDS
 
 
@@ -46,7 +46,7 @@ class AxisSpec:
 @dataclass
 class TokenStats:
     """H, D and their derived views over the N valid response tokens of one rollout batch (all tensors [N]), and
-    each token's squared logit-gradient norm when the step measured it."""
+    each token's support mass C and squared logit-gradient norm when the step measured them."""
 
     entropy: torch.Tensor  # [N] float, nats
     divergence: torch.Tensor  # [N] float, nats
@@ -59,6 +59,7 @@ class TokenStats:
     h_thr: float
     d_thr: float
     grad_sq: torch.Tensor | None = None  # [N] ||dl_t / dz_t||^2 when the trainer measures it (selection.signal)
+    support_mass: torch.Tensor | None = None  # [N] C_t in [0, 1] when the selector needs it (scores.support_mass)
 
     def __len__(self) -> int:
         return self.entropy.numel()
@@ -67,6 +68,13 @@ class TokenStats:
         """Soft-OR score s = 1 - (1 - H_hat)(1 - D_hat) = H_hat + D_hat - H_hat * D_hat, in [0, 1]."""
         return self.h_norm + self.d_norm - self.h_norm * self.d_norm
 
+    def teachability(self) -> torch.Tensor:
+        """Learnable disagreement norm(D) * norm(C), norm the robust min-max over the batch (normalize.robust_minmax),
+        in [0, 1]: high where the teacher disagrees but puts its mass on tokens the student already considers."""
+        if self.support_mass is None:
+            raise ValueError("teachability needs each token's support mass C, which this step did not compute")
+        return robust_minmax(self.divergence) * robust_minmax(self.support_mass)
+
 
 def quadrant_of(high_h: torch.Tensor, high_d: torch.Tensor) -> torch.Tensor:
     """Q1 = high H & high D, Q2 = high H & low D, Q3 = low H & high D, Q4 = low H & low D, as int64 1..4."""
@@ -74,14 +82,16 @@ def quadrant_of(high_h: torch.Tensor, high_d: torch.Tensor) -> torch.Tensor:
 
 
 def compute_stats(
-    entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, spec: AxisSpec
+    entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, spec: AxisSpec,
+    support_mass: torch.Tensor | None = None,
 ) -> TokenStats:
     """Normalise both axes (spec.norm), split each at its threshold (strict >, so an all-equal axis has no 'high'
-    token) and assign quadrants. entropy, divergence, seq_id: [N]."""
-    if not entropy.shape == divergence.shape == seq_id.shape or entropy.dim() != 1:
+    token) and assign quadrants. entropy, divergence, seq_id and the optional support mass C: [N]."""
+    shapes = [x.shape for x in (entropy, divergence, seq_id, support_mass) if x is not None]
+    if any(shape != entropy.shape for shape in shapes) or entropy.dim() != 1:
         raise ValueError(
-            f"entropy, divergence and seq_id must be 1-D of one length; got {tuple(entropy.shape)}, "
-            f"{tuple(divergence.shape)}, {tuple(seq_id.shape)}"
+            "entropy, divergence, seq_id (and support_mass) must be 1-D of one length; got "
+            + ", ".join(str(tuple(shape)) for shape in shapes)
         )
     h_thr = threshold(entropy, spec.h_threshold, spec.threshold)
     d_thr = threshold(divergence, spec.d_threshold, spec.threshold)
@@ -98,6 +108,7 @@ def compute_stats(
         quadrant=quadrant_of(high_h, high_d),
         h_thr=h_thr,
         d_thr=d_thr,
+        support_mass=support_mass,
     )
 
 
@@ -138,4 +149,7 @@ def stats_metrics(stats: TokenStats, kept_idx: torch.Tensor) -> dict[str, float]
         "select/h_threshold": stats.h_thr,
         "select/d_threshold": stats.d_thr,
     }
+    if stats.support_mass is not None:
+        c = stats.support_mass
+        out |= {"support/mean": _mean(c), "support/kept_mean": _mean(c[kept]), "support/dropped_mean": _mean(c[~kept])}
     return out

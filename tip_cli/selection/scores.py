@@ -1,7 +1,8 @@
-"""The two token scores of SPEC 2: student entropy H and teacher-student divergence D, per token.
+"""The two token scores of SPEC 2: student entropy H and teacher-student divergence D, per token; and the
+teachability selector's third, the support mass C (the teacher's probability on the student's k likeliest tokens).
 
 All functions take `[C, V]` log-prob rows (C tokens, V vocabulary entries) over the same vocab and return `[C]`,
-in nats. `token_stats_chunk` gives (H, D) for one chunk of rows under a `ScoreSpec`.
+in nats (C: a probability). `token_stats_chunk` gives (H, D) for one chunk of rows under a `ScoreSpec`.
 """
 
 from __future__ import annotations
@@ -153,3 +154,43 @@ def token_stats_chunk(
         logp_t = logp_t.gather(-1, top).log_softmax(-1)
     d = token_divergence(logp_s, logp_t, spec.divergence, spec.jsd_beta)  # [C]
     return h, d
+
+
+def top_support(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids of each row's k largest entries of x [C, V] (log-probs or logits: the same order), ties to the lower
+    id, as [C, min(k, V)] (a set per row, in no set order). topk decides every row whose k-th value ties no entry
+    left out; in a row where one does (common in bf16) the ids above the k-th value are kept and the rest of the k
+    filled with the lowest ids equal to it, so the set never depends on topk's internal order."""
+    k = min(k, x.shape[-1])
+    idx = x.topk(k, dim=-1).indices  # [C, k]
+    kth = x.gather(-1, idx[:, -1:])  # [C, 1], the k-th largest value (topk sorts)
+    tied = ((x >= kth).sum(-1) > k).nonzero()[:, 0]  # rows with an entry left out that equals the k-th
+    if tied.numel():
+        rows, at = x[tied], kth[tied]  # [R, V], [R, 1]
+        above, equal = rows > at, rows == at
+        keep = above | (equal & (equal.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per row
+        idx[tied] = keep.nonzero()[:, 1].view(-1, k)
+    return idx
+
+
+@torch.no_grad()
+def support_mass(s: torch.Tensor, t: torch.Tensor, k: int, log_z_t: torch.Tensor | None = None) -> torch.Tensor:
+    """C = sum_{v in top-k of p_S} p_T(v) [C], fp32 at least: the teacher's mass on the student's k likeliest tokens
+    (ties to the lower id). s [C, V]: the student's log-probs or logits; t [C, V]: the teacher's log-probs, or its
+    logits with their log-partition log_z_t [C]."""
+    lt = t.gather(-1, top_support(s, k))  # [C, k]
+    lt = lt.to(torch.promote_types(lt.dtype, torch.float32))
+    if log_z_t is not None:
+        lt = lt - log_z_t[:, None].to(lt.dtype)
+    return lt.exp().sum(-1)
+
+
+@torch.no_grad()
+def topk_support_mass(logp_s: torch.Tensor, ids: torch.Tensor, logp_t: torch.Tensor, k: int) -> torch.Tensor:
+    """C against a top-K teacher (ids, logp_t [C, K], distinct ids per row): the teacher's mass on those of the
+    student's k likeliest tokens that its list holds, [C]. A lower bound on the exact C: a student token outside the
+    teacher's top-K counts 0, though the teacher gives it up to min_k p_T of its list."""
+    mine = top_support(logp_s, k)  # [C, k]
+    held = (mine[:, :, None] == ids[:, None, :]).any(1)  # [C, K]: the teacher's entries among the student's top k
+    p_t = logp_t.to(torch.promote_types(logp_t.dtype, torch.float32)).exp()
+    return (p_t * held).sum(-1)

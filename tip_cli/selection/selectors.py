@@ -148,6 +148,14 @@ def select_soft_or(stats, spec, budget, generator):
     return _by_score(stats, spec, budget, generator, stats.soft_or())
 
 
+def select_teachability(stats, spec, budget, generator):
+    """By learnable disagreement norm(D) * norm(C) (TokenStats.teachability): top-K (topk) or weight ** alpha
+    (sample). At budget 1.0 every token, C or no C: the trainer's full-token step does not compute C."""
+    if stats.support_mass is None and budget >= 1.0:
+        return select_all(stats, spec, budget, generator)
+    return _by_score(stats, spec, budget, generator, stats.teachability())
+
+
 def select_hard_or(stats, spec, budget, generator):
     """high H or high D, capped at K."""
     return _capped(stats, spec, budget, stats.high_h | stats.high_d)
@@ -174,11 +182,19 @@ SELECTORS: dict[str, Selector] = {
     "hard_or": select_hard_or,
     "and": select_and,
     "quadrant": select_quadrant,
+    "teachability": select_teachability,
 }
 assert tuple(SELECTORS) == options.SELECTORS, "selection/options.py lists the selectors this registry holds"
 
 
-RANKING = ("random", "entropy", "divergence", "soft_or")  # keep the top K_g of each group: all of it at budget 1.0
+# keep the top K_g of each group: all of it at budget 1.0
+RANKING = ("random", "entropy", "divergence", "soft_or", "teachability")
+SUPPORT = ("teachability",)  # rank by the support mass C, which the scoring pass computes only for these
+
+
+def needs_support(spec: SelectorSpec) -> bool:
+    """Whether selector spec.name reads each token's support mass C (importance.support_k)."""
+    return spec.name in SUPPORT
 
 
 def keeps_all(spec: SelectorSpec, budget: float) -> bool:
@@ -199,8 +215,10 @@ def select(
         raise ValueError(f"budget={budget} must be in (0, 1]; 1.0 keeps every token")
     if len(stats) == 0:
         return torch.empty(0, dtype=torch.long, device=stats.entropy.device)
-    bad = int((~torch.isfinite(stats.entropy) | ~torch.isfinite(stats.divergence)).sum())
-    if bad:  # NaN ranks nowhere: min-max scores, thresholds and sorts would silently fall back to position order
-        raise ValueError(f"{bad} of {len(stats)} tokens have a non-finite entropy or divergence; selection needs "
-                         "finite scores (the trainer skips such a step before selecting)")
+    bad = ~torch.isfinite(stats.entropy) | ~torch.isfinite(stats.divergence)
+    if stats.support_mass is not None:
+        bad |= ~torch.isfinite(stats.support_mass)
+    if bad.any():  # NaN ranks nowhere: min-max scores, thresholds and sorts would silently fall back to position order
+        raise ValueError(f"{int(bad.sum())} of {len(stats)} tokens have a non-finite entropy or divergence; "
+                         "selection needs finite scores (the trainer skips such a step before selecting)")
     return SELECTORS[spec.name](stats, spec, budget, generator)

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from tip_cli.logits import Teacher, logprobs, scored_logprobs
-from tip_cli.selection.scores import ScoreSpec, entropy, token_divergence, token_stats_chunk, topk_buckets
+from tip_cli.selection.scores import (
+    ScoreSpec,
+    entropy,
+    token_divergence,
+    token_stats_chunk,
+    topk_buckets,
+    topk_support_mass,
+)
 from tip_cli.selection.signal import dense_signal, topk_signal
 
 
@@ -88,6 +95,10 @@ class TopKTeacher:
 
     def stats(self, logp_s: torch.Tensor, rows: slice, spec: ScoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
         return self.stats_to(logp_s, self.target(rows), spec)
+
+    def support_mass(self, logp_s: torch.Tensor, rows: slice, k: int) -> torch.Tensor:
+        """C [C] over the student's top k that the teacher's list holds: a lower bound (scores.topk_support_mass)."""
+        return topk_support_mass(logp_s, *self.target(rows), k)
 
     def signal_to(self, logp_s: torch.Tensor, target: tuple, kind: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's loss over the K + 1 buckets and its squared gradient norm w.r.t. the student logits (autograd)."""

@@ -5,7 +5,9 @@ One step, for a batch of prompts:
      tool results are masked out, so steps 2-4 see only the student's own tokens (tip_cli.rollout.sources);
   2-4. the teacher scores the same tokens, the selector keeps K of them and the loss is built on those
      (tip_cli.train.step.distill_step);
-  5. the optimizer steps unless a value was non-finite; metrics, token samples, checkpoints and evaluations follow.
+  5. the optimizer steps unless a value was non-finite, and an engine with its own copy of the student takes the new
+     weights; metrics (with each phase's seconds, tracking.STEP_PHASES), token samples, checkpoints and evaluations
+     follow.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from tip_cli.rollout.batch import Sampling
 from tip_cli.rollout.sources import EpisodeSource, PromptSource, Rollout, rollout_source
 from tip_cli.seeds import derive_seed, stream_seed
 from tip_cli.teacher.factory import make_scorer
-from tip_cli.tracking import MetricsLogger, PeakMemory, read_jsonl, save_token_sample, timed
+from tip_cli.tracking import STEP_PHASES, MetricsLogger, PeakMemory, read_jsonl, save_token_sample, timed
 from tip_cli.train import checkpoints, parallel, precision, rundir, sharding, signals
 from tip_cli.train.schedule import apply_schedule, lr_lambda, make_optimizer, prompt_indices
 from tip_cli.train.step import check_temperature, distill_step, weights_finite
@@ -197,8 +199,20 @@ def update(run: Run, stats, m: dict) -> torch.Tensor:
     return grad_norm
 
 
+def sync_weights(run: Run, m: dict) -> None:
+    """Push the updated student into an engine that decodes with its own copy (time/weight_sync); one that decodes
+    with the training module has nothing to push (0.0)."""
+    m["time/weight_sync"] = 0.0
+    if run.engine.own_weights:
+        with timed("time/weight_sync", m):
+            run.engine.sync_weights(run.pair.student)
+
+
 def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> dict[str, float]:
-    """The step's logged metrics: rollout, optimizer and throughput, merged over the ranks."""
+    """The step's logged metrics: rollout, optimizer, throughput and every phase's time (STEP_PHASES, 0.0 for one
+    the step did not run), merged over the ranks."""
+    m["time/wait"] = 0.0  # synchronous: the step trains on the rollouts it just generated
+    m |= {name: m.get(name, 0.0) for name in STEP_PHASES}
     rollout_m, generated = out.metrics()
     m.update(rollout_m)
     m["optim/grad_norm"] = float(grad_norm)
@@ -300,8 +314,7 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
                 metrics, stats, kept = distill_step(run.pair, out.batch, cfg, generator, m, run.scorer, step)
                 m.update(metrics)
                 grad_norm = update(run, stats, m)
-                with timed("time/sync", m):
-                    run.engine.sync_weights(run.pair.student)
+                sync_weights(run, m)
             m = step_metrics(run, out, m, grad_norm)
             run.logger.log(m, step)
             bar.update(task, completed=step, info=after_step(run, step, m, stats, kept))

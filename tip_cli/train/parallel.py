@@ -160,13 +160,14 @@ def ranks() -> global_select.Ranks:
 
 def select_tokens(
     entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, cfg: TipConfig,
-    generator: torch.Generator | None, signal: Signal | None = None,
+    generator: torch.Generator | None, signal: Signal | None = None, support: torch.Tensor | None = None,
 ) -> Selection:
-    """global_select.select_tokens for this rank's N_r tokens (entropy, divergence, seq_id [N_r]; `rows` sequences)
-    with the run's specs: train.selection_scope, the importance axes, the selector, the budget and loss.norm."""
+    """global_select.select_tokens for this rank's N_r tokens (entropy, divergence, seq_id and the optional support
+    mass C [N_r]; `rows` sequences) with the run's specs: train.selection_scope, the importance axes, the selector, the
+    budget and loss.norm."""
     return global_select.select_tokens(
         entropy, divergence, seq_id, rows, cfg.importance.axis_spec(), cfg.selector.spec(), cfg.budget, generator,
-        signal, scope=cfg.train.selection_scope, norm=cfg.loss.norm, ranks=ranks(),
+        signal, scope=cfg.train.selection_scope, norm=cfg.loss.norm, ranks=ranks(), support=support,
     )
 
 

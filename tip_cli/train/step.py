@@ -3,8 +3,8 @@
   2. the teacher runs on the same tokens; we keep its final hidden states at the N response positions [N, d_T]
      (its [N, V] log-probs are recomputed chunk by chunk where needed, never stored), or, with
      teacher.backend=vllm_topk (or vllm_server), its top-K log-probs [N, K] from a vLLM engine (or server);
-  3. the student's entropy H and the teacher-student divergence D are computed for all N positions without grad,
-     and the selector keeps K of them;
+  3. the student's entropy H and the teacher-student divergence D (and the support mass C, for a selector that
+     reads it) are computed for all N positions without grad, and the selector keeps K of them;
   4. the loss (SPEC section 1) is built only for the K kept positions (tip_cli.losses) and back-propagated.
 """
 
@@ -177,15 +177,16 @@ def distill_step(
         w_s = head_weight(pair.student).to(h_s_scores.dtype)  # the compute dtype
         chunk = chunk_rows(cfg.importance.chunk_size, pair.vocab, h_s_scores.device)
         sink = stats_sink(cfg)
-        ent, div, log_z_s, teacher = score(
+        support_k = cfg.importance.support_k if selectors.needs_support(cfg.selector.spec()) else None
+        ent, div, sup, log_z_s, teacher = score(
             h_s_scores, w_s, teacher, pair.vocab, chunk, cfg.importance.score_spec(),
-            compiled_kernels(cfg.loss.backend, pair.device), sink,
+            compiled_kernels(cfg.loss.backend, pair.device), sink, support_k,
         )
-        if not parallel.all_true(_finite(ent, div)):  # every rank skips together
+        if not parallel.all_true(_finite(*(x for x in (ent, div, sup) if x is not None))):  # every rank skips together
             return skipped_step(ent.numel())
         # stats, selection and the loss normaliser over every rank's tokens under torchrun; this batch's otherwise
         sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator,
-                                     learning_signal(sink, teacher, temp))
+                                     learning_signal(sink, teacher, temp), sup)
         kept = sel.local.to(pair.device)  # [K_r], indices into this batch's N tokens
         del h_s_scores
     spec = loss_spec(cfg, pair, sel.normalizer)
