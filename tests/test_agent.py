@@ -168,14 +168,14 @@ def test_tool_tokens_are_never_selected_nor_in_the_loss(tok, micro_agent, select
         trajs.append(traj)
     batch = agent.pack(trajs, pair.tokenizer.pad_token_id)
     pair.student.zero_grad(set_to_none=True)
-    metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     model_tokens = sum(sum(t.model_mask) for t in trajs)
     assert metrics["tokens/total"] == model_tokens == batch.target_mask.sum()
     positions = batch.target_mask.nonzero()  # [N, 2]: the flat order of the stats
     for b, t in positions[kept].tolist():
         assert trajs[b].model_mask[t + 1]  # every kept position predicts a model token
     if selector == "all":  # the loss is the float64 reverse KL averaged over exactly the model tokens
-        t = train_step.distill_temperature(cfg)  # the rollouts' temperature, 0.6 in task=toy_agent
+        t = loop.step_spec(cfg, pair.device).temperature  # the rollouts' temperature, 0.6 in task=toy_agent
         with torch.no_grad():
             ls = (pair.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)
             lt = (pair.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)

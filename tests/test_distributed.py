@@ -109,7 +109,8 @@ def select_on_ranks() -> dict[str, list[dict]]:
     for scope, case in ((scope, case) for scope in out for case in CASES):
         cfg = TipConfig(train=TrainConfig(selection_scope=scope), **case)
         sel = parallel.select_tokens(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - 3 * r, 3,
-                                        cfg, torch.Generator().manual_seed(7))
+                                        loop.step_spec(cfg, torch.device("cpu")).selection,
+                                        torch.Generator().manual_seed(7))
         local = {k: v[mine] if k in ("h_s", "h_t") else v for k, v in data.items()}
         loss, grad = loss_and_grad(local, sel.local, sel.normalizer)
         totals = torch.cat([torch.tensor([loss]), grad.flatten()])
@@ -181,7 +182,7 @@ def one_step(cfg: TipConfig) -> dict:
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     seen = []  # the dtype the final norm computed in (bf16 under bf16_mixed's FSDP2 policy)
     hook = pair.student.base_model.norm.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-    metrics, _, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, _, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     hook.remove()
     grads = {n: p.grad for n, p in pair.student.named_parameters()}
     grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(), cfg.train.grad_clip))
@@ -307,7 +308,7 @@ def test_launch_checks():
     with pytest.raises(ConfigError, match="selection_scope"):
         TrainConfig(selection_scope="everywhere")
     with pytest.raises(ConfigError, match="torchrun"):
-        parallel.check(TipConfig(train=TrainConfig(cpu_offload=True)))
+        parallel.check(TrainConfig(cpu_offload=True))
     assert parallel.my_slice([3, 1, 2]) == [3, 1, 2] and parallel.rank_seed(5) == 5
 
 

@@ -54,7 +54,7 @@ def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_o
 
 def grads_after_step(pair, batch, cfg) -> list[torch.Tensor]:
     pair.student.zero_grad(set_to_none=True)
-    metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     assert metrics["tokens/kept"] == kept.numel() == round(0.5 * len(stats))
     return [p.grad.clone() for p in pair.student.parameters()]
 
@@ -168,7 +168,7 @@ def test_full_token_step_takes_its_stats_from_the_loss_pass(micro_overrides, mon
 
     def step():
         pair.student.zero_grad(set_to_none=True)
-        metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+        metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
         return metrics, stats, kept, [p.grad.clone() for p in pair.student.parameters()]
 
     fused = step()
