@@ -10,7 +10,7 @@ from tip_cli.cli import compose_config
 from tip_cli.config.schema import AgentConfig, ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import ToolCall
 from tip_cli.envs.toy_agent import ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
-from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark
+from tip_cli.eval.benchmark import EnvBenchmark, eval_spec, evaluate_benchmark
 from tip_cli.pairs import load_pair
 from tip_cli.rollout import agent
 from tip_cli.rollout.batch import Generation, Sampling
@@ -233,7 +233,8 @@ def test_env_benchmark_split_over_two_ranks_gives_the_single_process_result(tok)
     cfg = compose_config(["task=toy_agent", "eval.n=2", "eval.temperature=0.6", "eval.limit=5"])
     tasks = generate_tasks(5, seed=0)
     bench = EnvBenchmark(ToyAgentEnv(cfg.benchmark), tasks)
-    want = evaluate_benchmark(None, tok, cfg, bench, engine=AnswersEvenTasks(tok, tasks))
+    evals = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    want = evaluate_benchmark(None, tok, evals, bench, engine=AnswersEvenTasks(tok, tasks))
     assert want[0]["accuracy"] == pytest.approx(0.6)  # tasks 0, 2, 4 of 5
 
     outs, got, prompts = {}, {}, {}
@@ -246,7 +247,7 @@ def test_env_benchmark_split_over_two_ranks_gives_the_single_process_result(tok)
         engine = AnswersEvenTasks(tok, tasks)
         with patch.object(parallel, "rank", lambda r=r: r), patch.object(parallel, "world_size", lambda: 2), \
                 patch.object(parallel.dist, "all_gather_object", all_gather_object):
-            got[r] = evaluate_benchmark(None, tok, cfg, bench, engine=engine, shard=parallel.RankShard())
+            got[r] = evaluate_benchmark(None, tok, evals, bench, engine=engine, shard=parallel.RankShard())
         prompts[r] = engine.prompts
     assert prompts == {0: 6, 1: 6}  # 3 tasks each (the last padded), 2 episodes per task
     assert got[0][0] == want[0] and got[0][1] == want[1]

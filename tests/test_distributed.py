@@ -25,7 +25,7 @@ from tip_cli.config.schema import (
     TipConfig,
     TrainConfig,
 )
-from tip_cli.eval.benchmark import evaluate_benchmark, load_benchmark
+from tip_cli.eval.benchmark import eval_spec, evaluate_benchmark, load_benchmark
 from tip_cli.losses import LossSpec, selected_token_loss
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
@@ -402,9 +402,10 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
                        "hf": unshards_in_rollout(cfg, pair, HFEngine(pair.student, pair.tokenizer))}
 
     hf = CountingHF(pair.student, pair.tokenizer, cfg.eval.batch_size)
-    bench = load_benchmark(cfg)
+    evals = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    bench = load_benchmark(evals)
     with sharding.gathered(pair.student, hf):
-        out["eval"] = evaluate_benchmark(pair.student, pair.tokenizer, cfg, bench, engine=hf, shard=parallel.eval_shard())
+        out["eval"] = evaluate_benchmark(pair.student, pair.tokenizer, evals, bench, engine=hf, shard=parallel.eval_shard())
     out["eval_prompts"] = hf.prompts
 
     hashed = []
@@ -452,7 +453,8 @@ def test_evaluation_is_split_over_ranks_and_matches_one_process(io_ranks):
     cfg, _, ranks = io_ranks
     pair = load_pair(cfg.pair, torch.device("cpu"), load_teacher=False)
     hf = CountingHF(pair.student, pair.tokenizer, cfg.eval.batch_size)
-    metrics, records = evaluate_benchmark(pair.student, pair.tokenizer, cfg, load_benchmark(cfg), engine=hf)
+    evals = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    metrics, records = evaluate_benchmark(pair.student, pair.tokenizer, evals, load_benchmark(evals), engine=hf)
     assert hf.prompts == 5 and [r["eval_prompts"] for r in ranks] == [3, 3]  # ceil(5 / 2) each, the last padded
     for r in ranks:
         got_metrics, got_records = r["eval"]

@@ -26,7 +26,10 @@ from tip_cli.data import Problem, load_problems
 from tip_cli.errors import UserError
 from tip_cli.eval.benchmark import (
     EnvBenchmark,
+    EvalSpec,
     counting_tokenizer,
+    engine_context,
+    eval_spec,
     evaluate_benchmark,
     fit_benchmark,
     fit_models,
@@ -73,15 +76,16 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
     problems, too_long = None, {}  # rows left out for not fitting the context, logged when skipping is on
     models = [resolve_model(cfg.pair.student), resolve_model(cfg.pair.teacher)]
-    tokenizer = functools.cache(lambda: counting_tokenizer(models[0], cfg))  # one load for the data and the benchmark
+    tokenizer = functools.cache(lambda: counting_tokenizer(models[0], cfg.pair))  # one load for data and benchmark
     if not cfg.data.env:
         skip = cfg.train.skip_bad_rows
         problems = load_problems(cfg.data, skip_bad_rows=skip, skip_key="train.skip_bad_rows")
-        problems, n = fit_models(cfg, problems, models, tokenizer, cfg.rollout.max_new_tokens, cfg.data.name, skip,
-                                 "train.skip_bad_rows")
+        problems, n = fit_models(cfg.pair, engine_context(cfg.rollout), problems, models, tokenizer,
+                                 cfg.rollout.max_new_tokens, cfg.data.name, skip, "train.skip_bad_rows")
         too_long |= {"data/skipped_too_long": n} if skip else {}
-    bench, n = fit_benchmark(cfg, load_benchmark(cfg), models[:1], tokenizer)
-    too_long |= {f"eval/{cfg.benchmark.name}/skipped_too_long": n} if cfg.eval.skip_bad_rows else {}
+    evals = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    bench, n = fit_benchmark(evals, load_benchmark(evals), models[:1], tokenizer)
+    too_long |= {f"eval/{cfg.benchmark.name}/skipped_too_long": n} if evals.skip_bad_rows else {}
     spec = step_spec(cfg, device)
     # the run dir's contract (tip_cli.train.rundir): one writer, the recorded config, the newest verified checkpoint
     plan = rundir.open_run(cfg, run_dir, console)
@@ -91,7 +95,7 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
         parallel.teardown()
         return plan.complete
     try:
-        return _train(prepare(cfg, spec, run_dir, device, plan.checkpoint, problems, bench), too_long)
+        return _train(prepare(cfg, spec, evals, run_dir, device, plan.checkpoint, problems, bench), too_long)
     finally:
         plan.release()
 
@@ -126,6 +130,7 @@ class Run:
 
     cfg: TipConfig
     step: StepSpec
+    evals: EvalSpec
     run_dir: Path
     device: torch.device
     pair: Pair
@@ -145,17 +150,17 @@ class Run:
 
     def evaluate(self, step: int) -> dict:
         """Evaluate the student on the benchmark; each rank its share of the rows, rank 0 logs the metrics."""
-        cfg, student = self.cfg, self.pair.student
+        name, student = self.evals.benchmark.name, self.pair.student
         with sharding.gathered(student, self.engine), self.prec.autocast(self.device, student):
-            result, _ = evaluate_benchmark(student, self.pair.tokenizer, cfg, self.bench, engine=self.engine,
+            result, _ = evaluate_benchmark(student, self.pair.tokenizer, self.evals, self.bench, engine=self.engine,
                                            shard=parallel.eval_shard())
-        self.logger.log({f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}, step)
-        console.print(f"[bold]eval[/] step {step}: {cfg.benchmark.name} accuracy {result['accuracy']:.3f}")
+        self.logger.log({f"eval/{name}/{k}": v for k, v in result.items()}, step)
+        console.print(f"[bold]eval[/] step {step}: {name} accuracy {result['accuracy']:.3f}")
         return result
 
 
-def prepare(cfg: TipConfig, spec: StepSpec, run_dir: Path, device: torch.device, ckpt: Checkpoint | None,
-            problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> Run:
+def prepare(cfg: TipConfig, spec: StepSpec, evals: EvalSpec, run_dir: Path, device: torch.device,
+            ckpt: Checkpoint | None, problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> Run:
     """Load the pair (the student from `ckpt` if given) in `spec`'s precision, shard it under torchrun, and build the
     scorer, the engine, the rollout source, the optimizer and schedule (restored from `ckpt`) and the logger."""
     prec = spec.precision
@@ -166,22 +171,22 @@ def prepare(cfg: TipConfig, spec: StepSpec, run_dir: Path, device: torch.device,
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
     sharding.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
-    scorer = make_scorer(cfg, pair, prec.pair, run_dir)
+    scorer = make_scorer(cfg.teacher, cfg.seed, pair, prec.pair, run_dir)
     memory = PeakMemory(device)
     with memory.engine_build():
         engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
-    source = rollout_source(cfg, pair, problems, resolve_model)
+    source = rollout_source(cfg.data, cfg.pair, cfg.agent, pair, problems, resolve_model)
     optimizer = make_optimizer(student.parameters(), cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
     start = 0
     if ckpt:
         start = checkpoints.resume(ckpt, student, optimizer, scheduler)
-        apply_schedule(optimizer, scheduler, cfg)
+        apply_schedule(optimizer, scheduler, cfg.train)
         console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})", soft_wrap=True)
     logger = parallel.NullLogger()
     if parallel.is_main():
         logger = MetricsLogger(run_dir, cfg.logger, to_container(cfg), start, run_dir.name)
-    return Run(cfg, spec, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, memory,
+    return Run(cfg, spec, evals, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, memory,
                start)
 
 
