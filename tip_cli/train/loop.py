@@ -170,7 +170,7 @@ def prepare(cfg: TipConfig, spec: StepSpec, evals: EvalSpec, run_dir: Path, devi
     student = pair.student
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
-    sharding.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
+    sharding.shard(pair, cfg.train, prec)  # FSDP2 under torchrun, before the optimizer sees the parameters
     scorer = make_scorer(cfg.teacher, cfg.seed, pair, prec.pair, run_dir)
     memory = PeakMemory(device)
     with memory.engine_build():
