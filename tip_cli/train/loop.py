@@ -125,8 +125,9 @@ def step_spec(cfg: TipConfig, device: torch.device) -> StepSpec:
 
 @dataclass
 class Run:
-    """Everything a training run holds: the pair, its precision, the teacher's scorer, the rollout engine and source,
-    the optimizer and schedule, the logger, and the step it starts after."""
+    """Everything a training run holds: the specs of its step and its evaluation (built once, from `cfg`), the pair,
+    its precision, the teacher's scorer, the rollout engine and source, the optimizer and schedule, the logger, and
+    the step it starts after."""
 
     cfg: TipConfig
     step: StepSpec
