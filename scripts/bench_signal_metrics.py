@@ -20,6 +20,7 @@ import torch
 from bench.presets import PRESETS, Bench, build_pair, make_batch, resolve_shape
 
 from tip_cli.cli import compose_config
+from tip_cli.train import loop
 from tip_cli.train import step as train_step
 
 MODES = ("off", "on")
@@ -31,7 +32,7 @@ def timed_step(pair, batch, cfg) -> tuple[tuple[float, float], dict]:
     if pair.device.type == "cuda":
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
-    metrics, _, _ = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, _, _ = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     if pair.device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0, time.process_time() - c0), metrics

@@ -21,6 +21,7 @@ from bench.presets import PRESETS, Bench, build_pair, resolve_shape
 
 from tip_cli.cli import compose_config
 from tip_cli.rollout.batch import Batch, pack
+from tip_cli.train import loop
 from tip_cli.train import step as train_step
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 if pair.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                m, _, _ = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+                m, _, _ = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
                 if pair.device.type == "cuda":
                     torch.cuda.synchronize()
                 if i:  # the first step of each mode warms up

@@ -10,7 +10,7 @@ from tip_cli.cli import compose_config
 from tip_cli.config.schema import AgentConfig, ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import ToolCall
 from tip_cli.envs.toy_agent import ToyAgentEnv, ToyAgentEpisode, calculate, generate_tasks
-from tip_cli.eval.benchmark import EnvBenchmark, evaluate_benchmark
+from tip_cli.eval.benchmark import EnvBenchmark, eval_spec, evaluate_benchmark
 from tip_cli.pairs import load_pair
 from tip_cli.rollout import agent
 from tip_cli.rollout.batch import Generation, Sampling
@@ -168,14 +168,14 @@ def test_tool_tokens_are_never_selected_nor_in_the_loss(tok, micro_agent, select
         trajs.append(traj)
     batch = agent.pack(trajs, pair.tokenizer.pad_token_id)
     pair.student.zero_grad(set_to_none=True)
-    metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     model_tokens = sum(sum(t.model_mask) for t in trajs)
     assert metrics["tokens/total"] == model_tokens == batch.target_mask.sum()
     positions = batch.target_mask.nonzero()  # [N, 2]: the flat order of the stats
     for b, t in positions[kept].tolist():
         assert trajs[b].model_mask[t + 1]  # every kept position predicts a model token
     if selector == "all":  # the loss is the float64 reverse KL averaged over exactly the model tokens
-        t = train_step.distill_temperature(cfg)  # the rollouts' temperature, 0.6 in task=toy_agent
+        t = loop.step_spec(cfg, pair.device).temperature  # the rollouts' temperature, 0.6 in task=toy_agent
         with torch.no_grad():
             ls = (pair.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)
             lt = (pair.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)
@@ -233,7 +233,8 @@ def test_env_benchmark_split_over_two_ranks_gives_the_single_process_result(tok)
     cfg = compose_config(["task=toy_agent", "eval.n=2", "eval.temperature=0.6", "eval.limit=5"])
     tasks = generate_tasks(5, seed=0)
     bench = EnvBenchmark(ToyAgentEnv(cfg.benchmark), tasks)
-    want = evaluate_benchmark(None, tok, cfg, bench, engine=AnswersEvenTasks(tok, tasks))
+    evals = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    want = evaluate_benchmark(None, tok, evals, bench, engine=AnswersEvenTasks(tok, tasks))
     assert want[0]["accuracy"] == pytest.approx(0.6)  # tasks 0, 2, 4 of 5
 
     outs, got, prompts = {}, {}, {}
@@ -246,7 +247,7 @@ def test_env_benchmark_split_over_two_ranks_gives_the_single_process_result(tok)
         engine = AnswersEvenTasks(tok, tasks)
         with patch.object(parallel, "rank", lambda r=r: r), patch.object(parallel, "world_size", lambda: 2), \
                 patch.object(parallel.dist, "all_gather_object", all_gather_object):
-            got[r] = evaluate_benchmark(None, tok, cfg, bench, engine=engine, shard=parallel.RankShard())
+            got[r] = evaluate_benchmark(None, tok, evals, bench, engine=engine, shard=parallel.RankShard())
         prompts[r] = engine.prompts
     assert prompts == {0: 6, 1: 6}  # 3 tasks each (the last padded), 2 episodes per task
     assert got[0][0] == want[0] and got[0][1] == want[1]

@@ -12,7 +12,7 @@ from tip_cli.envs.base import ToolCall
 from tip_cli.envs.deepplanning.common import DatabaseMissing
 from tip_cli.envs.deepplanning.shopping import ShoppingEnv, score_cart
 from tip_cli.envs.deepplanning.travel import TravelEnv, commonsense_checks, hard_checks, score_plan
-from tip_cli.eval.benchmark import load_benchmark
+from tip_cli.eval.benchmark import eval_spec, load_benchmark
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -125,7 +125,7 @@ def test_missing_database_is_one_clear_error(shopping_db, tmp_path):
     cfg = compose_config(["benchmark=deepplanning_shopping", f"benchmark.path={shopping_db / 'tasks'}",
                           f"benchmark.db_path={empty}", "benchmark.env_options.levels=[1]"])
     with pytest.raises(FileNotFoundError, match="Qwen/DeepPlanning"):  # what `tip eval` reports in one line
-        load_benchmark(cfg)
+        load_benchmark(eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout))
 
 
 # -------------------------------------------------------------------------------------------------------------- travel

@@ -25,7 +25,7 @@ from tip_cli.config.schema import (
     TipConfig,
     TrainConfig,
 )
-from tip_cli.eval.benchmark import evaluate_benchmark, load_benchmark
+from tip_cli.eval.benchmark import eval_spec, evaluate_benchmark, load_benchmark
 from tip_cli.losses import LossSpec, selected_token_loss
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
@@ -109,7 +109,8 @@ def select_on_ranks() -> dict[str, list[dict]]:
     for scope, case in ((scope, case) for scope in out for case in CASES):
         cfg = TipConfig(train=TrainConfig(selection_scope=scope), **case)
         sel = parallel.select_tokens(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - 3 * r, 3,
-                                        cfg, torch.Generator().manual_seed(7))
+                                        loop.step_spec(cfg, torch.device("cpu")).selection,
+                                        torch.Generator().manual_seed(7))
         local = {k: v[mine] if k in ("h_s", "h_t") else v for k, v in data.items()}
         loss, grad = loss_and_grad(local, sel.local, sel.normalizer)
         totals = torch.cat([torch.tensor([loss]), grad.flatten()])
@@ -176,12 +177,12 @@ def one_step(cfg: TipConfig) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"))
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(pair.student)
-    sharding.shard(pair, cfg.train)
+    sharding.shard(pair, cfg.train, loop.step_spec(cfg, pair.device).precision)
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.train.lr)
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     seen = []  # the dtype the final norm computed in (bf16 under bf16_mixed's FSDP2 policy)
     hook = pair.student.base_model.norm.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-    metrics, _, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, _, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     hook.remove()
     grads = {n: p.grad for n, p in pair.student.named_parameters()}
     grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(), cfg.train.grad_clip))
@@ -307,7 +308,7 @@ def test_launch_checks():
     with pytest.raises(ConfigError, match="selection_scope"):
         TrainConfig(selection_scope="everywhere")
     with pytest.raises(ConfigError, match="torchrun"):
-        parallel.check(TipConfig(train=TrainConfig(cpu_offload=True)))
+        parallel.check(TrainConfig(cpu_offload=True))
     assert parallel.my_slice([3, 1, 2]) == [3, 1, 2] and parallel.rank_seed(5) == 5
 
 
@@ -392,7 +393,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
 
     parallel.setup("cpu")
     pair = load_pair(cfg.pair, torch.device("cpu"))
-    sharding.shard(pair, cfg.train)
+    sharding.shard(pair, cfg.train, loop.step_spec(cfg, pair.device).precision)
     out = {}
     engine = spy_vllm_engine()
     engine.sync_weights(pair.student)
@@ -401,9 +402,10 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
                        "hf": unshards_in_rollout(cfg, pair, HFEngine(pair.student, pair.tokenizer))}
 
     hf = CountingHF(pair.student, pair.tokenizer, cfg.eval.batch_size)
-    bench = load_benchmark(cfg)
+    evals = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    bench = load_benchmark(evals)
     with sharding.gathered(pair.student, hf):
-        out["eval"] = evaluate_benchmark(pair.student, pair.tokenizer, cfg, bench, engine=hf, shard=parallel.eval_shard())
+        out["eval"] = evaluate_benchmark(pair.student, pair.tokenizer, evals, bench, engine=hf, shard=parallel.eval_shard())
     out["eval_prompts"] = hf.prompts
 
     hashed = []
@@ -451,7 +453,8 @@ def test_evaluation_is_split_over_ranks_and_matches_one_process(io_ranks):
     cfg, _, ranks = io_ranks
     pair = load_pair(cfg.pair, torch.device("cpu"), load_teacher=False)
     hf = CountingHF(pair.student, pair.tokenizer, cfg.eval.batch_size)
-    metrics, records = evaluate_benchmark(pair.student, pair.tokenizer, cfg, load_benchmark(cfg), engine=hf)
+    evals = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    metrics, records = evaluate_benchmark(pair.student, pair.tokenizer, evals, load_benchmark(evals), engine=hf)
     assert hf.prompts == 5 and [r["eval_prompts"] for r in ranks] == [3, 3]  # ceil(5 / 2) each, the last padded
     for r in ranks:
         got_metrics, got_records = r["eval"]

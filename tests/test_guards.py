@@ -88,10 +88,10 @@ RESPONSES = [[20, 21, 22, 40], [23, 42], [24, 25, 26, 27, 30]]
 def test_h_d_and_loss_use_softmax_of_logits_over_t(micro_overrides, overrides, temperature, selector):
     cfg = compose_config([*micro_overrides, *overrides, f"selector={selector}", "budget=0.5",
                           "importance.threshold=quantile"])
-    assert train_step.distill_temperature(cfg) == temperature
+    assert loop.step_spec(cfg, torch.device("cpu")).temperature == temperature
     pair = load_pair(cfg.pair, torch.device("cpu"))
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     with torch.no_grad():  # float64 reference: both models' full logits, divided by T
         kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         ls = (pair.student(**kw).logits.double()[batch.target_mask] / temperature).log_softmax(-1)  # [N, V]
@@ -112,6 +112,6 @@ def test_a_top_k_vllm_teacher_refuses_a_temperature_other_than_one():
     cfg = compose_config(["rollout.temperature=0.6", "loss.temperature=null"])
     cfg.teacher.backend = "vllm_topk"
     with pytest.raises(ConfigError, match="loss.temperature=1"):
-        train_step.check_temperature(cfg)
+        loop.step_spec(cfg, torch.device("cpu"))
     cfg.loss.temperature = 1.0
-    train_step.check_temperature(cfg)
+    loop.step_spec(cfg, torch.device("cpu"))

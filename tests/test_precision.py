@@ -26,7 +26,7 @@ def step_once(micro_overrides, mode: str, lr: float, extra=()) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"), student_dtype=prec.master, teacher_dtype=prec.pair)
     before = {n: p.detach().clone() for n, p in pair.student.named_parameters()}
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    metrics, _, _ = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, _, _ = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     grads = {n: p.grad.detach().clone() for n, p in pair.student.named_parameters()}
     torch.optim.AdamW(pair.student.parameters(), lr=lr, weight_decay=0.0).step()
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in pair.student.named_parameters())

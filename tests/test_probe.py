@@ -52,7 +52,7 @@ def reference(pair: Pair, batch, kept: list[int], normalizer: int) -> tuple[floa
 def probed_step(pair: Pair, batch, cfg, step: int | None) -> tuple[dict, torch.Tensor, list[torch.Tensor]]:
     """distill_step from zeroed gradients: (metrics, kept, the gradients it leaves)."""
     pair.student.zero_grad(set_to_none=True)
-    metrics, _, kept = distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {}, step=step)
+    metrics, _, kept = distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {}, step=step)
     return metrics, kept, [p.grad.clone() for p in pair.student.parameters()]
 
 
@@ -150,12 +150,12 @@ def probe_step(cfg) -> dict:
     left for the update, gathered whole."""
     parallel.setup("cpu")
     pair = load_pair(cfg.pair, torch.device("cpu"))
-    sharding.shard(pair, cfg.train)
+    sharding.shard(pair, cfg.train, loop.step_spec(cfg, pair.device).precision)
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     out = {}
     for step in (1, None):
         pair.student.zero_grad(set_to_none=True)
-        metrics, _, _ = distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {}, step=step)
+        metrics, _, _ = distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {}, step=step)
         grads = {n: p.grad.full_tensor() if parallel.active() else p.grad for n, p in pair.student.named_parameters()}
         out[step] = ({k: metrics[k] for k in (COS, RATIO) if k in metrics}, grads)
     shards = [p.grad for p in pair.student.parameters()]  # DTensors under FSDP2

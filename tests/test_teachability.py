@@ -232,8 +232,8 @@ def test_distill_step_keeps_the_budget_by_teachability(tiny, budget, micro, back
     logp_s, logp_t = z_s.log_softmax(-1), z_t.log_softmax(-1)
     want_c = ref_support(logp_s, logp_t, support_k)
     pair = Pair(student, teacher, tokenizer=None, vocab=80, device=torch.device("cpu"))
-    metrics, stats, kept = distill_step(pair, batch, teach_cfg(budget, micro, backend, support_k),
-                                        torch.Generator().manual_seed(0), {})
+    spec = loop.step_spec(teach_cfg(budget, micro, backend, support_k), pair.device)
+    metrics, stats, kept = distill_step(pair, batch, spec, torch.Generator().manual_seed(0), {})
     student.zero_grad(set_to_none=True)
     np.testing.assert_allclose(stats.support_mass.double().numpy(), want_c, rtol=1e-4, atol=1e-6)
     k = budget_count(len(stats), budget)
@@ -250,7 +250,8 @@ def test_distill_step_with_a_topk_teacher_ranks_by_the_lower_bound(tiny):  # noq
     scorer = TopKScorer(z_t, k_teacher)
     want_c = ref_topk_support(z_s.log_softmax(-1), scorer.ids, scorer.logp, 16)
     pair = Pair(student, teacher, tokenizer=None, vocab=80, device=torch.device("cpu"))
-    metrics, stats, kept = distill_step(pair, batch, teach_cfg(0.3, 2), torch.Generator().manual_seed(0), {}, scorer)
+    metrics, stats, kept = distill_step(pair, batch, loop.step_spec(teach_cfg(0.3, 2), pair.device),
+                                        torch.Generator().manual_seed(0), {}, scorer)
     student.zero_grad(set_to_none=True)
     np.testing.assert_allclose(stats.support_mass.double().numpy(), want_c, rtol=1e-4, atol=1e-6)
     assert kept.tolist() == ref_kept(stats.divergence.double(), want_c, 0.3)
@@ -263,7 +264,7 @@ def test_other_selectors_and_the_full_token_step_compute_no_support_mass(tiny): 
     for name, budget in (("soft_or", 0.3), ("teachability", 1.0)):
         cfg = teach_cfg(budget, 2)
         cfg.selector = SelectorConfig(name=name)
-        metrics, stats, kept = distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+        metrics, stats, kept = distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
         student.zero_grad(set_to_none=True)
         assert stats.support_mass is None and "support/mean" not in metrics
         assert kept.numel() == budget_count(len(stats), budget)
@@ -363,7 +364,8 @@ def _select_on_ranks() -> dict:
     lo = sum(SEQ_LENS[: 3 * r])
     mine = slice(lo, lo + sum(SEQ_LENS[3 * r : 3 * r + 3]))
     cfg = TipConfig(selector=SelectorConfig(name="teachability"), budget=0.2)
-    sel = parallel.select_tokens(ent[mine], div[mine], seq[mine] - 3 * r, 3, cfg, torch.Generator().manual_seed(7),
+    spec = loop.step_spec(cfg, torch.device("cpu")).selection
+    sel = parallel.select_tokens(ent[mine], div[mine], seq[mine] - 3 * r, 3, spec, torch.Generator().manual_seed(7),
                                  support=c[mine])
     parallel.teardown()
     return {"kept": sel.kept, "mine": sel.local + lo, "support": sel.stats.support_mass, "metrics": sel.metrics}

@@ -12,13 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tip_cli.cli import compose_config
-from tip_cli.config.schema import ConfigError, TrainConfig
+from tip_cli.config.schema import ConfigError, SelectorConfig, TrainConfig
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
 from tip_cli.rollout import sources
 from tip_cli.rollout.batch import pack
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop, schedule
+from tip_cli.train import loop, precision, schedule
 from tip_cli.train import step as train_step
 
 SPEC_METRICS = [
@@ -61,9 +61,29 @@ def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_o
 
 def grads_after_step(pair, batch, cfg) -> list[torch.Tensor]:
     pair.student.zero_grad(set_to_none=True)
-    metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     assert metrics["tokens/kept"] == kept.numel() == round(0.5 * len(stats))
     return [p.grad.clone() for p in pair.student.parameters()]
+
+
+def test_a_run_resolves_its_selector_and_precision_once_not_every_step(tmp_path, micro_overrides, monkeypatch):
+    """The step's specs are built once per run (loop.step_spec) and handed down; no step reads the config."""
+    calls = {"selector": 0, "precision": 0}
+    real_spec, real_resolve = SelectorConfig.spec, precision.resolve
+
+    def counting_spec(self):
+        calls["selector"] += 1
+        return real_spec(self)
+
+    def counting_resolve(*args):
+        calls["precision"] += 1
+        return real_resolve(*args)
+
+    monkeypatch.setattr(SelectorConfig, "spec", counting_spec)
+    monkeypatch.setattr(precision, "resolve", counting_resolve)
+    loop.train(compose_config([*micro_overrides, "train.steps=3", "train.eval_before=false"]), tmp_path)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+    assert calls == {"selector": 1, "precision": 1}
 
 
 @pytest.mark.parametrize("loss_norm", ["selected", "total"])
@@ -175,7 +195,7 @@ def test_full_token_step_takes_its_stats_from_the_loss_pass(micro_overrides, mon
 
     def step():
         pair.student.zero_grad(set_to_none=True)
-        metrics, stats, kept = train_step.distill_step(pair, batch, cfg, torch.Generator().manual_seed(0), {})
+        metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
         return metrics, stats, kept, [p.grad.clone() for p in pair.student.parameters()]
 
     fused = step()

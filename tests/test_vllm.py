@@ -148,14 +148,16 @@ def test_eval_through_vllm_matches_hf_without_loading_the_hf_model(tmp_path, mon
     common = ["benchmark=toy", f"benchmark.path={micro['test']}", "eval.limit=6", "eval.max_new_tokens=24",
               "logger=none"]
     hf_cfg = compose_config(common)
-    hf = benchmark.evaluate_checkpoint(hf_cfg, ckpt, tmp_path / "hf", benchmark.load_benchmark(hf_cfg))
+    hf = benchmark.evaluate_checkpoint(hf_cfg, ckpt, tmp_path / "hf", benchmark.load_benchmark(benchmark.eval_spec(
+        hf_cfg.benchmark, hf_cfg.eval, hf_cfg.pair, hf_cfg.agent, hf_cfg.rollout)))
 
     def no_hf_model(*args, **kwargs):
         raise AssertionError("the HF model was loaded for a vLLM eval")
 
     monkeypatch.setattr(benchmark, "load_model", no_hf_model)
     vllm_cfg = compose_config([*common, "rollout=vllm", "rollout.vllm.kv_cache_gb=0.25"])
-    got = benchmark.evaluate_checkpoint(vllm_cfg, ckpt, tmp_path / "vllm", benchmark.load_benchmark(vllm_cfg))
+    got = benchmark.evaluate_checkpoint(vllm_cfg, ckpt, tmp_path / "vllm", benchmark.load_benchmark(benchmark.eval_spec(
+        vllm_cfg.benchmark, vllm_cfg.eval, vllm_cfg.pair, vllm_cfg.agent, vllm_cfg.rollout)))
     records = [json.loads((tmp_path / run / "eval" / "toy" / "results.json").read_text())["records"] for run in ("hf", "vllm")]
     assert [r["responses"] for r in records[0]] == [r["responses"] for r in records[1]]
     assert got["accuracy"] == hf["accuracy"]

@@ -12,6 +12,7 @@ import torch
 
 from tip_cli.models import Pair, head_weight, response_hidden
 from tip_cli.rollout.batch import Batch
+from tip_cli.train import loop
 from tip_cli.train import step as train_step
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def tip_runner(cfg):
 
         train_step.selected_token_loss = marked  # a probe only: the call goes through unchanged
         try:
-            stats, _, kept = train_step.distill_step(pair, batch, cfg, generator, times)
+            stats, _, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), generator, times)
         finally:
             train_step.selected_token_loss = loss_fn
         times["kept"] = int(kept.numel())

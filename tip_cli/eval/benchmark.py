@@ -25,7 +25,16 @@ from tip_cli.checkpoint import (
     list_checkpoints,
     verify,
 )
-from tip_cli.config.schema import ConfigError, DatasetConfig, EvalConfig, PairConfig, TipConfig
+from tip_cli.config.schema import (
+    AgentConfig,
+    ConfigError,
+    DatasetConfig,
+    EvalConfig,
+    LoggerConfig,
+    PairConfig,
+    RolloutConfig,
+    TipConfig,
+)
 from tip_cli.data import Problem, fit_context, load_problems
 from tip_cli.eval.metrics import summarize
 from tip_cli.grading import grade
@@ -50,6 +59,40 @@ def eval_sampling(bench: DatasetConfig, ev: EvalConfig) -> Sampling:
         top_p=pick(ev.top_p, bench.top_p),
         max_new_tokens=pick(ev.max_new_tokens, bench.max_new_tokens),
     )
+
+
+def engine_context(rollout: RolloutConfig) -> int | None:
+    """The context the rollout engine caps prompts and answers at beyond the models' own: rollout.vllm.max_model_len
+    under vLLM; None otherwise."""
+    return rollout.vllm.max_model_len if rollout.engine == "vllm" else None
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What an evaluation reads of the config, built once (`eval_spec`): the benchmark and its sampling, the batch
+    size, the row limit and whether rows too long for the context are skipped, the chat template (pair), the
+    agent's limits (for an environment) and the engine's context cap (`engine_context`)."""
+
+    benchmark: DatasetConfig
+    sampling: Sampling
+    batch_size: int
+    limit: int | None
+    skip_bad_rows: bool
+    pair: PairConfig
+    agent: AgentConfig
+    context: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """What makes two evaluations comparable: the benchmark, its sampling, and the problem limit."""
+        out = {"benchmark": asdict(self.benchmark), "sampling": asdict(self.sampling), "limit": self.limit}
+        return out | ({"agent": asdict(self.agent)} if self.benchmark.env else {})
+
+
+def eval_spec(bench: DatasetConfig, ev: EvalConfig, pair: PairConfig, agent: AgentConfig,
+              rollout: RolloutConfig) -> EvalSpec:
+    """The evaluation's spec from its config groups (the rollout group for the engine's context)."""
+    return EvalSpec(bench, eval_sampling(bench, ev), ev.batch_size, ev.limit, ev.skip_bad_rows, pair, agent,
+                    engine_context(rollout))
 
 
 class Shard(Protocol):
@@ -118,61 +161,62 @@ def context_length(path: str, pair_cfg: PairConfig) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def counting_tokenizer(model: str, cfg: TipConfig):
+def counting_tokenizer(model: str, pair_cfg: PairConfig):
     """`model`'s tokenizer for counting prompt tokens in `fit_models` (loaded once per command, shared by its calls)."""
-    tokenizer = load_tokenizer(model, cfg.pair)
+    tokenizer = load_tokenizer(model, pair_cfg)
     tokenizer.model_max_length = 1 << 62  # prompts are only counted: fit_context, not a warning, judges them
     return tokenizer
 
 
-def fit_models(cfg: TipConfig, problems: list[Problem], models: list[str], tokenizer: Callable[[], Any],
-               answer_tokens: int, name: str, skip_bad_rows: bool, skip_key: str) -> tuple[list[Problem], int]:
-    """`fit_context` for the models that will read these prompts: the smallest of their context lengths (and
-    rollout.vllm.max_model_len under vLLM), the prompt rendered and counted by `tokenizer()` (the first model's
-    `counting_tokenizer`, loaded only when a context is known, and once for the calls that share it)."""
-    contexts = [c for c in (context_length(m, cfg.pair) for m in models) if c]
-    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.max_model_len:
-        contexts.append(cfg.rollout.vllm.max_model_len)
+def fit_models(pair_cfg: PairConfig, context: int | None, problems: list[Problem], models: list[str],
+               tokenizer: Callable[[], Any], answer_tokens: int, name: str, skip_bad_rows: bool,
+               skip_key: str) -> tuple[list[Problem], int]:
+    """`fit_context` for the models that will read these prompts: the smallest of their context lengths (and the
+    engine's `context` cap, `engine_context`), the prompt rendered in `pair_cfg`'s template and counted by
+    `tokenizer()` (the first model's `counting_tokenizer`, loaded only when a context is known, and once for the
+    calls that share it)."""
+    contexts = [c for c in (context_length(m, pair_cfg) for m in models) if c]
+    if context:
+        contexts.append(context)
     if not contexts:
         return problems, 0
     tok = tokenizer()
-    return fit_context(problems, lambda p: len(render_prompt(tok, p.prompt, cfg.pair)), min(contexts),
+    return fit_context(problems, lambda p: len(render_prompt(tok, p.prompt, pair_cfg)), min(contexts),
                        answer_tokens, name, skip_bad_rows, skip_key)
 
 
-def fit_benchmark(cfg: TipConfig, bench: list[Problem] | EnvBenchmark, models: list[str],
+def fit_benchmark(spec: EvalSpec, bench: list[Problem] | EnvBenchmark, models: list[str],
                   tokenizer: Callable[[], Any]) -> tuple[list[Problem] | EnvBenchmark, int]:
     """The benchmark's problems that leave `models` room for eval's max_new_tokens (`fit_models`; eval.skip_bad_rows
     skips the others), and how many were left out; environments' tasks are kept as they are."""
     if isinstance(bench, EnvBenchmark):
         return bench, 0
-    answer = eval_sampling(cfg.benchmark, cfg.eval).max_new_tokens
-    return fit_models(cfg, bench, models, tokenizer, answer, cfg.benchmark.name, cfg.eval.skip_bad_rows,
-                      "eval.skip_bad_rows")
+    return fit_models(spec.pair, spec.context, bench, models, tokenizer, spec.sampling.max_new_tokens,
+                      spec.benchmark.name, spec.skip_bad_rows, "eval.skip_bad_rows")
 
 
-def load_benchmark(cfg: TipConfig) -> list[Problem] | EnvBenchmark:
+def load_benchmark(spec: EvalSpec) -> list[Problem] | EnvBenchmark:
     """The benchmark's problems, or its environment and tasks when benchmark.env names one (first eval.limit)."""
-    if cfg.benchmark.env is None:
-        return load_problems(cfg.benchmark, limit=cfg.eval.limit, skip_bad_rows=cfg.eval.skip_bad_rows)
+    if spec.benchmark.env is None:
+        return load_problems(spec.benchmark, limit=spec.limit, skip_bad_rows=spec.skip_bad_rows)
     from tip_cli.envs import make_env
 
-    env = make_env(cfg.benchmark, cfg.pair, resolve_model)
-    return EnvBenchmark(env, env.tasks()[: cfg.eval.limit])
+    env = make_env(spec.benchmark, spec.pair, resolve_model)
+    return EnvBenchmark(env, env.tasks()[: spec.limit])
 
 
-def evaluate_benchmark(model, tokenizer, cfg: TipConfig, bench: list[Problem] | EnvBenchmark, engine=None,
+def evaluate_benchmark(model, tokenizer, spec: EvalSpec, bench: list[Problem] | EnvBenchmark, engine=None,
                        shard: Shard | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """`evaluate` for problem lists; agent episodes (tip_cli.rollout.agent) for an environment, `accuracy` its
     headline; under `shard` each process runs its share of the problems or tasks."""
-    sampling = eval_sampling(cfg.benchmark, cfg.eval)
+    sampling = spec.sampling
     if not isinstance(bench, EnvBenchmark):
-        return evaluate(model, tokenizer, cfg.pair, bench, sampling, cfg.eval.batch_size, engine=engine, shard=shard)
+        return evaluate(model, tokenizer, spec.pair, bench, sampling, spec.batch_size, engine=engine, shard=shard)
     from tip_cli.rollout import agent
 
     shard = shard or Whole()
-    engine = engine or HFEngine(model, tokenizer, cfg.eval.batch_size)
-    trajs = agent.rollout(engine, tokenizer, bench.env, shard.split(bench.tasks), sampling, cfg.agent, cfg.pair,
+    engine = engine or HFEngine(model, tokenizer, spec.batch_size)
+    trajs = agent.rollout(engine, tokenizer, bench.env, shard.split(bench.tasks), sampling, spec.agent, spec.pair,
                           engine.eos_ids)
     trajs = shard.gather(trajs, len(bench.tasks) * sampling.n)  # n episodes per task, task by task
     return agent.summarize(trajs, bench.env), agent.records(trajs, tokenizer)
@@ -181,12 +225,6 @@ def evaluate_benchmark(model, tokenizer, cfg: TipConfig, bench: list[Problem] | 
 def results_dir(model_or_run_dir: Path, benchmark: str) -> Path:
     """Where results of one benchmark live: <checkpoint or run dir>/eval/<benchmark>/."""
     return model_or_run_dir / "eval" / benchmark
-
-
-def _settings(cfg: TipConfig) -> dict[str, Any]:
-    """What makes two evaluations comparable: the benchmark, its sampling, and the problem limit."""
-    out = {"benchmark": asdict(cfg.benchmark), "sampling": asdict(eval_sampling(cfg.benchmark, cfg.eval)), "limit": cfg.eval.limit}
-    return out | ({"agent": asdict(cfg.agent)} if cfg.benchmark.env else {})
 
 
 def print_metrics(title: str, metrics: dict[str, float]) -> None:
@@ -198,13 +236,14 @@ def print_metrics(title: str, metrics: dict[str, float]) -> None:
     console.print(table)
 
 
-def _log_wandb(cfg: TipConfig, out_dir: Path, metrics: dict[str, float], records: list[dict], step: int) -> None:
+def _log_wandb(logger: LoggerConfig, spec: EvalSpec, out_dir: Path, metrics: dict[str, float], records: list[dict],
+               step: int) -> None:
     import wandb
 
-    run = init_wandb(cfg.logger, out_dir, job_type="eval", config=_settings(cfg), reinit="finish_previous")
-    name = cfg.benchmark.name
+    run = init_wandb(logger, out_dir, job_type="eval", config=spec.settings(), reinit="finish_previous")
+    name = spec.benchmark.name
     run.log({f"eval/{name}/{k}": v for k, v in metrics.items()} | {"step": step})
-    if cfg.benchmark.env:  # agent episodes (tip_cli.rollout.agent.records)
+    if spec.benchmark.env:  # agent episodes (tip_cli.rollout.agent.records)
         columns = ["id", "prompt", "transcript", "accuracy"]
         rows = [[r["id"], r["prompt"], r["transcript"], r["metrics"]["accuracy"]] for r in records[:200]]
     else:
@@ -226,8 +265,9 @@ def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problem
                         skipped: int = 0) -> dict[str, float]:
     """Evaluate one model into out_dir/eval/<benchmark>/results.json, reusing a result with identical settings;
     with eval.skip_bad_rows, the metrics count the `skipped` rows that did not fit the context (`skipped_too_long`)."""
+    spec = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
     out_file = results_dir(out_dir, cfg.benchmark.name) / "results.json"
-    settings = _settings(cfg)
+    settings = spec.settings()
     if out_file.exists():
         previous = json.loads(out_file.read_text())
         if previous.get("settings") == settings:
@@ -244,13 +284,13 @@ def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problem
                             eos=_eos_token_id(path))
     else:
         model = load_model(path, cfg.pair, device, trainable=False)
-    metrics, records = evaluate_benchmark(model, tokenizer, cfg, problems, engine=engine)
+    metrics, records = evaluate_benchmark(model, tokenizer, spec, problems, engine=engine)
     if cfg.eval.skip_bad_rows:
         metrics["skipped_too_long"] = skipped
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps({"model": str(ckpt.path), "settings": settings, "metrics": metrics, "records": records}, indent=1))
     if cfg.logger.name == "wandb":
-        _log_wandb(cfg, out_file.parent, metrics, records, max(ckpt.step, 0))
+        _log_wandb(cfg.logger, spec, out_file.parent, metrics, records, max(ckpt.step, 0))
     del model
     return metrics
 
@@ -262,14 +302,15 @@ def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
     if not cfg.checkpoint:
         raise ConfigError("tip eval needs a checkpoint dir, a run dir, or a model id: tip eval PATH")
     target = Path(cfg.checkpoint).expanduser()
-    problems = load_benchmark(cfg)
+    spec = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    problems = load_benchmark(spec)
     name = cfg.benchmark.name
     ckpts = list_checkpoints(target)
     if not ckpts and (target / MANIFEST).is_file() and (reason := verify(Checkpoint(-1, target))) is not None:
         raise CheckpointError(f"checkpoint {target} is damaged: {reason}; evaluate another checkpoint of its run")
     # a prompt too long for the model fails here, before any model loads, not midway through the evaluation
     model = str(ckpts[0].path) if ckpts else resolve_model(cfg.checkpoint)
-    problems, skipped = fit_benchmark(cfg, problems, [model], lambda: counting_tokenizer(model, cfg))
+    problems, skipped = fit_benchmark(spec, problems, [model], lambda: counting_tokenizer(model, cfg.pair))
     if not ckpts:  # one model: a checkpoint dir, a HF id, or toy://student
         if cfg.out_dir is None and is_run_checkpoint(target):
             out_dir = target  # a run's checkpoint keeps its results beside it, as `tip eval RUN_DIR` does

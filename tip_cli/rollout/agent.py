@@ -22,7 +22,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from tip_cli.config.schema import AgentConfig, ConfigError, PairConfig, TipConfig
+from tip_cli.config.schema import AgentConfig, ConfigError, DatasetConfig, PairConfig
 from tip_cli.envs.base import Environment, Episode, Task, ToolCall
 from tip_cli.errors import DataError
 from tip_cli.rollout.batch import Batch, Sampling, pack_masked
@@ -190,17 +190,19 @@ def rollout_metrics(trajs: list[Trajectory], env: Environment) -> dict[str, floa
 
 
 class TaskSource:
-    """An environment's tasks as a training-prompt source: `rollout(engine, indices, sampling)` runs their episodes."""
+    """An environment's tasks as a training-prompt source: `rollout(engine, indices, sampling)` runs their episodes,
+    each within `agent`'s turn and token limits, in `pair`'s chat template."""
 
-    def __init__(self, cfg: TipConfig, tok: PreTrainedTokenizerBase, stop_ids: set[int], env: Environment):
-        self.cfg, self.tok, self.stop_ids, self.env = cfg, tok, stop_ids, env
+    def __init__(self, data: DatasetConfig, agent: AgentConfig, pair: PairConfig, tok: PreTrainedTokenizerBase,
+                 stop_ids: set[int], env: Environment):
+        self.agent, self.pair, self.tok, self.stop_ids, self.env = agent, pair, tok, stop_ids, env
         self.tasks = self.env.tasks()
         if not self.tasks:
-            raise DataError(f"data.env={cfg.data.env}: no tasks in split {cfg.data.split!r}")
+            raise DataError(f"data.env={data.env}: no tasks in split {data.split!r}")
 
     def __len__(self) -> int:
         return len(self.tasks)
 
     def rollout(self, engine, indices: list[int], sampling: Sampling) -> list[Trajectory]:
-        return rollout(engine, self.tok, self.env, [self.tasks[i] for i in indices], sampling, self.cfg.agent,
-                       self.cfg.pair, self.stop_ids)
+        return rollout(engine, self.tok, self.env, [self.tasks[i] for i in indices], sampling, self.agent,
+                       self.pair, self.stop_ids)

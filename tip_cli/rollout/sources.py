@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tip_cli.config.schema import TipConfig
+from tip_cli.config.schema import AgentConfig, DatasetConfig, PairConfig
 from tip_cli.envs.base import Resolve
 from tip_cli.grading import grade
 from tip_cli.models import Pair, render_prompt
@@ -32,9 +32,9 @@ class Rollout:
 class PromptSource:
     """Single-turn prompts: one response per sample, graded against the problem's answer (math-verify)."""
 
-    def __init__(self, problems: list, tok, cfg: TipConfig):
+    def __init__(self, problems: list, tok, pair_cfg: PairConfig):
         self.problems, self.tok = problems, tok
-        self.prompts = [render_prompt(tok, p.prompt, cfg.pair) for p in problems]
+        self.prompts = [render_prompt(tok, p.prompt, pair_cfg) for p in problems]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -79,15 +79,17 @@ class EpisodeSource:
 
 
 def rollout_source(
-    cfg: TipConfig, pair: Pair, problems: list | None, resolve: Resolve
+    data: DatasetConfig, pair_cfg: PairConfig, agent_cfg: AgentConfig, pair: Pair, problems: list | None,
+    resolve: Resolve,
 ) -> PromptSource | EpisodeSource:
-    """Where a step's rollouts come from: tool-use episodes with data.env, single-turn prompts otherwise. `resolve`
-    turns a model reference into a local path for an environment that runs a model of its own
-    (tip_cli.pairs.resolve_model, which sits above rollout)."""
-    if not cfg.data.env:
-        return PromptSource(problems, pair.tokenizer, cfg)
+    """Where a step's rollouts come from: tool-use episodes with data.env, single-turn prompts otherwise; prompts
+    and episodes are rendered with `pair_cfg`'s chat template. `resolve` turns a model reference into a local path
+    for an environment that runs a model of its own (tip_cli.pairs.resolve_model, which sits above rollout)."""
+    if not data.env:
+        return PromptSource(problems, pair.tokenizer, pair_cfg)
     from tip_cli.envs import make_env
     from tip_cli.rollout import agent
 
     stop_ids = eos_ids(pair.student.generation_config.eos_token_id, pair.tokenizer)
-    return EpisodeSource(agent.TaskSource(cfg, pair.tokenizer, stop_ids, make_env(cfg.data, cfg.pair, resolve)))
+    env = make_env(data, pair_cfg, resolve)
+    return EpisodeSource(agent.TaskSource(data, agent_cfg, pair_cfg, pair.tokenizer, stop_ids, env))

@@ -23,12 +23,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tip_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
 from tip_cli.config.compose import to_container
-from tip_cli.config.schema import TipConfig
+from tip_cli.config.schema import ConfigError, TipConfig
 from tip_cli.data import Problem, load_problems
 from tip_cli.errors import UserError
 from tip_cli.eval.benchmark import (
     EnvBenchmark,
+    EvalSpec,
     counting_tokenizer,
+    engine_context,
+    eval_spec,
     evaluate_benchmark,
     fit_benchmark,
     fit_models,
@@ -41,11 +44,13 @@ from tip_cli.rollout import make_engine
 from tip_cli.rollout.batch import Sampling
 from tip_cli.rollout.sources import EpisodeSource, PromptSource, Rollout, rollout_source
 from tip_cli.seeds import derive_seed, stream_seed
+from tip_cli.selection.selectors import needs_support
 from tip_cli.teacher.factory import make_scorer
 from tip_cli.tracking import STEP_PHASES, MetricsLogger, PeakMemory, read_jsonl, save_token_sample, timed
 from tip_cli.train import checkpoints, parallel, precision, rundir, sharding, signals
 from tip_cli.train.schedule import apply_schedule, lr_lambda, make_optimizer, prompt_indices
-from tip_cli.train.step import check_temperature, distill_step, weights_finite
+from tip_cli.train.spec import SelectionSpec, StepSpec
+from tip_cli.train.step import distill_step, weights_finite
 
 console = Console()
 
@@ -68,22 +73,23 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     Under torchrun every rank runs this (tip_cli.train.parallel): each on its slice of the prompts, rank 0 alone logging.
     """
     device = parallel.setup(cfg.train.device)  # joins the torchrun job when launched by one
-    parallel.check(cfg)
+    parallel.check(cfg.train)
     run_dir = parallel.broadcast(run_dir)  # rank 0's: each rank's Hydra may have stamped its own
     console.quiet = eval_console.quiet = not parallel.is_main()
     # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
     problems, too_long = None, {}  # rows left out for not fitting the context, logged when skipping is on
     models = [resolve_model(cfg.pair.student), resolve_model(cfg.pair.teacher)]
-    tokenizer = functools.cache(lambda: counting_tokenizer(models[0], cfg))  # one load for the data and the benchmark
+    tokenizer = functools.cache(lambda: counting_tokenizer(models[0], cfg.pair))  # one load for data and benchmark
     if not cfg.data.env:
         skip = cfg.train.skip_bad_rows
         problems = load_problems(cfg.data, skip_bad_rows=skip, skip_key="train.skip_bad_rows")
-        problems, n = fit_models(cfg, problems, models, tokenizer, cfg.rollout.max_new_tokens, cfg.data.name, skip,
-                                 "train.skip_bad_rows")
+        problems, n = fit_models(cfg.pair, engine_context(cfg.rollout), problems, models, tokenizer,
+                                 cfg.rollout.max_new_tokens, cfg.data.name, skip, "train.skip_bad_rows")
         too_long |= {"data/skipped_too_long": n} if skip else {}
-    bench, n = fit_benchmark(cfg, load_benchmark(cfg), models[:1], tokenizer)
-    too_long |= {f"eval/{cfg.benchmark.name}/skipped_too_long": n} if cfg.eval.skip_bad_rows else {}
-    check_temperature(cfg)
+    evals = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    bench, n = fit_benchmark(evals, load_benchmark(evals), models[:1], tokenizer)
+    too_long |= {f"eval/{cfg.benchmark.name}/skipped_too_long": n} if evals.skip_bad_rows else {}
+    spec = step_spec(cfg, device)
     # the run dir's contract (tip_cli.train.rundir): one writer, the recorded config, the newest verified checkpoint
     plan = rundir.open_run(cfg, run_dir, console)
     if plan.complete is not None:
@@ -92,17 +98,44 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
         parallel.teardown()
         return plan.complete
     try:
-        return _train(cfg, run_dir, device, plan.checkpoint, problems, bench, too_long)
+        return _train(prepare(cfg, spec, evals, run_dir, device, plan.checkpoint, problems, bench), too_long)
     finally:
         plan.release()
 
 
+def step_spec(cfg: TipConfig, device: torch.device) -> StepSpec:
+    """The run's frozen step spec on `device`, built once. T is loss.temperature when set, else the distribution the
+    rollouts were sampled from (rollout.temperature; 1 for greedy rollouts), as TRL's distillation losses do. A vLLM
+    top-K teacher (in process or a server) returns log-probs at T = 1, which cannot be re-tempered without the rest
+    of the vocabulary: any other T is refused here."""
+    temp = cfg.loss.temperature
+    if temp is None:
+        temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+    if cfg.teacher.backend in ("vllm_topk", "vllm_server") and temp != 1.0:
+        raise ConfigError(
+            f"teacher.backend={cfg.teacher.backend} scores at temperature 1, but H, D and the loss would compare "
+            f"softmax(logits / {temp}) (rollout.temperature={cfg.rollout.temperature}); "
+            "set loss.temperature=1 or use teacher.backend=hf"
+        )
+    t, loss = cfg.train, cfg.loss
+    selection = SelectionSpec(cfg.importance.axis_spec(), cfg.selector.spec(), cfg.budget, t.selection_scope, loss.norm)
+    return StepSpec(
+        temp, precision.resolve(t.precision, cfg.pair.dtype, device), selection, cfg.importance.score_spec(),
+        loss.kind, loss.jsd_beta, t.micro_batch_size, cfg.importance.chunk_size, loss.chunk_size, loss.backend,
+        t.signal_metrics, t.grad_probe_every,
+        cfg.importance.support_k if needs_support(selection.selector) else None,
+    )
+
+
 @dataclass
 class Run:
-    """Everything a training run holds: the pair, its precision, the teacher's scorer, the rollout engine and source,
-    the optimizer and schedule, the logger, and the step it starts after."""
+    """Everything a training run holds: the specs of its step and its evaluation (built once, from `cfg`), the pair,
+    its precision, the teacher's scorer, the rollout engine and source, the optimizer and schedule, the logger, and
+    the step it starts after."""
 
     cfg: TipConfig
+    step: StepSpec
+    evals: EvalSpec
     run_dir: Path
     device: torch.device
     pair: Pair
@@ -122,43 +155,43 @@ class Run:
 
     def evaluate(self, step: int) -> dict:
         """Evaluate the student on the benchmark; each rank its share of the rows, rank 0 logs the metrics."""
-        cfg, student = self.cfg, self.pair.student
+        name, student = self.evals.benchmark.name, self.pair.student
         with sharding.gathered(student, self.engine), self.prec.autocast(self.device, student):
-            result, _ = evaluate_benchmark(student, self.pair.tokenizer, cfg, self.bench, engine=self.engine,
+            result, _ = evaluate_benchmark(student, self.pair.tokenizer, self.evals, self.bench, engine=self.engine,
                                            shard=parallel.eval_shard())
-        self.logger.log({f"eval/{cfg.benchmark.name}/{k}": v for k, v in result.items()}, step)
-        console.print(f"[bold]eval[/] step {step}: {cfg.benchmark.name} accuracy {result['accuracy']:.3f}")
+        self.logger.log({f"eval/{name}/{k}": v for k, v in result.items()}, step)
+        console.print(f"[bold]eval[/] step {step}: {name} accuracy {result['accuracy']:.3f}")
         return result
 
 
-def prepare(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint | None,
-            problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> Run:
-    """Load the pair (the student from `ckpt` if given), shard it under torchrun, and build the scorer, the engine,
-    the rollout source, the optimizer and schedule (restored from `ckpt`) and the logger."""
-    prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, device)
+def prepare(cfg: TipConfig, spec: StepSpec, evals: EvalSpec, run_dir: Path, device: torch.device,
+            ckpt: Checkpoint | None, problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> Run:
+    """Load the pair (the student from `ckpt` if given) in `spec`'s precision, shard it under torchrun, and build the
+    scorer, the engine, the rollout source, the optimizer and schedule (restored from `ckpt`) and the logger."""
+    prec = spec.precision
     precision.warn_pure_bf16(prec, cfg.train.lr)
     pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None,
                      load_teacher=cfg.teacher.backend == "hf", student_dtype=prec.master, teacher_dtype=prec.pair)
     student = pair.student
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
-    sharding.shard(pair, cfg.train)  # FSDP2 under torchrun, before the optimizer sees the parameters
-    scorer = make_scorer(cfg, pair, prec.pair, run_dir)
+    sharding.shard(pair, cfg.train, prec)  # FSDP2 under torchrun, before the optimizer sees the parameters
+    scorer = make_scorer(cfg.teacher, cfg.seed, pair, prec.pair, run_dir)
     memory = PeakMemory(device)
     with memory.engine_build():
         engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
-    source = rollout_source(cfg, pair, problems, resolve_model)
+    source = rollout_source(cfg.data, cfg.pair, cfg.agent, pair, problems, resolve_model)
     optimizer = make_optimizer(student.parameters(), cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
     start = 0
     if ckpt:
         start = checkpoints.resume(ckpt, student, optimizer, scheduler)
-        apply_schedule(optimizer, scheduler, cfg)
+        apply_schedule(optimizer, scheduler, cfg.train)
         console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})", soft_wrap=True)
     logger = parallel.NullLogger()
     if parallel.is_main():
         logger = MetricsLogger(run_dir, cfg.logger, to_container(cfg), start, run_dir.name)
-    return Run(cfg, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, memory,
+    return Run(cfg, spec, evals, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, memory,
                start)
 
 
@@ -294,12 +327,11 @@ def finish(run: Run) -> dict:
 PROGRESS = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
 
 
-def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint | None,
-           problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark, too_long: dict[str, int]) -> dict:
-    """`train` in a run dir it holds, from `ckpt` (None: from the start), on the problems (None with data.env):
-    each step is rollout -> teacher -> select -> loss (distill_step) -> update -> log. `too_long` (rows skipped for
-    the context) is logged at the step the run starts from."""
-    run = prepare(cfg, run_dir, device, ckpt, problems, bench)
+def _train(run: Run, too_long: dict[str, int]) -> dict:
+    """`train` in a run dir it holds, prepared (from a checkpoint or the start): each step is rollout -> teacher ->
+    select -> loss (distill_step) -> update -> log. `too_long` (rows skipped for the context) is logged at the step
+    the run starts from."""
+    cfg = run.cfg
     if too_long:
         run.logger.log(too_long, run.start)
     if run.start == 0 and cfg.train.eval_before:
@@ -311,7 +343,7 @@ def _train(cfg: TipConfig, run_dir: Path, device: torch.device, ckpt: Checkpoint
             m: dict[str, float] = {}
             with timed("time/step", m):
                 out = rollout(run, step, m)
-                metrics, stats, kept = distill_step(run.pair, out.batch, cfg, generator, m, run.scorer, step)
+                metrics, stats, kept = distill_step(run.pair, out.batch, run.step, generator, m, run.scorer, step)
                 m.update(metrics)
                 grad_norm = update(run, stats, m)
                 sync_weights(run, m)

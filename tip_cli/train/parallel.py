@@ -24,11 +24,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from tip_cli.config.schema import ConfigError, TipConfig
+from tip_cli.config.schema import ConfigError, TrainConfig
 from tip_cli.models import pick_device
 from tip_cli.selection import global_select
 from tip_cli.selection.global_select import Selection
 from tip_cli.selection.signal import Signal
+from tip_cli.train.spec import SelectionSpec
 
 _JOB = {"joined": False, "owned": False}  # set by setup(): a torchrun job joined, and whether we made its group
 
@@ -102,15 +103,15 @@ def broadcast(obj):
     return box[0]
 
 
-def check(cfg: TipConfig) -> None:
+def check(train: TrainConfig) -> None:
     """What a run needs of the launch, checked before any model is loaded."""
     world = world_size()
-    if cfg.train.prompts_per_step % world:
+    if train.prompts_per_step % world:
         raise ConfigError(
-            f"train.prompts_per_step={cfg.train.prompts_per_step} does not split over {world} ranks: each rank "
+            f"train.prompts_per_step={train.prompts_per_step} does not split over {world} ranks: each rank "
             f"generates an equal slice of the step's prompts; use a multiple of {world}"
         )
-    if cfg.train.cpu_offload and not active():
+    if train.cpu_offload and not active():
         raise ConfigError("train.cpu_offload=true offloads FSDP2 shards: launch with torchrun (--nproc_per_node 1 is fine)")
 
 
@@ -159,15 +160,14 @@ def ranks() -> global_select.Ranks:
 
 
 def select_tokens(
-    entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, cfg: TipConfig,
+    entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, spec: SelectionSpec,
     generator: torch.Generator | None, signal: Signal | None = None, support: torch.Tensor | None = None,
 ) -> Selection:
     """global_select.select_tokens for this rank's N_r tokens (entropy, divergence, seq_id and the optional support
-    mass C [N_r]; `rows` sequences) with the run's specs: train.selection_scope, the importance axes, the selector, the
-    budget and loss.norm."""
+    mass C [N_r]; `rows` sequences) under `spec`: the axes, the selector, the budget, the scope and the loss's norm."""
     return global_select.select_tokens(
-        entropy, divergence, seq_id, rows, cfg.importance.axis_spec(), cfg.selector.spec(), cfg.budget, generator,
-        signal, scope=cfg.train.selection_scope, norm=cfg.loss.norm, ranks=ranks(), support=support,
+        entropy, divergence, seq_id, rows, spec.axis, spec.selector, spec.budget, generator, signal,
+        scope=spec.scope, norm=spec.norm, ranks=ranks(), support=support,
     )
 
 

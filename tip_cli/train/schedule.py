@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tip_cli.config.schema import TipConfig, TrainConfig
+from tip_cli.config.schema import TrainConfig
 from tip_cli.seeds import stream_seed
 
 
@@ -33,8 +33,8 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if on_cuda else None)
 
 
-def lr_lambda(cfg: TipConfig):
-    t = cfg.train
+def lr_lambda(t: TrainConfig):
+    """The lr's factor at a step: linear warmup over train.warmup_steps, then train.lr_schedule to train.steps."""
 
     def factor(step: int) -> float:
         if step < t.warmup_steps:
@@ -49,14 +49,14 @@ def lr_lambda(cfg: TipConfig):
     return factor
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TipConfig) -> None:
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, t: TrainConfig) -> None:
     """After restoring a checkpoint's optimizer and scheduler, put this config's lr, weight decay and schedule in
     force at the restored step: lr = train.lr * lr_lambda(step). With the config that wrote the checkpoint this
     is the value restored; after `train.resume=override` it is the new one."""
-    scheduler.base_lrs = [cfg.train.lr] * len(optimizer.param_groups)
-    factor = lr_lambda(cfg)
+    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+    factor = lr_lambda(t)
     scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
     for group in optimizer.param_groups:
-        group["initial_lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
-        group["lr"] = cfg.train.lr * factor(scheduler.last_epoch)
+        group["initial_lr"], group["weight_decay"] = t.lr, t.weight_decay
+        group["lr"] = t.lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

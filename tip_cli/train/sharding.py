@@ -46,9 +46,10 @@ def _fully_shard(model, mesh, offload, mp_policy=None) -> None:
     base.forward = model.tip_base_forward
 
 
-def shard(pair: Pair, cfg: TrainConfig) -> None:
-    """FSDP2 on the student (optionally offloading shards, grads and optimizer state to CPU), gradients summed over
-    ranks; with `train.shard_teacher` the teacher too (inference only). No-op without a process group."""
+def shard(pair: Pair, cfg: TrainConfig, prec: precision.Precision) -> None:
+    """FSDP2 on the student (optionally offloading shards, grads and optimizer state to CPU) under the run's
+    precision, gradients summed over ranks; with `train.shard_teacher` the teacher too (inference only). No-op
+    without a process group."""
     if not parallel.active():
         return
     from torch.distributed.device_mesh import init_device_mesh
@@ -58,7 +59,7 @@ def shard(pair: Pair, cfg: TrainConfig) -> None:
         raise ConfigError("train.cpu_offload=true moves shards off the GPU: it needs CUDA (on CPU they already are)")
     mesh = init_device_mesh(pair.device.type, (parallel.world_size(),))
     # bf16_mixed: fp32 shards and AdamW state, bf16 parameters in forward/backward, gradients reduced in fp32
-    policy = precision.resolve(cfg.precision, "auto", pair.device).mp_policy()
+    policy = prec.mp_policy()
     _fully_shard(pair.student, mesh, CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(), policy)
     for unit in pair.student.modules():
         if isinstance(unit, FSDPModule):

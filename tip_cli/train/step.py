@@ -14,7 +14,6 @@ import math
 
 import torch
 
-from tip_cli.config.schema import ConfigError, TipConfig
 from tip_cli.logits import StatsSink, Teacher
 from tip_cli.losses import LossSpec, selected_token_loss
 from tip_cli.models import Pair, head_weight, response_hidden
@@ -27,6 +26,7 @@ from tip_cli.teacher.targets import TopKTeacher, teacher_targets
 from tip_cli.tracking import timed
 from tip_cli.train import parallel, precision, probe
 from tip_cli.train.chunks import chunk_rows, compiled_kernels
+from tip_cli.train.spec import StepSpec
 
 
 def student_hidden(pair: Pair, batch: Batch, temperature: float, prec: precision.Precision) -> torch.Tensor:
@@ -34,15 +34,6 @@ def student_hidden(pair: Pair, batch: Batch, temperature: float, prec: precision
     master weights); the lm_head matmuls of scoring and the loss then follow the hidden states' dtype."""
     with prec.autocast(pair.device, pair.student):
         return response_hidden(pair.student, batch, temperature).to(prec.compute)
-
-
-def distill_temperature(cfg: TipConfig) -> float:
-    """The T of softmax(logits / T) that H, D and the loss compare, for both models: loss.temperature when set, else
-    the distribution the rollouts were sampled from (rollout.temperature; 1 for greedy rollouts), as TRL's
-    distillation losses do."""
-    if cfg.loss.temperature is not None:
-        return cfg.loss.temperature
-    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
 
 
 def _finite(*xs: torch.Tensor) -> bool:
@@ -104,17 +95,17 @@ class Accumulator:
         return self.sum.item()
 
 
-def loss_spec(cfg: TipConfig, pair: Pair, normalizer: float) -> LossSpec:
-    """The loss group of `cfg` as the method's plain arguments, over the pair's shared vocabulary."""
-    chunk = chunk_rows(cfg.loss.chunk_size, pair.vocab, pair.device)
-    kernels = compiled_kernels(cfg.loss.backend, pair.device)
-    return LossSpec(pair.vocab, cfg.loss.kind, cfg.loss.jsd_beta, chunk, normalizer, kernels)
+def loss_spec(spec: StepSpec, pair: Pair, normalizer: float) -> LossSpec:
+    """The step's loss as the method's plain arguments, over the pair's shared vocabulary on its device."""
+    chunk = chunk_rows(spec.loss_chunk, pair.vocab, pair.device)
+    kernels = compiled_kernels(spec.backend, pair.device)
+    return LossSpec(pair.vocab, spec.loss_kind, spec.loss_beta, chunk, normalizer, kernels)
 
 
-def stats_sink(cfg: TipConfig) -> StatsSink:
-    """Where a pass puts each row's (H, D) and, with train.signal_metrics, its loss and gradient norm (SPEC 7a)."""
-    signal = (cfg.loss.kind, cfg.loss.jsd_beta) if cfg.train.signal_metrics else None
-    return StatsSink(cfg.importance.score_spec(), [], signal)
+def stats_sink(spec: StepSpec) -> StatsSink:
+    """Where a pass puts each row's (H, D) and, with signal_metrics, its loss and gradient norm (SPEC 7a)."""
+    signal = (spec.loss_kind, spec.loss_beta) if spec.signal_metrics else None
+    return StatsSink(spec.score, [], signal)
 
 
 def learning_signal(sink: StatsSink, teacher: Teacher, temp: float) -> Signal | None:
@@ -134,7 +125,7 @@ def learning_signal(sink: StatsSink, teacher: Teacher, temp: float) -> Signal | 
 
 
 def distill_step(
-    pair: Pair, batch: Batch, cfg: TipConfig, generator: torch.Generator, metrics: dict, scorer=None,
+    pair: Pair, batch: Batch, spec: StepSpec, generator: torch.Generator, metrics: dict, scorer=None,
     step: int | None = None,
 ) -> tuple[dict, TokenStats, torch.Tensor]:
     """Teacher scoring, selection, and the loss's backward for one rollout batch.
@@ -148,23 +139,22 @@ def distill_step(
     selector keeps every token anyway (selectors.keeps_all), there is no scoring pass: the loss pass computes each
     row's H and D from the log-probs it has in hand, and selection runs afterwards, for the statistics only.
 
-    H, D and the loss compare softmax(logits / T) of both models, T = distill_temperature(cfg). With
-    train.signal_metrics the same passes give each token's loss and ||dl/dz||^2 (tip_cli.selection.signal), and the
+    H, D and the loss compare softmax(logits / T) of both models, T = spec.temperature. With
+    spec.signal_metrics the same passes give each token's loss and ||dl/dz||^2 (tip_cli.selection.signal), and the
     step's metrics carry SPEC 7a's grad/, loss/, select/overlap_ and teacher/topk_mass values. The student's passes
-    compute under the run's precision (tip_cli.train.precision: bf16 autocast under bf16_mixed). When H or D is not
+    compute under spec.precision (tip_cli.train.precision: bf16 autocast under bf16_mixed). When H or D is not
     finite the step stops before selection (stats None, loss NaN) and the trainer skips its update. On a probe step
-    (`step`, train.grad_probe_every) the full-token loss's gradient is compared with the budgeted one
+    (`step`, spec.probe_every) the full-token loss's gradient is compared with the budgeted one
     (tip_cli.train.probe), which stays the gradient the update takes.
     """
-    prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, pair.device)
-    temp = distill_temperature(cfg)
-    micro = cfg.train.micro_batch_size or batch.input_ids.shape[0]
+    prec, temp = spec.precision, spec.temperature
+    micro = spec.micro_batch_size or batch.input_ids.shape[0]
     parts = micro_slices(batch, micro)
     with timed("time/teacher", metrics):
         teacher = teacher_targets(pair, batch, parts, scorer, temp)
     seq_id = batch.target_mask.nonzero()[:, 0]  # [N]
-    if selectors.keeps_all(cfg.selector.spec(), cfg.budget):
-        return _full_token_step(pair, batch, parts, teacher, seq_id, cfg, generator, metrics, temp, prec)
+    if selectors.keeps_all(spec.selection.selector, spec.selection.budget):
+        return _full_token_step(pair, batch, parts, teacher, seq_id, spec, generator, metrics)
     fused = len(parts) == 1
     with timed("time/train", metrics):
         h_fused = student_hidden(pair, batch, temp, prec) if fused else None  # [N, d_S], with grad
@@ -175,21 +165,20 @@ def distill_step(
             with torch.no_grad():
                 h_s_scores = torch.cat([student_hidden(pair, mb, temp, prec) for mb, _, _ in parts])
         w_s = head_weight(pair.student).to(h_s_scores.dtype)  # the compute dtype
-        chunk = chunk_rows(cfg.importance.chunk_size, pair.vocab, h_s_scores.device)
-        sink = stats_sink(cfg)
-        support_k = cfg.importance.support_k if selectors.needs_support(cfg.selector.spec()) else None
+        chunk = chunk_rows(spec.score_chunk, pair.vocab, h_s_scores.device)
+        sink = stats_sink(spec)
         ent, div, sup, log_z_s, teacher = score(
-            h_s_scores, w_s, teacher, pair.vocab, chunk, cfg.importance.score_spec(),
-            compiled_kernels(cfg.loss.backend, pair.device), sink, support_k,
+            h_s_scores, w_s, teacher, pair.vocab, chunk, spec.score, compiled_kernels(spec.backend, pair.device), sink,
+            spec.support_k,
         )
         if not parallel.all_true(_finite(*(x for x in (ent, div, sup) if x is not None))):  # every rank skips together
             return skipped_step(ent.numel())
         # stats, selection and the loss normaliser over every rank's tokens under torchrun; this batch's otherwise
-        sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator,
+        sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], spec.selection, generator,
                                      learning_signal(sink, teacher, temp), sup)
         kept = sel.local.to(pair.device)  # [K_r], indices into this batch's N tokens
         del h_s_scores
-    spec = loss_spec(cfg, pair, sel.normalizer)
+    lspec = loss_spec(spec, pair, sel.normalizer)
     losses = Accumulator(pair.student, len(parts), pair.device)
     with timed("time/train", metrics):
         for i, (mb, lo, hi) in enumerate(parts):
@@ -198,31 +187,32 @@ def distill_step(
                 continue
             h_s = h_fused if fused else student_hidden(pair, mb, temp, prec)
             losses.backward(i, selected_token_loss(
-                h_s[local - lo], head_weight(pair.student), teacher.rows(local), spec, log_z=log_z_s[local],
+                h_s[local - lo], head_weight(pair.student), teacher.rows(local), lspec, log_z=log_z_s[local],
             ))
         loss_total = losses.total()
     out = {"loss": loss_total, **sel.metrics}
-    if probe.due(cfg.train.grad_probe_every, step, sel.metrics):
+    if probe.due(spec.probe_every, step, sel.metrics):
         with timed("time/probe", metrics):  # the full-token loss over all N rows, with the same normaliser
             out |= probe.param_cosine(pair.student, Accumulator(pair.student, len(parts), pair.device), (
                 selected_token_loss(student_hidden(pair, mb, temp, prec), head_weight(pair.student),
-                                    teacher.rows(slice(lo, hi)), spec) for mb, lo, hi in parts))
+                                    teacher.rows(slice(lo, hi)), lspec) for mb, lo, hi in parts))
     return out, sel.stats, sel.kept.cpu()
 
 
 def _full_token_step(
     pair: Pair, batch: Batch, parts: list[tuple[Batch, int, int]], teacher: Teacher, seq_id: torch.Tensor,
-    cfg: TipConfig, generator: torch.Generator, metrics: dict, temp: float, prec: precision.Precision,
+    spec: StepSpec, generator: torch.Generator, metrics: dict,
 ) -> tuple[dict, TokenStats, torch.Tensor]:
     """distill_step when every token is kept: one loss pass over all N rows that also yields their (H, D)."""
+    prec, temp = spec.precision, spec.temperature
     normalizer = max(1, parallel.global_count(int(seq_id.numel())))  # N = K: either loss.norm divides by it
-    sink = stats_sink(cfg)
-    spec = loss_spec(cfg, pair, normalizer)
+    sink = stats_sink(spec)
+    lspec = loss_spec(spec, pair, normalizer)
     losses = Accumulator(pair.student, len(parts), pair.device)
     with timed("time/train", metrics):
         for i, (mb, lo, hi) in enumerate(parts):
             losses.backward(i, selected_token_loss(
-                student_hidden(pair, mb, temp, prec), head_weight(pair.student), teacher.rows(slice(lo, hi)), spec,
+                student_hidden(pair, mb, temp, prec), head_weight(pair.student), teacher.rows(slice(lo, hi)), lspec,
                 sink,
             ))
         loss_total = losses.total()
@@ -230,20 +220,10 @@ def _full_token_step(
         ent, div = sink.tensors() if sink.parts else (torch.zeros(0, device=pair.device),) * 2
         if not parallel.all_true(_finite(ent, div)):
             return skipped_step(ent.numel())
-        sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], cfg, generator,
+        sel = parallel.select_tokens(ent, div, seq_id, batch.input_ids.shape[0], spec.selection, generator,
                                      learning_signal(sink, teacher, temp))
     if sel.kept.numel() != len(sel.stats):
-        raise RuntimeError(f"selector {cfg.selector.name} at budget {cfg.budget} kept {sel.kept.numel()} of "
+        chosen = spec.selection
+        raise RuntimeError(f"selector {chosen.selector.name} at budget {chosen.budget} kept {sel.kept.numel()} of "
                            f"{len(sel.stats)} tokens, but the loss was built on all of them")
     return {"loss": loss_total, **sel.metrics}, sel.stats, sel.kept.cpu()
-
-
-def check_temperature(cfg: TipConfig) -> None:
-    """A vLLM top-K teacher (in process or a server) returns log-probs at T = 1, which cannot be re-tempered
-    without the rest of the vocabulary."""
-    if cfg.teacher.backend in ("vllm_topk", "vllm_server") and distill_temperature(cfg) != 1.0:
-        raise ConfigError(
-            f"teacher.backend={cfg.teacher.backend} scores at temperature 1, but H, D and the loss would compare "
-            f"softmax(logits / {distill_temperature(cfg)}) (rollout.temperature={cfg.rollout.temperature}); "
-            "set loss.temperature=1 or use teacher.backend=hf"
-        )
