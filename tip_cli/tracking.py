@@ -176,17 +176,21 @@ def save_token_sample(run_dir: Path, step: int, stats: TokenStats, kept: torch.T
     kept_mask[kept] = True
     out = run_dir / "token_samples"
     path = out / f"step_{step:06d}.npz"
-    extra = {} if stats.grad_sq is None else {"grad_norm": stats.grad_sq.cpu()[rows].sqrt().numpy().astype(np.float32)}
+
+    def pick(x: torch.Tensor) -> np.ndarray:  # the sampled rows, selected where x lives, then copied
+        return x[rows.to(x.device)].cpu().numpy()
+
+    extra = {} if stats.grad_sq is None else {"grad_norm": np.sqrt(pick(stats.grad_sq)).astype(np.float32)}
     if stats.support_mass is not None:
-        extra["support_mass"] = stats.support_mass.cpu()[rows].numpy().astype(np.float32)
+        extra["support_mass"] = pick(stats.support_mass).astype(np.float32)
     with storage_errors(run_dir, path):
         out.mkdir(exist_ok=True)
         np.savez_compressed(
             path,
             **extra,
-            entropy=stats.entropy.cpu()[rows].numpy().astype(np.float32),
-            divergence=stats.divergence.cpu()[rows].numpy().astype(np.float32),
-            quadrant=stats.quadrant.cpu()[rows].numpy().astype(np.int8),
+            entropy=pick(stats.entropy).astype(np.float32),
+            divergence=pick(stats.divergence).astype(np.float32),
+            quadrant=pick(stats.quadrant).astype(np.int8),
             kept=kept_mask[rows].numpy(),
             h_threshold=np.float32(stats.h_thr),
             d_threshold=np.float32(stats.d_thr),

@@ -36,11 +36,12 @@ def naive_loss(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
 
 def tip_runner(cfg):
     """tip's `distill_step` as the trainer calls it; the loss phase starts when it calls the selected-token loss."""
-    step = 0
+    step, specs = 0, {}
 
     def run(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
         nonlocal step
         step += 1
+        spec = specs.get(pair.device) or specs.setdefault(pair.device, loop.step_spec(cfg, pair.device))
         generator = torch.Generator().manual_seed(step)
         loss_fn = train_step.selected_token_loss
 
@@ -52,7 +53,7 @@ def tip_runner(cfg):
 
         train_step.selected_token_loss = marked  # a probe only: the call goes through unchanged
         try:
-            stats, _, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), generator, times)
+            stats, _, kept = train_step.distill_step(pair, batch, spec, generator, times)
         finally:
             train_step.selected_token_loss = loss_fn
         times["kept"] = int(kept.numel())

@@ -107,13 +107,19 @@ def _ratios(num: list[float], den: float) -> list[float]:
     return [x / den if den > 0 else 0.0 for x in num]
 
 
+def _overlap(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(|a ∩ b|, |a ∪ b|) as a float64 [2] tensor on the device, a given as its [n] mask and b as indices."""
+    other = torch.zeros_like(mask)
+    other[idx.to(mask.device)] = True
+    return torch.stack([(mask & other).sum(), (mask | other).sum()]).double()
+
+
 def jaccard(a: torch.Tensor, b: torch.Tensor, n: int) -> float:
     """|a ∩ b| / |a ∪ b| of two index sets into n tokens; 0.0 when both are empty."""
-    ma = torch.zeros(n, dtype=torch.bool, device=a.device)
-    mb = torch.zeros(n, dtype=torch.bool, device=a.device)
-    ma[a], mb[b.to(a.device)] = True, True
-    union = int((ma | mb).sum())
-    return int((ma & mb).sum()) / union if union else 0.0
+    mask = torch.zeros(n, dtype=torch.bool, device=a.device)
+    mask[a] = True
+    inter, union = _overlap(mask, b).tolist()
+    return inter / union if union else 0.0
 
 
 def signal_metrics(stats: TokenStats, kept: torch.Tensor, signal: Signal) -> dict[str, float]:
@@ -125,24 +131,29 @@ def signal_metrics(stats: TokenStats, kept: torch.Tensor, signal: Signal) -> dic
     mask[kept] = True
     g, loss = signal.grad_sq.double().to(q.device), signal.loss.double().to(q.device)
     zero = torch.zeros((), dtype=torch.float64, device=q.device)
-    rows = torch.stack([  # [4, 5]: per-quadrant sums of grad, kept grad, kept loss (bins 1..4)
+    k = kept.numel()
+    # one host read for every metric: the per-quadrant sums, the two overlaps' counts and the top-K mass statistics
+    sums = torch.stack([  # [3, 4]: per-quadrant sums of grad, kept grad, kept loss (bins 1..4)
         torch.bincount(q, weights=g, minlength=5),
         torch.bincount(q, weights=torch.where(mask, g, zero), minlength=5),
         torch.bincount(q, weights=torch.where(mask, loss, zero), minlength=5),
-    ])[:, 1:5].tolist()
+    ])[:, 1:5].reshape(-1)
+    parts = [sums, _overlap(mask, top_count(stats.entropy, k)), _overlap(mask, top_count(stats.divergence, k))]
+    mass = None if signal.topk_mass is None else signal.topk_mass.float().to(q.device)
+    if mass is not None and mass.numel():
+        parts.append(torch.stack([mass.mean(), torch.quantile(mass, 0.1)]).double())
+    values = torch.cat(parts).tolist()
+    rows = [values[0:4], values[4:8], values[8:12]]
     total, kept_total, kept_loss = (sum(r) for r in rows)
     out = {"grad/kept_share": kept_total / total if total > 0 else 0.0}
     for name, part, den in (("grad/q", rows[0], total), ("grad/kept_q", rows[1], kept_total),
                             ("loss/q", rows[2], kept_loss)):
         for i, share in enumerate(_ratios(part, den)):
             out[f"{name}{i + 1}_share"] = share
-    k = kept.numel()
-    out["select/overlap_entropy"] = jaccard(kept, top_count(stats.entropy, k), n)
-    out["select/overlap_divergence"] = jaccard(kept, top_count(stats.divergence, k), n)
-    if signal.topk_mass is not None:
-        mass = signal.topk_mass.float()
-        out["teacher/topk_mass"] = mass.mean().item() if mass.numel() else 0.0
-        out["teacher/topk_mass_p10"] = torch.quantile(mass, 0.1).item() if mass.numel() else 0.0
+    for name, (inter, union) in (("entropy", values[12:14]), ("divergence", values[14:16])):
+        out[f"select/overlap_{name}"] = inter / union if union else 0.0
+    if mass is not None:
+        out["teacher/topk_mass"], out["teacher/topk_mass_p10"] = values[16:18] if mass.numel() else (0.0, 0.0)
     return out
 
 

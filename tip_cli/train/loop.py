@@ -234,8 +234,7 @@ def update(run: Run, stats, m: dict) -> torch.Tensor:
 
 def sync_weights(run: Run, m: dict) -> None:
     """Push the updated student into an engine that decodes with its own copy (time/weight_sync); one that decodes
-    with the training module has nothing to push (0.0)."""
-    m["time/weight_sync"] = 0.0
+    with the training module has nothing to push (step_metrics logs 0.0)."""
     if run.engine.own_weights:
         with timed("time/weight_sync", m):
             run.engine.sync_weights(run.pair.student)
@@ -244,7 +243,7 @@ def sync_weights(run: Run, m: dict) -> None:
 def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> dict[str, float]:
     """The step's logged metrics: rollout, optimizer, throughput and every phase's time (STEP_PHASES, 0.0 for one
     the step did not run), merged over the ranks."""
-    m["time/wait"] = 0.0  # synchronous: the step trains on the rollouts it just generated
+    # time/wait is 0.0 here: the loop is synchronous, the step trains on the rollouts it just generated
     m |= {name: m.get(name, 0.0) for name in STEP_PHASES}
     rollout_m, generated = out.metrics()
     m.update(rollout_m)
