@@ -108,10 +108,11 @@ def test_h_d_and_loss_use_softmax_of_logits_over_t(micro_overrides, overrides, t
         assert not torch.allclose(stats.divergence.double(), (ls1.exp() * (ls1 - lt1)).sum(-1), rtol=1e-2)
 
 
-def test_a_top_k_vllm_teacher_refuses_a_temperature_other_than_one():
-    cfg = compose_config(["rollout.temperature=0.6", "loss.temperature=null"])
-    cfg.teacher.backend = "vllm_topk"
+@pytest.mark.parametrize("backend", ["vllm_topk", "vllm_server teacher.url=http://127.0.0.1:1"])
+def test_a_top_k_vllm_teacher_refuses_a_temperature_other_than_one_when_composed(backend):
     with pytest.raises(ConfigError, match="loss.temperature=1"):
-        loop.step_spec(cfg, torch.device("cpu"))
-    cfg.loss.temperature = 1.0
-    loop.step_spec(cfg, torch.device("cpu"))
+        compose_config(["rollout.temperature=0.6", "loss.temperature=null", *f"teacher.backend={backend}".split()])
+    cfg = compose_config(["rollout.temperature=0.6", "loss.temperature=1", *f"teacher.backend={backend}".split()])
+    assert loop.step_spec(cfg, torch.device("cpu")).temperature == 1.0
+    cfg = compose_config(["rollout.temperature=0.6", "loss.temperature=null"])  # hf: T follows the rollouts
+    assert loop.step_spec(cfg, torch.device("cpu")).temperature == 0.6

@@ -478,3 +478,21 @@ class TipConfig:
         if self.rollout.samples_per_prompt > 1 and self.rollout.temperature <= 0:
             raise ConfigError(f"rollout.samples_per_prompt={self.rollout.samples_per_prompt} at rollout.temperature=0 "
                               "(greedy) would all be the same: set rollout.temperature > 0, or samples_per_prompt=1")
+        # a vLLM top-K teacher (in process or a server) returns log-probs at T = 1, which cannot be re-tempered without
+        # the rest of the vocabulary; T is loss.temperature, else rollout.temperature (1 for greedy rollouts)
+        temp = self.distill_temperature
+        if self.teacher.backend in ("vllm_topk", "vllm_server") and temp != 1.0:
+            raise ConfigError(
+                f"teacher.backend={self.teacher.backend} scores at temperature 1, but H, D and the loss would compare "
+                f"softmax(logits / {temp}) (rollout.temperature={self.rollout.temperature}); "
+                "set loss.temperature=1 or use teacher.backend=hf"
+            )
+
+    @property
+    def distill_temperature(self) -> float:
+        """The T of softmax(logits / T) that H, D and the loss compare, for both models: loss.temperature when set,
+        else the distribution the rollouts were sampled from (rollout.temperature; 1 for greedy rollouts), as TRL's
+        distillation losses do."""
+        if self.loss.temperature is not None:
+            return self.loss.temperature
+        return self.rollout.temperature if self.rollout.temperature > 0 else 1.0

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tip_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
 from tip_cli.config.compose import to_container
-from tip_cli.config.schema import ConfigError, TipConfig
+from tip_cli.config.schema import TipConfig
 from tip_cli.data import Problem, load_problems
 from tip_cli.errors import UserError
 from tip_cli.eval.benchmark import (
@@ -104,19 +104,9 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
 
 
 def step_spec(cfg: TipConfig, device: torch.device) -> StepSpec:
-    """The run's frozen step spec on `device`, built once. T is loss.temperature when set, else the distribution the
-    rollouts were sampled from (rollout.temperature; 1 for greedy rollouts), as TRL's distillation losses do. A vLLM
-    top-K teacher (in process or a server) returns log-probs at T = 1, which cannot be re-tempered without the rest
-    of the vocabulary: any other T is refused here."""
-    temp = cfg.loss.temperature
-    if temp is None:
-        temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-    if cfg.teacher.backend in ("vllm_topk", "vllm_server") and temp != 1.0:
-        raise ConfigError(
-            f"teacher.backend={cfg.teacher.backend} scores at temperature 1, but H, D and the loss would compare "
-            f"softmax(logits / {temp}) (rollout.temperature={cfg.rollout.temperature}); "
-            "set loss.temperature=1 or use teacher.backend=hf"
-        )
+    """The run's frozen step spec on `device`, built once; T is the config's distill_temperature (a vLLM top-K
+    teacher at any T but 1 is refused when the config is composed)."""
+    temp = cfg.distill_temperature
     t, loss = cfg.train, cfg.loss
     selection = SelectionSpec(cfg.importance.axis_spec(), cfg.selector.spec(), cfg.budget, t.selection_scope, loss.norm)
     return StepSpec(
