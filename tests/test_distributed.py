@@ -377,7 +377,7 @@ def unshards_in_rollout(cfg: TipConfig, pair, engine) -> int:
             return None
 
     run = SimpleNamespace(cfg=cfg, source=Source(), engine=engine, pair=pair, device=torch.device("cpu"),
-                          prec=precision.resolve("fp32", "auto", torch.device("cpu")), memory=PeakMemory(torch.device("cpu")))
+                          step=SimpleNamespace(precision=precision.resolve("fp32", "auto", torch.device("cpu"))), memory=PeakMemory(torch.device("cpu")))
     FSDPModule.unshard = unshard
     try:
         loop.rollout(run, 1, {})

@@ -119,9 +119,9 @@ def step_spec(cfg: TipConfig, device: torch.device) -> StepSpec:
 
 @dataclass
 class Run:
-    """Everything a training run holds: the specs of its step and its evaluation (built once, from `cfg`), the pair,
-    its precision, the teacher's scorer, the rollout engine and source, the optimizer and schedule, the logger, and
-    the step it starts after."""
+    """Everything a training run holds: the specs of its step (its precision included) and its evaluation (built
+    once, from `cfg`), the pair, the teacher's scorer, the rollout engine and source, the optimizer and schedule, the
+    logger, and the step it starts after."""
 
     cfg: TipConfig
     step: StepSpec
@@ -129,7 +129,6 @@ class Run:
     run_dir: Path
     device: torch.device
     pair: Pair
-    prec: precision.Precision
     scorer: object
     engine: object
     source: PromptSource | EpisodeSource
@@ -146,7 +145,7 @@ class Run:
     def evaluate(self, step: int) -> dict:
         """Evaluate the student on the benchmark; each rank its share of the rows, rank 0 logs the metrics."""
         name, student = self.evals.benchmark.name, self.pair.student
-        with sharding.gathered(student, self.engine), self.prec.autocast(self.device, student):
+        with sharding.gathered(student, self.engine), self.step.precision.autocast(self.device, student):
             result, _ = evaluate_benchmark(student, self.pair.tokenizer, self.evals, self.bench, engine=self.engine,
                                            shard=parallel.eval_shard())
         self.logger.log({f"eval/{name}/{k}": v for k, v in result.items()}, step)
@@ -181,7 +180,7 @@ def prepare(cfg: TipConfig, spec: StepSpec, evals: EvalSpec, run_dir: Path, devi
     logger = parallel.NullLogger()
     if parallel.is_main():
         logger = MetricsLogger(run_dir, cfg.logger, to_container(cfg), start, run_dir.name)
-    return Run(cfg, spec, evals, run_dir, device, pair, prec, scorer, engine, source, optimizer, scheduler, logger, bench, memory,
+    return Run(cfg, spec, evals, run_dir, device, pair, scorer, engine, source, optimizer, scheduler, logger, bench, memory,
                start)
 
 
@@ -197,7 +196,7 @@ def rollout(run: Run, step: int, m: dict) -> Rollout:
     idx = parallel.my_slice(prompt_indices(len(run.source), cfg.train.prompts_per_step, step, cfg.seed))
     sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
                         seed=derive_seed(cfg.seed, step, parallel.rank()))
-    with timed("time/rollout", m), sharding.gathered(student, run.engine), run.prec.autocast(run.device, student):
+    with timed("time/rollout", m), sharding.gathered(student, run.engine), run.step.precision.autocast(run.device, student):
         out = run.source.generate(run.engine, idx, sampling)
         run.engine.sleep()
     run.memory.start()
@@ -247,7 +246,7 @@ def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> di
 def save(run: Run, step: int) -> None:
     p = run.pair
     checkpoints.save(run.run_dir, step, p.student, p.tokenizer, run.optimizer, run.scheduler,
-                     run.cfg.train.keep_checkpoints, run.prec.pair)
+                     run.cfg.train.keep_checkpoints, run.step.precision.pair)
 
 
 def stop_after(run: Run, step: int) -> None:
