@@ -38,6 +38,16 @@ def _one_of(where: str, value: Any, options: tuple) -> None:
         raise ConfigError(f"{where}={value!r} is not valid; expected one of: {', '.join(map(str, options))}")
 
 
+def server_urls(where: str, url: Any) -> list[str]:
+    """A server URL or a list of them as base URLs (no trailing / or /v1); ConfigError for one that is not http(s)."""
+    urls = [url] if isinstance(url, str) else list(url or [])
+    urls = [str(u).rstrip("/").removesuffix("/v1") for u in urls]
+    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+    if bad:
+        raise ConfigError(f"{where}={bad[0]!r} is not an http(s) URL; expected e.g. http://10.0.0.2:8000")
+    return urls
+
+
 def _in_range(where: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
     _finite(where, value)
     ok = (lo < value if lo_open else lo <= value) and value <= hi
@@ -288,7 +298,9 @@ class VLLMConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (transformers generate on the training module) | vllm (needs the vllm extra)
+    # hf (transformers generate on the training module) | vllm (in-process vLLM, the vllm extra) | vllm_server
+    # (running `vllm serve` replicas of the student at rollout.url, weights pushed after every update)
+    engine: str = "hf"
     max_new_tokens: int = 128  # tokens sampled per response (with an environment: per model turn)
     # sampling temperature of the rollouts; 0 = greedy. H, D and the loss use it too (loss.temperature)
     temperature: float = 1.0
@@ -297,9 +309,41 @@ class RolloutConfig:
     samples_per_prompt: int = 1  # responses sampled per prompt
     batch_size: int = 64  # sequences generated at once (hf)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    url: Any = None  # vllm_server: base URL of a student replica, or a list of them, e.g. http://10.0.0.3:8000
+    model: str | None = None  # vllm_server: the served model name; null = the one model the server lists
+    # vllm_server: how each update reaches the replicas: filesystem (safetensors in rollout.weight_dir, which the
+    # trainer and every replica must see; works on CPU and across nodes) | nccl (GPU broadcast, vLLM's NCCL engine)
+    weight_transfer: str = "filesystem"
+    weight_dir: str | None = None  # filesystem transfer: a directory every replica can read; null = <run dir>/weights
+    nccl_port: int = 29600  # nccl transfer: the TCP port of the trainer's rendezvous (its host is this machine's)
+    # steps a rollout may lag the trainer: 0 = synchronous (each step's rollouts come from the current weights); 1 =
+    # step t+1's rollouts generate while step t trains (vllm_server)
+    max_staleness: int = 0
+    timeout_s: float = 600.0  # vllm_server: seconds per generation request and per weight push
+    retries: int = 2  # vllm_server: attempts after the first, for a request (on another replica) or a push
+    backoff_s: float = 2.0  # vllm_server: wait before the first retry, doubling each time
+    # vllm_server: a replica whose push still fails after the retries: stop (the run stops, naming it and the last
+    # checkpoint) | drop (the run goes on without it; stops when none is left)
+    on_push_failure: str = "stop"
+    concurrency: int = 8  # vllm_server: generation requests in flight per replica
 
     def __post_init__(self) -> None:
-        _one_of("rollout.engine", self.engine, ("hf", "vllm"))
+        _one_of("rollout.engine", self.engine, ("hf", "vllm", "vllm_server"))
+        _one_of("rollout.weight_transfer", self.weight_transfer, ("filesystem", "nccl"))
+        _one_of("rollout.on_push_failure", self.on_push_failure, ("stop", "drop"))
+        self.url = server_urls("rollout.url", self.url)
+        if self.engine == "vllm_server" and not self.url:
+            raise ConfigError("rollout.engine=vllm_server needs rollout.url: the base URL of a running `vllm serve` "
+                              "of the student (e.g. rollout.url=http://10.0.0.3:8000, or a list [URL1,URL2])")
+        if self.max_staleness < 0:
+            raise ConfigError(f"rollout.max_staleness={self.max_staleness} must be >= 0 (0 = synchronous)")
+        if self.max_staleness > 0 and self.engine != "vllm_server":
+            raise ConfigError(f"rollout.max_staleness={self.max_staleness} needs rollout.engine=vllm_server: the hf "
+                              f"and vllm engines decode in the trainer process (rollout.engine={self.engine}), so "
+                              "generation cannot overlap training; use max_staleness=0 or serve the student")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0 or self.concurrency < 1:
+            raise ConfigError(f"rollout: timeout_s={self.timeout_s} must be > 0, retries={self.retries} and "
+                              f"backoff_s={self.backoff_s} >= 0, concurrency={self.concurrency} >= 1")
         _in_range("rollout.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         if self.max_new_tokens < 1 or self.samples_per_prompt < 1 or self.batch_size < 1:  # temperature: FLOAT_RANGES
             raise ConfigError("rollout: max_new_tokens >= 1, samples_per_prompt >= 1, batch_size >= 1")
@@ -336,11 +380,7 @@ class TeacherConfig:
             raise ConfigError("teacher.vllm.enable_sleep_mode=true: the teacher's engine scores during the training "
                               "step and never sleeps, and vLLM allows one sleep-mode engine per process (the rollout "
                               "engine's); leave it null or false")
-        urls = [self.url] if isinstance(self.url, str) else list(self.url or [])
-        self.url = [str(u).rstrip("/").removesuffix("/v1") for u in urls]
-        bad = [u for u in self.url if not u.startswith(("http://", "https://"))]
-        if bad:
-            raise ConfigError(f"teacher.url={bad[0]!r} is not an http(s) URL; expected e.g. http://10.0.0.2:8000")
+        self.url = server_urls("teacher.url", self.url)
         if self.backend == "vllm_server" and not self.url:
             raise ConfigError("teacher.backend=vllm_server needs teacher.url: the base URL of a running "
                               "`vllm serve` (e.g. teacher.url=http://10.0.0.2:8000, or a list [URL1,URL2])")
