@@ -13,10 +13,12 @@ import pytest
 import torch
 from vllm_serve import TOPK, free_port
 
+from tip_cli import servers
 from tip_cli.cli import compose_config
 from tip_cli.config.schema import ConfigError, PairConfig
 from tip_cli.models import load_model, load_tokenizer
-from tip_cli.teacher.server import ServerTeacher, TeacherServerError, _HTTPFailure
+from tip_cli.servers import HTTPRefused, check_tokenizer
+from tip_cli.teacher.server import ServerTeacher, TeacherServerError
 from tip_cli.toy.build import build_micro_pair
 from tip_cli.train import loop
 from tip_cli.train import step as train_step
@@ -173,17 +175,16 @@ def test_the_vocabulary_probe_reaches_the_models_rows_past_the_tokenizer(micro, 
     rows = len(tok) + 267
     probed = []
 
-    def post(self, url, path, body, timeout):
+    def post(url, path, model, body, timeout, what, hint):
         if path == "/tokenize":
             return {"tokens": tok(body["prompt"], add_special_tokens=False)["input_ids"]}
         probed.append(body["prompt"][0])
         if body["prompt"][0] > rows - 1:  # vLLM: max(tokenizer.max_token_id, model rows - 1)
-            raise _HTTPFailure(f"Token id {body['prompt'][0]} is out of vocabulary")
+            raise HTTPRefused(f"Token id {body['prompt'][0]} is out of vocabulary")
         return {}
 
-    monkeypatch.setattr(ServerTeacher, "_post", post)
-    cfg = compose_config(["teacher.url=http://x", "teacher.backend=vllm_server"]).teacher
-    ServerTeacher(cfg, "m", rows)._check_tokenizer("http://x", tok)
+    monkeypatch.setattr(servers, "post", post)
+    check_tokenizer("http://x", "m", tok, rows, 1.0, "teacher server", "")
     assert probed == [rows - 1, rows]
     with pytest.raises(ConfigError, match=rf"larger vocabulary than the student's {len(tok)} ids"):
-        ServerTeacher(cfg, "m", len(tok))._check_tokenizer("http://x", tok)
+        check_tokenizer("http://x", "m", tok, len(tok), 1.0, "teacher server", "")

@@ -316,8 +316,8 @@ class RolloutConfig:
     weight_transfer: str = "filesystem"
     weight_dir: str | None = None  # filesystem transfer: a directory every replica can read; null = <run dir>/weights
     nccl_port: int = 29600  # nccl transfer: the TCP port of the trainer's rendezvous (its host is this machine's)
-    # steps a rollout may lag the trainer: 0 = synchronous (each step's rollouts come from the current weights); 1 =
-    # step t+1's rollouts generate while step t trains (vllm_server)
+    # weight versions a rollout may lag the trainer: 0 = synchronous (each step's rollouts come from the current
+    # weights); 1 = step t+1's rollouts generate on the student servers while step t trains (vllm_server)
     max_staleness: int = 0
     timeout_s: float = 600.0  # vllm_server: seconds per generation request and per weight push
     retries: int = 2  # vllm_server: attempts after the first, for a request (on another replica) or a push
@@ -335,8 +335,9 @@ class RolloutConfig:
         if self.engine == "vllm_server" and not self.url:
             raise ConfigError("rollout.engine=vllm_server needs rollout.url: the base URL of a running `vllm serve` "
                               "of the student (e.g. rollout.url=http://10.0.0.3:8000, or a list [URL1,URL2])")
-        if self.max_staleness < 0:
-            raise ConfigError(f"rollout.max_staleness={self.max_staleness} must be >= 0 (0 = synchronous)")
+        if self.max_staleness not in (0, 1):  # one batch in flight: a push waits for its generation to end
+            raise ConfigError(f"rollout.max_staleness={self.max_staleness} is not valid; expected 0 (synchronous) or 1 "
+                              "(the next step's rollouts generate while this step trains)")
         if self.max_staleness > 0 and self.engine != "vllm_server":
             raise ConfigError(f"rollout.max_staleness={self.max_staleness} needs rollout.engine=vllm_server: the hf "
                               f"and vllm engines decode in the trainer process (rollout.engine={self.engine}), so "

@@ -31,6 +31,7 @@ class Generation:
     # log p(token) under the distribution it was sampled from, softmax(logits / T) cut by top_p / top_k (the
     # model's own log-softmax when greedy), per token
     logprobs: list[list[float]] | None = None
+    versions: list[int] | None = None  # per response, the weight version that generated it (an engine with versions)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,6 +48,7 @@ from tip_cli.selection.selectors import needs_support
 from tip_cli.teacher.factory import make_scorer
 from tip_cli.tracking import STEP_PHASES, MetricsLogger, PeakMemory, read_jsonl, save_token_sample, timed
 from tip_cli.train import checkpoints, parallel, precision, rundir, sharding, signals
+from tip_cli.train.pipeline import RolloutPipeline
 from tip_cli.train.schedule import apply_schedule, lr_lambda, make_optimizer, prompt_indices
 from tip_cli.train.spec import SelectionSpec, StepSpec
 from tip_cli.train.step import distill_step, weights_finite
@@ -168,7 +169,8 @@ def prepare(cfg: TipConfig, spec: StepSpec, evals: EvalSpec, run_dir: Path, devi
     scorer = make_scorer(cfg.teacher, cfg.seed, pair, prec.pair, run_dir)
     memory = PeakMemory(device)
     with memory.engine_build():
-        engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute)
+        engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute,
+                             vocab=pair.vocab, run_dir=run_dir)
     source = rollout_source(cfg.data, cfg.pair, cfg.agent, pair, problems, resolve_model)
     optimizer = make_optimizer(student.parameters(), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
@@ -190,17 +192,43 @@ def step_generator(run: Run, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(stream_seed(run.cfg.seed, step))
 
 
-def rollout(run: Run, step: int, m: dict) -> Rollout:
-    """The student's rollouts for this step's prompts (this rank's slice), packed into a training batch."""
-    cfg, r, student = run.cfg, run.cfg.rollout, run.pair.student
+def step_prompts(run: Run, step: int) -> tuple[list[int], Sampling]:
+    """This step's prompts (this rank's slice) and its sampling, seeded from (seed, step, rank)."""
+    cfg, r = run.cfg, run.cfg.rollout
     idx = parallel.my_slice(prompt_indices(len(run.source), cfg.train.prompts_per_step, step, cfg.seed))
-    sampling = Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
-                        seed=derive_seed(cfg.seed, step, parallel.rank()))
-    with timed("time/rollout", m), sharding.gathered(student, run.engine), run.step.precision.autocast(run.device, student):
+    return idx, Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
+                         seed=derive_seed(cfg.seed, step, parallel.rank()))
+
+
+def generate(run: Run, step: int):
+    """The student's rollouts for this step's prompts, as the source generates them (any thread: a pipeline with
+    max_staleness=1 runs it in the background)."""
+    idx, sampling = step_prompts(run, step)
+    student = run.pair.student
+    with sharding.gathered(student, run.engine), run.step.precision.autocast(run.device, student):
         out = run.source.generate(run.engine, idx, sampling)
         run.engine.sleep()
+    return out
+
+
+def pack(run: Run, step: int, out) -> Rollout:
+    """A step's generated rollouts packed into a training batch on the run's device."""
+    idx, sampling = step_prompts(run, step)
     run.memory.start()
     return run.source.pack(out, idx, sampling, run.device)
+
+
+def rollout_pipeline(run: Run) -> RolloutPipeline:
+    """The run's rollouts in time (tip_cli.train.pipeline): at each step, or one step ahead with max_staleness=1;
+    with a teacher server, each prompt's responses are sent for scoring as soon as they are generated."""
+    if hasattr(run.scorer, "prefetch") and hasattr(run.engine, "on_done") and isinstance(run.source, PromptSource):
+        def score_ahead(_: int, prompt: list[int], responses: list[list[int]]) -> None:
+            for row in filter(None, responses):
+                run.scorer.prefetch(prompt + row, list(range(len(prompt) - 1, len(prompt) - 1 + len(row))))
+
+        run.engine.on_done = score_ahead
+    return RolloutPipeline(functools.partial(generate, run), functools.partial(pack, run),
+                           lambda: getattr(run.engine, "version", 0), run.cfg.rollout.max_staleness, run.cfg.train.steps)
 
 
 def update(run: Run, stats, m: dict) -> torch.Tensor:
@@ -221,10 +249,12 @@ def update(run: Run, stats, m: dict) -> torch.Tensor:
     return grad_norm
 
 
-def sync_weights(run: Run, m: dict) -> None:
-    """Push the updated student into an engine that decodes with its own copy (time/weight_sync); one that decodes
-    with the training module has nothing to push (step_metrics logs 0.0)."""
+def sync_weights(run: Run, pipe: RolloutPipeline, m: dict) -> None:
+    """Push the updated student into an engine that decodes with its own copy (time/weight_sync), once the
+    generation in flight has ended; one that decodes with the training module has nothing to push (step_metrics
+    logs 0.0)."""
     if run.engine.own_weights:
+        pipe.settle(m)
         with timed("time/weight_sync", m):
             run.engine.sync_weights(run.pair.student)
 
@@ -232,7 +262,7 @@ def sync_weights(run: Run, m: dict) -> None:
 def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> dict[str, float]:
     """The step's logged metrics: rollout, optimizer, throughput and every phase's time (STEP_PHASES, 0.0 for one
     the step did not run), merged over the ranks."""
-    # time/wait is 0.0 here: the loop is synchronous, the step trains on the rollouts it just generated
+    # a phase the step did not run is 0.0: time/wait, for one, unless its rollouts were generated in the background
     m |= {name: m.get(name, 0.0) for name in STEP_PHASES}
     rollout_m, generated = out.metrics()
     m.update(rollout_m)
@@ -324,20 +354,24 @@ def _train(run: Run, too_long: dict[str, int]) -> dict:
         run.logger.log(too_long, run.start)
     if run.start == 0 and cfg.train.eval_before:
         run.evaluate(0)
+    pipe = rollout_pipeline(run)
     with Progress(*PROGRESS, console=console) as bar, signals.sigterm_grace(cfg.train.sigterm_grace_s) as stop:
         task = bar.add_task("train", total=cfg.train.steps, completed=run.start, info="")
-        for step in range(run.start + 1, cfg.train.steps + 1):
-            generator = step_generator(run, step)
-            m: dict[str, float] = {}
-            with timed("time/step", m):
-                out = rollout(run, step, m)
-                metrics, stats, kept = distill_step(run.pair, out.batch, run.step, generator, m, run.scorer, step)
-                m.update(metrics)
-                grad_norm = update(run, stats, m)
-                sync_weights(run, m)
-            m = step_metrics(run, out, m, grad_norm)
-            run.logger.log(m, step)
-            bar.update(task, completed=step, info=after_step(run, step, m, stats, kept))
-            if not parallel.all_true(not stop.requested):  # every rank saves, or none
-                stop_after(run, step)
+        try:
+            for step in range(run.start + 1, cfg.train.steps + 1):
+                generator = step_generator(run, step)
+                m: dict[str, float] = {}
+                with timed("time/step", m):
+                    out, _ = pipe.take(step, m)
+                    metrics, stats, kept = distill_step(run.pair, out.batch, run.step, generator, m, run.scorer, step)
+                    m.update(metrics)
+                    grad_norm = update(run, stats, m)
+                    sync_weights(run, pipe, m)
+                m = step_metrics(run, out, m, grad_norm)
+                run.logger.log(m, step)
+                bar.update(task, completed=step, info=after_step(run, step, m, stats, kept))
+                if not parallel.all_true(not stop.requested):  # every rank saves, or none
+                    stop_after(run, step)
+        finally:
+            pipe.close()
     return finish(run)
