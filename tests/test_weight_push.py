@@ -17,7 +17,7 @@ from vllm_serve import free_port
 from tip_cli.checkpoint import commit_checkpoint, staging_dir
 from tip_cli.config.schema import ConfigError, RolloutConfig
 from tip_cli.rollout import weights
-from tip_cli.rollout.vllm_plugin import check_file, file_version
+from tip_cli.rollout.vllm_plugin import check_file, file_version, register
 from tip_cli.rollout.weights import WeightPusher, WeightPushError, write_weights
 
 SEQ = [5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 30, 31, 40, 41, 3, 4]  # repeats: a prefix-cache hit would show
@@ -88,7 +88,7 @@ def test_a_push_makes_the_replica_serve_the_pushed_students_logprobs(student_ser
     log-softmax to 1e-4, /weight_info names the version, and only the newest weight file is kept. A second push of
     another perturbation is served in turn (no KV of the old weights reused)."""
     url = student_server.ensure()
-    pusher = WeightPusher(_cfg(url), tmp_path / "weights", run_dir=tmp_path)
+    pusher = WeightPusher(_cfg(url), tmp_path)
     pusher.connect(_student(micro, 0.0, seed=0))
     for version, seed in ((11, 1), (12, 2)):
         model = _student(micro, 0.05, seed)
@@ -107,7 +107,7 @@ def test_a_dead_replica_stops_the_run_naming_it_and_the_checkpoint_or_is_dropped
     url, dead = student_server.ensure(), f"http://127.0.0.1:{free_port()}"
     ckpt = _checkpoint(tmp_path, 4)
     model = _student(micro, 0.05, seed=3)
-    stop = WeightPusher(_cfg([url, dead]), tmp_path / "weights", run_dir=tmp_path)
+    stop = WeightPusher(_cfg([url, dead]), tmp_path)
     with pytest.raises(WeightPushError) as err:
         stop.push(model, 21)
     msg = str(err.value)
@@ -115,14 +115,14 @@ def test_a_dead_replica_stops_the_run_naming_it_and_the_checkpoint_or_is_dropped
     assert dead in msg and msg.count("http://") == 1 and "version 21" in msg and "2 attempts" in msg
     assert f"the last checkpoint is {ckpt} (step 4); run the same command again to resume" in msg
 
-    drop = WeightPusher(_cfg([dead, url], on_push_failure="drop"), tmp_path / "weights", run_dir=tmp_path)
+    drop = WeightPusher(_cfg([dead, url], on_push_failure="drop"), tmp_path)
     capsys.readouterr()
     assert drop.push(model, 22) == [url] and drop.urls == [url]
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and dead in lines[0] and "dropped" in lines[0]
     assert drop.version(url) == 22
 
-    none_left = WeightPusher(_cfg([dead], on_push_failure="drop"), tmp_path / "weights", run_dir=tmp_path)
+    none_left = WeightPusher(_cfg([dead], on_push_failure="drop"), tmp_path)
     with pytest.raises(WeightPushError, match="no replica is left"):
         none_left.push(model, 23)
 
@@ -131,7 +131,7 @@ def test_a_weight_file_gone_before_the_replica_reads_it_fails_the_push_and_the_r
         student_server, micro, tmp_path, monkeypatch):
     """The replica refuses a missing file (every attempt), keeps its weights and version, and still answers."""
     url = student_server.ensure()
-    pusher = WeightPusher(_cfg(url), tmp_path / "weights", run_dir=tmp_path)
+    pusher = WeightPusher(_cfg(url), tmp_path)
     model = _student(micro, 0.05, seed=4)
     pusher.push(model, 31)
     served = _served(url, micro["student"])
@@ -149,6 +149,17 @@ def test_a_weight_file_gone_before_the_replica_reads_it_fails_the_push_and_the_r
     assert "no checkpoint was saved yet" in str(err.value)
     assert pusher.version(url) == 31
     torch.testing.assert_close(_served(url, micro["student"]), served, atol=1e-6, rtol=0)
+
+
+def test_register_makes_tip_file_a_vllm_backend_once_and_lazily():
+    pytest.importorskip("vllm")
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    register()
+    register()  # vLLM loads general plugins in every process it starts, maybe more than once
+    engine = WeightTransferEngineFactory._registry["tip_file"]()
+    assert issubclass(engine, WeightTransferEngine) and engine.__name__ == "FileWeightTransferEngine"
 
 
 def test_nccl_drives_vllms_trainer_engine_over_every_replica(micro, monkeypatch):

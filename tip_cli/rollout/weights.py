@@ -1,6 +1,6 @@
 """The trainer's student, pushed into running `vllm serve` replicas after each update (rollout.engine=vllm_server).
 
-`WeightPusher(cfg, weight_dir, run_dir)` holds the replicas' URLs; `connect(model)` sets up each replica's
+`WeightPusher(cfg, run_dir)` holds the replicas' URLs; `connect(model)` sets up each replica's
 weight-transfer engine once, `push(model, version)` sends the student's parameters (checkpoint names, as
 `weights_for_sync` yields them) and returns the replicas still serving, `version(url)` reads what a replica serves
 (its /weight_info; None before the first push). The replicas run vLLM's weight-transfer routes
@@ -155,16 +155,17 @@ class _Replicas:
 
 
 class WeightPusher:
-    """Pushes the student to the replicas at `cfg.url` by `cfg.weight_transfer`, with `cfg`'s retries, backoff,
-    timeout and on_push_failure; weight files go to `weight_dir`, and a failure names `run_dir`'s last checkpoint."""
+    """Pushes the student to the replicas at `cfg.url` by `cfg.weight_transfer`, in `dtype` (None: each parameter's
+    own), with `cfg`'s retries, backoff, timeout and on_push_failure; weight files go to cfg.weight_dir (default
+    `run_dir`/weights), and a failure names `run_dir`'s last checkpoint."""
 
-    def __init__(self, cfg: RolloutConfig, weight_dir: Path, run_dir: Path | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, cfg: RolloutConfig, run_dir: Path, dtype: torch.dtype | None = None):
         if cfg.weight_transfer == "nccl" and cfg.on_push_failure == "drop":
             raise ConfigError("rollout.on_push_failure=drop needs rollout.weight_transfer=filesystem: the nccl "
                               "replicas share one broadcast group, which a failed replica leaves unusable for all")
         self.cfg, self.urls = cfg, list(cfg.url)
-        self.weight_dir, self.run_dir, self.dtype = Path(weight_dir), run_dir, dtype
+        self.run_dir, self.dtype = Path(run_dir), dtype
+        self.weight_dir = Path(cfg.weight_dir) if cfg.weight_dir else self.run_dir / "weights"
         self._nccl = None  # vLLM's trainer engine, once connected
         self._replicas: _Replicas | None = None
 
@@ -193,23 +194,15 @@ class WeightPusher:
 
     def push(self, model: PreTrainedModel, version: int) -> list[str]:
         """Send `model`'s weights as `version` to every live replica; the replicas that now serve it."""
-        if self.cfg.weight_transfer == "nccl":
-            self._push_nccl(version)
-            return list(self.urls)
-        path = self.weight_dir / f"v{version}.safetensors"
-        outcome: list = [None, None]  # the live URLs, or the failure's message
-        if self._rank != 0:
-            write_weights(model, path, version, self.dtype, write=False)
-        else:
-            info = {"path": str(path.resolve()), "size": write_weights(model, path, version, self.dtype),
-                    "version": str(version)}
-            for old in self.weight_dir.glob("v*.safetensors"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-            try:
-                outcome[0] = self._push_file(info, version)
-            except WeightPushError as err:
-                outcome[1] = str(err)
+        outcome: list = [None, None]  # rank 0's: the live URLs, or the failure's message
+        try:
+            if self.cfg.weight_transfer == "nccl":
+                self._push_nccl(version)
+                outcome[0] = list(self.urls)
+            else:
+                outcome[0] = self._push_file(model, version)
+        except WeightPushError as err:
+            outcome[1] = str(err)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.broadcast_object_list(outcome, src=0)
         if outcome[1] is not None:
@@ -217,7 +210,17 @@ class WeightPusher:
         self.urls = outcome[0]
         return list(self.urls)
 
-    def _push_file(self, info: dict, version: int) -> list[str]:
+    def _push_file(self, model: PreTrainedModel, version: int) -> list[str] | None:
+        """Write the file (rank 0; the others only join the gathers) and push it to every replica at once."""
+        path = self.weight_dir / f"v{version}.safetensors"
+        if self._rank != 0:
+            write_weights(model, path, version, self.dtype, write=False)
+            return None
+        info = {"path": str(path.resolve()), "size": write_weights(model, path, version, self.dtype),
+                "version": str(version)}
+        for old in self.weight_dir.glob("v*.safetensors"):
+            if old != path:
+                old.unlink(missing_ok=True)
         with ThreadPoolExecutor(len(self.urls)) as pool:
             errors = list(pool.map(lambda url: self._push_with_retries(url, info, version), self.urls))
         failed = [(url, err) for url, err in zip(self.urls, errors, strict=True) if err is not None]
@@ -254,7 +257,7 @@ class WeightPusher:
         return err
 
     def _failure(self, url: str, err: Exception, version: int) -> str:
-        ckpt = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        ckpt = latest_checkpoint(self.run_dir)
         resume = (f"the last checkpoint is {ckpt.path} (step {ckpt.step}); run the same command again to resume "
                   "from it once the replica is back") if ckpt else "no checkpoint was saved yet"
         return (f"rollout replica {url} did not take weights version {version} after {self.cfg.retries + 1} "
