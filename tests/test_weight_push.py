@@ -4,6 +4,8 @@ collected), and the NCCL path's logic with vLLM's trainer engine faked (no GPU h
 
 import copy
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -151,6 +153,11 @@ def test_a_weight_file_gone_before_the_replica_reads_it_fails_the_push_and_the_r
     assert "no checkpoint was saved yet" in str(err.value)
     assert pusher.version(url) == 31
     torch.testing.assert_close(_served(url, micro["student"]), served, atol=1e-6, rtol=0)
+
+
+def test_the_filesystem_path_imports_no_vllm():
+    code = "import sys, tip_cli.rollout.weights, tip_cli.rollout.vllm_plugin; assert 'vllm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_register_makes_tip_file_a_vllm_backend_once_and_lazily():
