@@ -29,7 +29,8 @@ def shared_data() -> Path:
     return path
 
 
-EARLY: dict = {}  # what pytest_collection_finish set up before the first test: "root", "micro", "server"
+EARLY: dict = {}  # what pytest_collection_finish set up before the first test: "root", "micro", the servers
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _build_micro(root: Path) -> dict[str, Path]:
@@ -44,27 +45,46 @@ def _build_micro(root: Path) -> dict[str, Path]:
             "train": root / "train.jsonl", "test": root / "test.jsonl"}
 
 
+def _student_server(micro: dict[str, Path], log: Path):
+    """A student replica that takes pushed weights: `python -m tip_cli.rollout.serve` (vllm serve with the
+    weight-transfer routes and the tip_file engine) of this checkout's tip_cli."""
+    from vllm_serve import VLLMServer
+
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return VLLMServer(micro["student"], log, module="tip_cli.rollout.serve",
+                      args=("--weight-transfer-config", '{"backend": "tip_file"}'),
+                      env={"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": path})
+
+
 def pytest_collection_finish(session):
-    """With a test that uses the `server` fixture selected and vLLM installed: build the micro pair and launch
-    `vllm serve` of its teacher now, not when the first such test asks (its start-up takes about a minute on CPU)."""
+    """With a test that uses the `server` (or `student_server`) fixture selected and vLLM installed: build the micro
+    pair and launch `vllm serve` of its teacher (its student) now, not when the first such test asks (start-up takes
+    half a minute to a minute on CPU)."""
     option = session.config.option
     if option.collectonly or option.showfixtures or option.show_fixtures_per_test:
         return
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects every test: the server's worker starts it
         return
-    if importlib.util.find_spec("vllm") is None or not any("server" in getattr(i, "fixturenames", ()) for i in session.items):
+    wanted = [name for name in ("server", "student_server")
+              if any(name in getattr(i, "fixturenames", ()) for i in session.items)]
+    if importlib.util.find_spec("vllm") is None or not wanted:
         return
     from vllm_serve import VLLMServer
 
     EARLY["root"] = root = Path(tempfile.mkdtemp(prefix="tip-tests-"))
     EARLY["micro"] = _build_micro(root / "micro")
-    EARLY["server"] = VLLMServer(EARLY["micro"]["teacher"], root / "vllm_serve.log")
-    EARLY["server"].launch()
+    if "server" in wanted:
+        EARLY["server"] = VLLMServer(EARLY["micro"]["teacher"], root / "vllm_serve.log")
+        EARLY["server"].launch()
+    if "student_server" in wanted:
+        EARLY["student_server"] = _student_server(EARLY["micro"], root / "student_serve.log")
+        EARLY["student_server"].launch()
 
 
 def pytest_sessionfinish(session):
-    if "server" in EARLY:
-        EARLY["server"].stop()
+    for name in ("server", "student_server"):
+        if name in EARLY:
+            EARLY[name].stop()
     if "root" in EARLY:
         shutil.rmtree(EARLY["root"], ignore_errors=True)
 
@@ -81,6 +101,19 @@ def server(micro, tmp_path_factory):
     from vllm_serve import VLLMServer
 
     srv = EARLY.get("server") or VLLMServer(micro["teacher"], tmp_path_factory.mktemp("vllm_serve") / "server.log")
+    try:
+        srv.ensure()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def student_server(micro, tmp_path_factory):
+    """A student replica that takes pushed weights (`_student_server`), up; the early one when collection launched
+    it."""
+    pytest.importorskip("vllm", reason="vLLM is not installed: `make setup-vllm` (CPU) or `pip install -e .[vllm]`")
+    srv = EARLY.get("student_server") or _student_server(micro, tmp_path_factory.mktemp("student_serve") / "server.log")
     try:
         srv.ensure()
         yield srv

@@ -14,6 +14,7 @@ from unittest.mock import patch
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors import safe_open
 
 from tip_cli.checkpoint import Checkpoint, list_checkpoints
 from tip_cli.cli import compose_config
@@ -21,6 +22,7 @@ from tip_cli.config.schema import (
     ConfigError,
     ImportanceConfig,
     LossConfig,
+    RolloutConfig,
     SelectorConfig,
     TipConfig,
     TrainConfig,
@@ -29,10 +31,11 @@ from tip_cli.eval.benchmark import eval_spec, evaluate_benchmark, load_benchmark
 from tip_cli.losses import LossSpec, selected_token_loss
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
-from tip_cli.rollout import sources
+from tip_cli.rollout import sources, weights
 from tip_cli.rollout.batch import pack
 from tip_cli.rollout.hf import HFEngine
 from tip_cli.rollout.vllm import VLLMEngine
+from tip_cli.rollout.weights import WeightPusher
 from tip_cli.selection import quadrants as importance
 from tip_cli.selection import selectors
 from tip_cli.teacher.targets import DenseTeacher
@@ -386,6 +389,21 @@ def unshards_in_rollout(cfg: TipConfig, pair, engine) -> int:
     return calls["n"]
 
 
+def push_to_a_fake_replica(student, run_dir: Path) -> list[str]:
+    """A filesystem push of the sharded student as version 5 to a replica that takes any update (its HTTP faked):
+    every rank joins the gathers, rank 0 writes the file, and every rank learns the replicas left."""
+    served = {}
+
+    def replica(url, body=None, timeout=60.0, get=False):
+        if url.endswith("/finish_weight_update"):
+            served["version"] = body["weight_version"]
+        return {"weight_version": served.get("version")}
+
+    with patch.object(weights, "_request", replica):
+        pusher = WeightPusher(RolloutConfig(engine="vllm_server", url=FAKE_REPLICA), run_dir, dtype=torch.bfloat16)
+        return pusher.push(student, 5)
+
+
 def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
     """On a sharded student: a weight sync into a spy vLLM, loop.rollout's gathers per engine, a sharded evaluation
     and a sharded checkpoint whose files are hashed by the ranks that own them."""
@@ -398,6 +416,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
     engine = spy_vllm_engine()
     engine.sync_weights(pair.student)
     out["sync"], out["alive"] = engine.llm.seen, engine.llm.alive
+    out["pushed"] = push_to_a_fake_replica(pair.student, ckpt_root)
     out["unshards"] = {"vllm": unshards_in_rollout(cfg, pair, spy_vllm_engine()),
                        "hf": unshards_in_rollout(cfg, pair, HFEngine(pair.student, pair.tokenizer))}
 
@@ -421,6 +440,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
     return out
 
 
+FAKE_REPLICA = "http://127.0.0.1:9"
 _IO_RANKS: list = []  # the ranks' run, made once for the tests below (micro_overrides is function-scoped)
 
 
@@ -442,6 +462,17 @@ def test_sync_to_vllm_gathers_one_parameter_at_a_time_in_the_compute_dtype(io_ra
     for r in ranks:
         assert r["sync"] == want  # every parameter, full shape, a plain tensor in the engine's dtype
         assert r["alive"] == [0] * len(want)  # none of the ones before is still held when the next is made
+
+
+def test_a_push_of_the_sharded_student_writes_it_whole_once_and_every_rank_learns_the_replicas(io_ranks):
+    cfg, run_dir, ranks = io_ranks
+    student = load_pair(cfg.pair, torch.device("cpu"), load_teacher=False).student
+    assert [r["pushed"] for r in ranks] == [[FAKE_REPLICA]] * len(ranks)
+    assert [p.name for p in (run_dir / "weights").iterdir()] == ["v5.safetensors"]
+    with safe_open(str(run_dir / "weights" / "v5.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(n for n, _ in student.named_parameters())
+        for name, p in student.named_parameters():  # the run's student is untrained: the checkpoint's weights
+            assert torch.equal(f.get_tensor(name), p.detach().to(torch.bfloat16)), name
 
 
 def test_rollouts_gather_the_student_for_hf_only(io_ranks):

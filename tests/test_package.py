@@ -55,6 +55,7 @@ def test_wheel_metadata_version_and_extras(wheel):
     assert any(r.startswith("Requires-Dist: mkdocs") and 'extra == "dev"' in r for r in requires)
     entry_points = archive.read(meta.replace("METADATA", "entry_points.txt")).decode()
     assert "tip = tip_cli.cli:main" in entry_points
+    assert "[vllm.general_plugins]\ntip_weights = tip_cli.rollout.vllm_plugin:register" in entry_points
 
 
 def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):

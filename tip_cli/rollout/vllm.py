@@ -16,7 +16,7 @@ workers' sampler draws from instead, so a call's responses follow from its promp
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tip_cli.config.schema import ConfigError, VLLMConfig
 from tip_cli.rollout.batch import Generation, Sampling, eos_ids, trim_at_eos
+from tip_cli.rollout.vllm_plugin import refresh_packed_lm_head
+from tip_cli.rollout.weights import weights_for_sync
 
 INSTALL_HINT = "install it with `pip install -e .[vllm]` (GPU) or `make setup-vllm` (CPU)"
 
@@ -95,25 +97,6 @@ def _seed_sampler(worker, seed: int) -> None:
     noise then a function of (that seed, position)."""
     torch.manual_seed(seed)
     np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
-
-
-def _refresh_packed_lm_head(model: torch.nn.Module) -> None:
-    """CPU backend: the lm_head keeps a packed copy of its (possibly tied) weight; repack it from the new weight."""
-    head = getattr(model, "lm_head", None)
-    method = getattr(head, "quant_method", None)
-    if method is not None and hasattr(method, "process_weights_after_loading"):
-        method.process_weights_after_loading(head)
-
-
-def weights_for_sync(model: PreTrainedModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The student's parameters under their checkpoint names, in the engine's `dtype`, made one at a time as the
-    engine consumes them: a sharded (FSDP2) one is cast on its shard and then gathered, so the gather moves the
-    compute dtype and one full tensor is alive at a time, not the whole model in the master dtype."""
-    for name, param in model.named_parameters():
-        tensor = param.detach().to(dtype)
-        if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2)
-            tensor = tensor.full_tensor()
-        yield name, tensor
 
 
 class VLLMEngine:
@@ -190,7 +173,7 @@ class VLLMEngine:
         weights = weights_for_sync(model, self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if _on_cpu():
-            self.llm.apply_model(_refresh_packed_lm_head)
+            self.llm.apply_model(refresh_packed_lm_head)
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
