@@ -23,13 +23,14 @@ from tip_cli.config.schema import ConfigError
 PROBE_TEXT = "What is 12 + 345? Think step by step.\n\tThe answer is 357. Naïve café, 東京, 🙂 {x_1}^2 = ½!"
 
 
-class HTTPRefused(Exception):
+class HTTPRefused(ConnectionError):
     """A request that reached the server and was refused (4xx): retrying will not help."""
 
 
 def request(url: str, body: dict | None, timeout: float, raw: bool = False) -> dict | bytes:
     """GET (body None) or POST JSON to `url`; the decoded JSON answer, or its bytes when `raw`. Raises HTTPRefused
-    on a 4xx answer, ConnectionError on a 5xx one, OSError when there is no answer."""
+    on a 4xx answer, ConnectionError on a 5xx one, OSError when there is no answer (HTTPRefused is a
+    ConnectionError, so a caller that retries any failure catches both)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
@@ -37,7 +38,12 @@ def request(url: str, body: dict | None, timeout: float, raw: bool = False) -> d
             answer = resp.read()
             return answer if raw else json.loads(answer)
     except urllib.error.HTTPError as err:
-        detail = err.read().decode(errors="replace")[:500]
+        detail = err.read().decode(errors="replace")
+        try:  # vLLM's error answer: {"error": {"message": ...}}
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        detail = str(detail)[:500]
         if 400 <= err.code < 500:
             raise HTTPRefused(f"HTTP {err.code} from {url}: {detail}") from err
         raise ConnectionError(f"HTTP {err.code} from {url}: {detail}") from err
@@ -72,6 +78,8 @@ def post(url: str, path: str, model: str, body: dict, timeout: float, what: str,
     """POST to a replica during the start-up checks: ConfigError when it does not answer, HTTPRefused on a 4xx."""
     try:
         return request(url + path, {"model": model, **body}, timeout)
+    except HTTPRefused:
+        raise
     except (OSError, ValueError) as err:  # URLError, timeouts and refused connections are OSErrors
         raise ConfigError(f"{what} {url} is not reachable ({err}); {hint}") from err
 

