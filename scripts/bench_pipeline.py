@@ -105,10 +105,10 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="more tip train overrides for both modes")
     args = parser.parse_args()
     from tip_cli.pairs import resolve_model
-    from tip_cli.toy.build import toy_fingerprint
+    from tip_cli.toy.build import pair_fingerprint
 
     student = resolve_model("toy://student")  # builds the embedded pair on first use
-    print(f"embedded pair {Path(student).parent} (fingerprint {toy_fingerprint()}); {args.steps} steps per run, seeds "
+    print(f"embedded pair {Path(student).parent} (fingerprint {pair_fingerprint(Path(student).parent)}); {args.steps} steps per run, seeds "
           f"{args.seeds}; server on cores {args.server_cores}, trainer on cores {args.train_cores}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     url, log = f"http://127.0.0.1:{args.port}", args.out / "server.log"
