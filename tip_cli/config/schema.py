@@ -325,7 +325,7 @@ class RolloutConfig:
     # vllm_server: a replica whose push still fails after the retries: stop (the run stops, naming it and the last
     # checkpoint) | drop (the run goes on without it; stops when none is left)
     on_push_failure: str = "stop"
-    concurrency: int = 8  # vllm_server: generation requests in flight per replica
+    concurrency: int = 64  # vllm_server: generation requests in flight per replica (vLLM batches them)
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ("hf", "vllm", "vllm_server"))
