@@ -105,3 +105,30 @@ def test_a_server_of_another_model_fails_at_start_up(server, micro, micro_overri
         loop.train(compose_config(_overrides(micro_overrides, server.ensure(), out)), out)
     assert server.url in str(err.value)
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_resumed_overlapped_run_regenerates_the_batch_in_flight_from_its_checkpoint(
+        student_server, micro, micro_overrides, tmp_path, monkeypatch):
+    """A crash in step 2 of a staleness-1 run (step 2's rollouts were generated while step 1 trained): the rerun
+    resumes from step 1's checkpoint, pushes it as version 1, and generates step 2 again from it (staleness 0);
+    step 3 is overlapped again, one version behind."""
+    from tip_cli.train import step as train_step
+
+    url, out = student_server.ensure(), tmp_path / "run"
+    args = _overrides(micro_overrides, url, out, "rollout.max_staleness=1", "train.steps=3", "train.save_every=1")
+    real = loop.distill_step
+
+    def crash_at_step_two(pair, batch, spec, generator, metrics, scorer=None, step=None):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+        return real(pair, batch, spec, generator, metrics, scorer, step)
+
+    monkeypatch.setattr(loop, "distill_step", crash_at_step_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.train(compose_config(args), out)
+    monkeypatch.setattr(loop, "distill_step", train_step.distill_step)
+    loop.train(compose_config(args), out)
+    rows = {r["step"]: r for r in _rows(out) if "loss" in r}
+    assert sorted(rows) == [1, 2, 3]
+    assert [(rows[s]["rollout/weight_version"], rows[s]["rollout/staleness"]) for s in (1, 2, 3)] == [
+        (0.0, 0.0), (1.0, 0.0), (1.0, 1.0)]

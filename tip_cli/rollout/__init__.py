@@ -23,15 +23,17 @@ from tip_cli.rollout.hf import HFEngine
 
 def make_engine(
     cfg: RolloutConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str, seed: int = 0,
-    dtype: torch.dtype | None = None, vocab: int | None = None, run_dir: Path | None = None,
+    dtype: torch.dtype | None = None, vocab: int | None = None, run_dir: Path | None = None, version: int = 0,
 ):
     """The rollout engine `cfg.engine` names, generating from `model` (whose weights live at `model_path`); a vLLM
     engine computes in `dtype` (default: the model's); student servers are checked against the `vocab` ids of the
-    pair and stop a run naming `run_dir`'s last checkpoint."""
+    pair, take the student as weight `version` (its optimizer steps) and stop a run naming `run_dir`'s last
+    checkpoint."""
     if cfg.engine == "vllm_server":
         from tip_cli.rollout.server import ServerEngine
 
-        return ServerEngine.connect(cfg, model, tokenizer, vocab or len(tokenizer), run_dir, dtype)
+        return ServerEngine.connect(cfg, model, tokenizer, vocab or len(tokenizer), run_dir, dtype,
+                                    version=version)
     if cfg.engine == "hf":
         return HFEngine(model, tokenizer, cfg.batch_size)
     if cfg.engine == "vllm":

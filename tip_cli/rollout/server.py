@@ -10,10 +10,11 @@ others; with none left the run stops, naming the last checkpoint (a rerun of the
 
 The replicas decode with their own copy of the student (`own_weights`): after each optimizer update `sync_weights`
 pushes the new weights to every live replica (tip_cli.rollout.weights: a file every replica reads, or vLLM's NCCL
-engine) as version v + 1, and each replica reports the version it serves (`/weight_info`), which every response
+engine) as version v + 1 (v counts optimizer steps), and each replica reports the version it serves (`/weight_info`), which every response
 records (`Generation.versions`). At start-up `connect` checks each replica as the teacher's client does
 (tip_cli.servers: the served model, the tokenizer's ids on a probe, the vocabulary) and pushes the trainer's student
-as version 0, so a run resumed from a checkpoint rolls out from that checkpoint, not from what the server loaded.
+(version 0, or a resumed run's checkpoint step), so a resumed run rolls out from its checkpoint, not from what the
+server loaded.
 """
 
 from __future__ import annotations
@@ -50,15 +51,16 @@ class ServerEngine:
                  pusher=None, run_dir: Path | None = None):
         self.cfg, self.model, self.urls, self.context, self.eos_ids = cfg, model, list(urls), context, eos
         self.pusher, self.run_dir = pusher, run_dir
-        self.version = 0  # the weight version every live replica serves
+        self.version = 0  # the weight version every live replica serves: the optimizer steps behind its weights
         self.on_done: Callable[[int, list[int], list[list[int]]], None] | None = None  # per finished prompt
 
     @classmethod
     def connect(cls, cfg: RolloutConfig, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, vocab: int,
-                run_dir: Path, dtype=None, pusher=None) -> ServerEngine:
+                run_dir: Path, dtype=None, pusher=None, version: int = 0) -> ServerEngine:
         """Check every replica against the student's tokenizer (ConfigError naming what differs), set up their
-        weight transfer, and push the student's weights (in `dtype`) as version 0 through `pusher`
-        (tip_cli.rollout.weights.WeightPusher, built from `cfg` when None)."""
+        weight transfer, and push the student's weights (in `dtype`) as `version` (the optimizer steps behind
+        them: a resumed run's checkpoint step) through `pusher` (tip_cli.rollout.weights.WeightPusher, built from
+        `cfg` when None)."""
         cards = {url: served_models(url, cfg.timeout_s, WHAT, START_HINT) for url in cfg.url}
         model = pick_model(cards, cfg.model, WHAT, "rollout.model")
         for url in cfg.url:
@@ -71,7 +73,7 @@ class ServerEngine:
         pusher.connect(student)
         engine = cls(cfg, model, cfg.url, context, eos_ids(student.generation_config.eos_token_id, tokenizer),
                      pusher, run_dir)
-        engine.sync_weights(student, version=0)
+        engine.sync_weights(student, version=version)
         return engine
 
     def _body(self, prompt: list[int], sampling: Sampling, seed: int | None, max_len: int) -> dict:

@@ -170,7 +170,7 @@ def prepare(cfg: TipConfig, spec: StepSpec, evals: EvalSpec, run_dir: Path, devi
     memory = PeakMemory(device)
     with memory.engine_build():
         engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute,
-                             vocab=pair.vocab, run_dir=run_dir)
+                             vocab=pair.vocab, run_dir=run_dir, version=ckpt.step if ckpt else 0)
     source = rollout_source(cfg.data, cfg.pair, cfg.agent, pair, problems, resolve_model)
     optimizer = make_optimizer(student.parameters(), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
