@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from tip_cli import checkpoint
 from tip_cli.analysis.runs import load_runs
-from tip_cli.cli import app, compose_config
+from tip_cli.cli import app, compose_config, eval_job
 from tip_cli.config.schema import ConfigError
 from tip_cli.eval.benchmark import run_eval_command
 from tip_cli.rollout.batch import Sampling
@@ -192,7 +192,7 @@ def test_truncated_latest_checkpoint_falls_back_in_resume_and_eval(finished, tmp
     damaged.write_bytes(damaged.read_bytes()[:1000])
     capsys.readouterr()
 
-    result = run_eval_command(compose_config([*overrides, f"checkpoint={run}"]))
+    result = run_eval_command(eval_job(compose_config([*overrides, f"checkpoint={run}"])))
     assert [p["step"] for p in result["curve"]] == [1]
     out = capsys.readouterr().out.replace("\n", " ")
     assert "skipping checkpoint" in out and "step_2" in out and "truncated" in out
@@ -330,12 +330,12 @@ def test_eval_writes_under_out_dir_or_cwd_never_into_the_model(tmp_path, micro, 
     model = tmp_path / "model"
     model.symlink_to(micro["student"], target_is_directory=True)
     inside = snapshot(micro["student"])
-    run_eval_command(compose_config([*micro_overrides, f"checkpoint={model}", f"out_dir={tmp_path / 'x'}"]))
+    run_eval_command(eval_job(compose_config([*micro_overrides, f"checkpoint={model}", f"out_dir={tmp_path / 'x'}"])))
     assert (tmp_path / "x" / "model" / "eval" / "toy" / "results.json").is_file()
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    run_eval_command(compose_config([*micro_overrides, f"checkpoint={model}"]))
+    run_eval_command(eval_job(compose_config([*micro_overrides, f"checkpoint={model}"])))
     assert (cwd / "eval" / "model" / "eval" / "toy" / "results.json").is_file()
     assert snapshot(micro["student"]) == inside
 

@@ -141,23 +141,23 @@ def test_three_training_steps_with_the_vllm_engine(tmp_path, micro_overrides):
 def test_eval_through_vllm_matches_hf_without_loading_the_hf_model(tmp_path, monkeypatch, micro):
     """`tip eval CKPT rollout=vllm`: the same greedy responses as the HF engine, and no HF copy of the weights."""
     from tip_cli.checkpoint import Checkpoint
-    from tip_cli.cli import compose_config
+    from tip_cli.cli import compose_config, eval_job
     from tip_cli.eval import benchmark
 
     ckpt = Checkpoint(step=0, path=micro["teacher"])
     common = ["benchmark=toy", f"benchmark.path={micro['test']}", "eval.limit=6", "eval.max_new_tokens=24",
               "logger=none"]
     hf_cfg = compose_config(common)
-    hf = benchmark.evaluate_checkpoint(hf_cfg, ckpt, tmp_path / "hf", benchmark.load_benchmark(benchmark.eval_spec(
-        hf_cfg.benchmark, hf_cfg.eval, hf_cfg.pair, hf_cfg.agent, hf_cfg.rollout)))
+    hf_job = eval_job(hf_cfg)
+    hf = benchmark.evaluate_checkpoint(hf_job, ckpt, tmp_path / "hf", benchmark.load_benchmark(hf_job.spec))
 
     def no_hf_model(*args, **kwargs):
         raise AssertionError("the HF model was loaded for a vLLM eval")
 
     monkeypatch.setattr(benchmark, "load_model", no_hf_model)
     vllm_cfg = compose_config([*common, "rollout=vllm", "rollout.vllm.kv_cache_gb=0.25"])
-    got = benchmark.evaluate_checkpoint(vllm_cfg, ckpt, tmp_path / "vllm", benchmark.load_benchmark(benchmark.eval_spec(
-        vllm_cfg.benchmark, vllm_cfg.eval, vllm_cfg.pair, vllm_cfg.agent, vllm_cfg.rollout)))
+    vllm_job = eval_job(vllm_cfg)
+    got = benchmark.evaluate_checkpoint(vllm_job, ckpt, tmp_path / "vllm", benchmark.load_benchmark(vllm_job.spec))
     records = [json.loads((tmp_path / run / "eval" / "toy" / "results.json").read_text())["records"] for run in ("hf", "vllm")]
     assert [r["responses"] for r in records[0]] == [r["responses"] for r in records[1]]
     assert got["accuracy"] == hf["accuracy"]

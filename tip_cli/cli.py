@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -23,6 +24,9 @@ from tip_cli import __version__
 from tip_cli.config.compose import CONF_DIR, GROUPS, group_options, register, unknown_key_message, validate
 from tip_cli.config.schema import ConfigError, TipConfig
 from tip_cli.errors import UserError
+
+if TYPE_CHECKING:  # the eval stack loads transformers: imported when `tip eval` runs, not for every command
+    from tip_cli.eval.benchmark import EvalJob
 
 console = Console(stderr=True)
 # What the user can fix, printed in one line with exit 2: tip's own UserErrors (a config value, a data row, a run dir,
@@ -123,6 +127,14 @@ def compose_config(overrides: list[str]) -> TipConfig:
         GlobalHydra.instance().clear()
 
 
+def eval_job(cfg: TipConfig) -> EvalJob:
+    """What `tip eval` reads of the config (tip_cli.eval.benchmark.EvalJob), built once."""
+    from tip_cli.eval.benchmark import EvalJob, eval_spec
+
+    return EvalJob(eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout), cfg.checkpoint, cfg.out_dir,
+                   cfg.train.device, cfg.rollout.engine, cfg.rollout.vllm, cfg.seed, cfg.logger)
+
+
 def _check_installed(cfg: TipConfig) -> None:
     """Options that need an optional dependency fail before any model is loaded when it is missing."""
     wants = [o for o, on in (("rollout.engine=vllm", cfg.rollout.engine == "vllm"),
@@ -149,7 +161,7 @@ def _run_job(command: str, cfg) -> None:
             else:
                 from tip_cli.eval.benchmark import run_eval_command
 
-                run_eval_command(tip_cfg)
+                run_eval_command(eval_job(tip_cfg))
     except USER_FAULTS as err:
         if os.environ.get("TIP_DEBUG"):
             raise

@@ -33,7 +33,7 @@ from tip_cli.config.schema import (
     LoggerConfig,
     PairConfig,
     RolloutConfig,
-    TipConfig,
+    VLLMConfig,
 )
 from tip_cli.data import Problem, fit_context, load_problems
 from tip_cli.eval.metrics import summarize
@@ -261,74 +261,89 @@ def _eos_token_id(path: str) -> int | list[int] | None:
         return AutoConfig.from_pretrained(path).eos_token_id
 
 
-def evaluate_checkpoint(cfg: TipConfig, ckpt: Checkpoint, out_dir: Path, problems: list[Problem] | EnvBenchmark,
+@dataclass(frozen=True)
+class EvalJob:
+    """What `tip eval` reads of the config, built once by the CLI (tip_cli.cli.eval_job): the evaluation's spec, the
+    model or run to evaluate and where results go, and how the model runs (device, engine, seed, logger)."""
+
+    spec: EvalSpec
+    checkpoint: str | None  # a run dir, a checkpoint dir, a HF id or toy://student
+    out_dir: str | None
+    device: str  # auto | cpu | cuda
+    engine: str  # rollout.engine: vllm generates in vLLM; any other engine in transformers
+    vllm: VLLMConfig
+    seed: int
+    logger: LoggerConfig
+
+
+def evaluate_checkpoint(job: EvalJob, ckpt: Checkpoint, out_dir: Path, problems: list[Problem] | EnvBenchmark,
                         skipped: int = 0) -> dict[str, float]:
     """Evaluate one model into out_dir/eval/<benchmark>/results.json, reusing a result with identical settings;
     with eval.skip_bad_rows, the metrics count the `skipped` rows that did not fit the context (`skipped_too_long`)."""
-    spec = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
-    out_file = results_dir(out_dir, cfg.benchmark.name) / "results.json"
+    spec = job.spec
+    out_file = results_dir(out_dir, spec.benchmark.name) / "results.json"
     settings = spec.settings()
     if out_file.exists():
         previous = json.loads(out_file.read_text())
         if previous.get("settings") == settings:
             console.print(f"[dim]{out_file} already has these settings; skipping[/]")
             return previous["metrics"]
-    device = pick_device(cfg.train.device)
-    path = resolve_model(str(ckpt.path) if ckpt.step >= 0 else cfg.checkpoint)
-    tokenizer = load_tokenizer(path, cfg.pair)
+    device = pick_device(job.device)
+    path = resolve_model(str(ckpt.path) if ckpt.step >= 0 else job.checkpoint)
+    tokenizer = load_tokenizer(path, spec.pair)
     model, engine = None, None
-    if cfg.rollout.engine == "vllm":  # the engine loads the weights itself: no HF copy beside it
+    if job.engine == "vllm":  # the engine loads the weights itself: no HF copy beside it
         from tip_cli.rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(path, tokenizer, cfg.rollout.vllm, pick_dtype(cfg.pair.dtype, device), cfg.seed,
+        engine = VLLMEngine(path, tokenizer, job.vllm, pick_dtype(spec.pair.dtype, device), job.seed,
                             eos=_eos_token_id(path))
-    else:
-        model = load_model(path, cfg.pair, device, trainable=False)
+    else:  # the student servers of rollout=vllm_server serve the run's student, not this checkpoint
+        model = load_model(path, spec.pair, device, trainable=False)
     metrics, records = evaluate_benchmark(model, tokenizer, spec, problems, engine=engine)
-    if cfg.eval.skip_bad_rows:
+    if spec.skip_bad_rows:
         metrics["skipped_too_long"] = skipped
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps({"model": str(ckpt.path), "settings": settings, "metrics": metrics, "records": records}, indent=1))
-    if cfg.logger.name == "wandb":
-        _log_wandb(cfg.logger, spec, out_file.parent, metrics, records, max(ckpt.step, 0))
+    if job.logger.name == "wandb":
+        _log_wandb(job.logger, spec, out_file.parent, metrics, records, max(ckpt.step, 0))
     del model
     return metrics
 
 
-def run_eval_command(cfg: TipConfig) -> dict[str, Any]:
+def run_eval_command(job: EvalJob) -> dict[str, Any]:
     """`tip eval PATH`: a run dir -> every checkpoint whose manifest verifies, and the curve; anything else -> that
     one model. Results go under out_dir when it is given; else a run's into the run dir, a model's under ./eval/
     (never into a model's own folder)."""
-    if not cfg.checkpoint:
+    if not job.checkpoint:
         raise ConfigError("tip eval needs a checkpoint dir, a run dir, or a model id: tip eval PATH")
-    target = Path(cfg.checkpoint).expanduser()
-    spec = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
+    target = Path(job.checkpoint).expanduser()
+    spec = job.spec
     problems = load_benchmark(spec)
-    name = cfg.benchmark.name
+    name = spec.benchmark.name
     ckpts = list_checkpoints(target)
     if not ckpts and (target / MANIFEST).is_file() and (reason := verify(Checkpoint(-1, target))) is not None:
         raise CheckpointError(f"checkpoint {target} is damaged: {reason}; evaluate another checkpoint of its run")
     # a prompt too long for the model fails here, before any model loads, not midway through the evaluation
-    model = str(ckpts[0].path) if ckpts else resolve_model(cfg.checkpoint)
-    problems, skipped = fit_benchmark(spec, problems, [model], lambda: counting_tokenizer(model, cfg.pair))
+    model = str(ckpts[0].path) if ckpts else resolve_model(job.checkpoint)
+    problems, skipped = fit_benchmark(spec, problems, [model], lambda: counting_tokenizer(model, spec.pair))
     if not ckpts:  # one model: a checkpoint dir, a HF id, or toy://student
-        if cfg.out_dir is None and is_run_checkpoint(target):
+        if job.out_dir is None and is_run_checkpoint(target):
             out_dir = target  # a run's checkpoint keeps its results beside it, as `tip eval RUN_DIR` does
         else:
-            label = target.name if target.is_dir() else cfg.checkpoint.replace("://", "_").replace("/", "_")
-            out_dir = Path(cfg.out_dir or "eval") / label
-        metrics = evaluate_checkpoint(cfg, Checkpoint(-1, Path(cfg.checkpoint)), out_dir, problems, skipped)
-        print_metrics(f"{name}: {cfg.checkpoint}", metrics)
+            label = target.name if target.is_dir() else job.checkpoint.replace("://", "_").replace("/", "_")
+            out_dir = Path(job.out_dir or "eval") / label
+        metrics = evaluate_checkpoint(job, Checkpoint(-1, Path(job.checkpoint)), out_dir, problems, skipped)
+        print_metrics(f"{name}: {job.checkpoint}", metrics)
         return metrics
-    root = Path(cfg.out_dir) if cfg.out_dir else target
+    root = Path(job.out_dir) if job.out_dir else target
     curve = []
     for ckpt in ckpts:
         reason = verify(ckpt)
         if reason is not None:
             console.print(f"[yellow]skipping checkpoint {ckpt.path}: {reason}[/]", soft_wrap=True)
             continue
-        out_dir = root / "checkpoints" / ckpt.path.name if cfg.out_dir else ckpt.path
-        metrics = evaluate_checkpoint(cfg, ckpt, out_dir, problems, skipped)
+        out_dir = root / "checkpoints" / ckpt.path.name if job.out_dir else ckpt.path
+        metrics = evaluate_checkpoint(job, ckpt, out_dir, problems, skipped)
         curve.append({"step": ckpt.step, **metrics})
         console.print(f"step {ckpt.step}: {name} accuracy {metrics['accuracy']:.3f}")
     if not curve:
