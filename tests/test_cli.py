@@ -4,6 +4,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -192,12 +193,20 @@ def test_an_old_key_in_a_sweep_is_renamed_once_before_any_job_is_composed(tmp_pa
         "train.lr is now optim.lr; using optim.lr=1e-4,3e-4"]
 
 
-def test_an_old_key_in_a_config_file_names_its_new_place(tmp_path):
-    """An old key the command line cannot rename (an unknown key in a YAML) is reported with its new name."""
-    from tip_cli.config.compose import unknown_key_message
+def test_an_old_key_in_a_config_file_names_its_new_place(tmp_path, monkeypatch):
+    """An old key the command line cannot rename (one in a YAML of the user's) fails in a line naming its new key."""
+    import shutil
 
-    for old, (new, _, _) in OLD_KEYS.items():
-        assert unknown_key_message(old) == f"unknown key '{old}': it is now '{new}'"
+    from tip_cli import cli
+
+    conf = Path(shutil.copytree(CONF_DIR, tmp_path / "conf"))
+    for old, (new, text, _) in OLD_KEYS.items():
+        group, leaf = old.split(".")
+        (conf / "experiment" / "mine.yaml").write_text(f"# @package _global_\n{group}:\n  {leaf}: {text}\n")
+        monkeypatch.setattr(cli, "CONF_DIR", conf)
+        with pytest.raises(ConfigError) as err:
+            compose_config(["+experiment=mine"])
+        assert str(err.value) == f"conf/experiment/mine.yaml: unknown key '{old}': it is now '{new}'"
 
 
 def test_an_old_config_yaml_loads_with_its_keys_in_their_new_place(tmp_path):

@@ -178,7 +178,7 @@ def one_step(cfg: TipConfig) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"))
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(pair.student)
-    sharding.shard(pair, cfg.train, loop.step_spec(cfg, pair.device).precision)
+    sharding.shard(pair, cfg.parallel, loop.step_spec(cfg, pair.device).precision)
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.optim.lr)
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     seen = []  # the dtype the final norm computed in (bf16 under bf16_mixed's FSDP2 policy)
@@ -394,7 +394,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
 
     parallel.setup("cpu")
     pair = load_pair(cfg.pair, torch.device("cpu"))
-    sharding.shard(pair, cfg.train, loop.step_spec(cfg, pair.device).precision)
+    sharding.shard(pair, cfg.parallel, loop.step_spec(cfg, pair.device).precision)
     out = {}
     engine = spy_vllm_engine()
     engine.sync_weights(pair.student)

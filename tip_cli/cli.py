@@ -57,6 +57,10 @@ def explain(err: Exception) -> str:
     found = re.search(r"Could not override '([\w.]+)'", msg)
     if found:
         return unknown_key_message(found.group(1))
+    found = re.search(r"Key '\w+' not in '\w+'\s+full_key: ([\w.]+)", msg)  # a config file's unknown key
+    if found:
+        where = re.match(r"In '([^']+)'", msg)
+        return (f"conf/{where.group(1)}.yaml: " if where else "") + unknown_key_message(found.group(1))
     if "submitit" in msg:
         msg += "\nThe SLURM launcher is a plugin: pip install hydra-submitit-launcher (see conf/hydra/launcher/slurm.yaml)"
     cause = err.__cause__

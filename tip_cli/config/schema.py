@@ -393,6 +393,9 @@ class TeacherConfig:
 
 @dataclass
 class TrainConfig:
+    """The training run: steps and batch, checkpoint, evaluation and token-sample cadence, resume, precision and
+    failure handling. The optimizer is optim (OptimConfig), multi-GPU settings parallel (ParallelConfig)."""
+
     steps: int = 200  # optimizer steps
     prompts_per_step: int = 16  # prompts per step (a multiple of the number of ranks under torchrun)
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole rollout batch at once
