@@ -5,7 +5,8 @@ of help. The help is the field's comment in schema.py (on its line, or the comme
 allowed values are read from the `_one_of` / `_in_range` checks of the dataclass's `__post_init__` and, for a
 float field, from schema.FLOAT_RANGES (the ranges of float fields by name); the default
 is the value `tip config` prints with no overrides (the schema's own default is named where conf/ changes it).
-Every option of every group is listed with the first sentence of its YAML's leading comment.
+Every option of every group is listed with the first sentence of its YAML's leading comment; the keys that moved
+(compose.MOVED) are listed with their new names.
 
     python scripts/gen_config_docs.py            # rewrite docs/configuration.md
     python scripts/gen_config_docs.py --check    # exit 1 when the committed page is out of date
@@ -27,7 +28,7 @@ from typing import Any
 
 from tip_cli.cli import compose_config
 from tip_cli.config import schema
-from tip_cli.config.compose import CONF_DIR, GROUPS, to_container
+from tip_cli.config.compose import CONF_DIR, GROUPS, MOVED, to_container
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
@@ -214,8 +215,15 @@ def group_sections() -> list[str]:
     return out
 
 
+def moved_section() -> list[str]:
+    out = ["\n## Moved keys\n", "A key that moved to another group still works under its old name: on the command "
+           "line (`tip` prints one line saying where it went) and in the config.yaml and overrides.jsonl of a run dir "
+           "written before the move, which resumes and is analysed as before.\n", "| old key | new key |\n|---|---|"]
+    return out + [f"| `{old}` | `{new}` |" for old, new in MOVED.items()]
+
+
 def render() -> str:
-    parts = [HEADER, *group_sections(), "\n## Keys\n", "Defaults are what `tip config` prints with no overrides; "
+    parts = [HEADER, *group_sections(), *moved_section(), "\n## Keys\n", "Defaults are what `tip config` prints with no overrides; "
              "where a group option of conf/config.yaml's defaults changes the schema's own default, that is given "
              "too. Types are the schema's annotations (`any`: the help says what it takes)."]
     parts += key_sections(field_docs(Path(schema.__file__).read_text()))

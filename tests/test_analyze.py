@@ -194,11 +194,11 @@ def test_labels_group_seeds_and_name_other_differences(tmp_path):
     root = tmp_path / "sweep"
     for seed in (0, 1):
         make_run(root / f"q3_s{seed}", ["selector=quadrant", "selector.quadrants=[Q1,Q3]", "budget=1.0"], seed=seed, accuracy={4: 0.1 + seed})
-    make_run(root / "lr_a", ["selector=entropy", "train.lr=0.001"], accuracy=None)
-    make_run(root / "lr_b", ["selector=entropy", "train.lr=0.0001"], accuracy=None)
+    make_run(root / "lr_a", ["selector=entropy", "optim.lr=0.001"], accuracy=None)
+    make_run(root / "lr_b", ["selector=entropy", "optim.lr=0.0001"], accuracy=None)
     labels = {r.name: r.label for r in load_runs([root])}
     assert labels["q3_s0"] == labels["q3_s1"] == "quadrant [Q1,Q3]"
-    assert labels["lr_a"] == "entropy (train.lr=0.001)" and labels["lr_b"] == "entropy (train.lr=0.0001)"
+    assert labels["lr_a"] == "entropy (optim.lr=0.001)" and labels["lr_b"] == "entropy (optim.lr=0.0001)"
 
 
 def test_tip_eval_curve_is_read_and_wins_over_in_training_evals(tmp_path):

@@ -64,7 +64,7 @@ def test_run_dir_without_config_yaml_is_continued_under_no_config(finished, pair
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     (run / "config.yaml").unlink()
     before = snapshot(run)
-    proc = tip("train", *pair_overrides, "train.steps=4", "selector=all", "train.lr=1e-2", f"train.resume={resume}",
+    proc = tip("train", *pair_overrides, "train.steps=4", "selector=all", "optim.lr=1e-2", f"train.resume={resume}",
                f"out_dir={run}")
     line = one_error_line(proc)
     assert str(run / "config.yaml") in line and "missing" in line and "out_dir" in line
@@ -113,7 +113,7 @@ def _float_keys(node=None, prefix: str = "") -> list[str]:
 
 def test_every_float_option_must_be_finite():
     keys = _float_keys()
-    assert {"train.lr", "budget", "rollout.top_p", "eval.temperature", "teacher.timeout_s"} <= set(keys)
+    assert {"optim.lr", "budget", "rollout.top_p", "eval.temperature", "teacher.timeout_s"} <= set(keys)
     for key in keys:
         for value in ("nan", "inf"):
             with pytest.raises(ConfigError) as err:
@@ -123,10 +123,10 @@ def test_every_float_option_must_be_finite():
 
 
 @pytest.mark.parametrize(("key", "bad", "good"), [
-    ("train.lr", "0", "1.0"), ("train.lr", "1.5", "1e-6"), ("budget", "0", "1"), ("budget", "1.01", "0.01"),
+    ("optim.lr", "0", "1.0"), ("optim.lr", "1.5", "1e-6"), ("budget", "0", "1"), ("budget", "1.01", "0.01"),
     ("rollout.top_p", "0", "1"), ("eval.top_p", "1.5", "0.5"), ("benchmark.top_p", "0", "0.95"),
     ("eval.temperature", "-0.1", "0"), ("data.temperature", "-1", "0.6"), ("rollout.temperature", "-1", "0"),
-    ("train.weight_decay", "-0.01", "0"), ("train.grad_clip", "-1", "0"),
+    ("optim.weight_decay", "-0.01", "0"), ("optim.grad_clip", "-1", "0"),
 ])
 def test_float_ranges_hold_at_their_edges(key, bad, good):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -138,7 +138,7 @@ def test_float_ranges_hold_at_their_edges(key, bad, good):
     assert node == float(good)
 
 
-@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=inf", "budget=-inf", "rollout.top_p=1.5"])
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=inf", "budget=-inf", "rollout.top_p=1.5"])
 def test_bad_number_fails_before_a_run_dir_exists(override, tmp_path):
     run = tmp_path / "run"
     line = one_error_line(tip("train", override, f"out_dir={run}", cwd=tmp_path))
@@ -202,10 +202,10 @@ def test_eval_of_nan_weights_at_an_odd_path_is_one_line(micro, pair_overrides, t
 # ---------------------------------------------------------------------------------------------------- keys
 
 
-@pytest.mark.parametrize("override", ["+train.lr_sched=cosine", "train.lr_sched=cosine"])
+@pytest.mark.parametrize("override", ["+optim.lr_sched=cosine", "optim.lr_sched=cosine"])
 def test_unknown_key_names_the_closest_valid_one(override):
     line = one_error_line(tip("config", override))
-    assert "'train.lr_sched'" in line and "did you mean 'train.lr_schedule'" in line
+    assert "'optim.lr_sched'" in line and "did you mean 'optim.lr_schedule'" in line
 
 
 def test_unknown_top_level_key_fails_before_a_run_dir_exists(tmp_path):

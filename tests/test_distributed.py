@@ -22,6 +22,7 @@ from tip_cli.config.schema import (
     ConfigError,
     ImportanceConfig,
     LossConfig,
+    ParallelConfig,
     RolloutConfig,
     SelectorConfig,
     TipConfig,
@@ -110,7 +111,7 @@ def select_on_ranks() -> dict[str, list[dict]]:
     mine = slice(lo, lo + sum(SEQ_LENS[3 * r : 3 * r + 3]))
     out: dict[str, list[dict]] = {"global": [], "local": []}
     for scope, case in ((scope, case) for scope in out for case in CASES):
-        cfg = TipConfig(train=TrainConfig(selection_scope=scope), **case)
+        cfg = TipConfig(parallel=ParallelConfig(rank_scope=scope), **case)
         sel = parallel.select_tokens(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - 3 * r, 3,
                                         loop.step_spec(cfg, torch.device("cpu")).selection,
                                         torch.Generator().manual_seed(7))
@@ -180,15 +181,15 @@ def one_step(cfg: TipConfig) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"))
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(pair.student)
-    sharding.shard(pair, cfg.train, loop.step_spec(cfg, pair.device).precision)
-    optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.train.lr)
+    sharding.shard(pair, cfg.parallel, loop.step_spec(cfg, pair.device).precision)
+    optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.optim.lr)
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     seen = []  # the dtype the final norm computed in (bf16 under bf16_mixed's FSDP2 policy)
     hook = pair.student.base_model.norm.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
     metrics, _, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
     hook.remove()
     grads = {n: p.grad for n, p in pair.student.named_parameters()}
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(), cfg.train.grad_clip))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(), cfg.optim.grad_clip))
     optimizer.step()
     if parallel.active():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -214,11 +215,11 @@ def steps_on_ranks(cfgs: list[TipConfig]) -> list[dict]:
 
 
 def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
-    base = [*micro_overrides, "train.lr=1e-2", "train.grad_clip=1.0"]
+    base = [*micro_overrides, "optim.lr=1e-2", "optim.grad_clip=1.0"]
     cfgs = [
         compose_config([*base, "selector=soft_or", "budget=0.5", "train.gradient_checkpointing=true"]),
         compose_config([*base, "selector=entropy", "selector.mode=sample", "budget=0.3", "train.micro_batch_size=1",
-                        "loss.norm=total", "train.shard_teacher=true"]),
+                        "loss.norm=total", "parallel.shard_teacher=true"]),
     ]
     ranks = spawn(steps_on_ranks, tmp_path, cfgs)
     before = load_pair(cfgs[0].pair, torch.device("cpu")).student.state_dict()
@@ -235,14 +236,14 @@ def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-7)
         for name, weight in want["weights"].items():
             # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, float noise in g moves it by a share of lr
-            torch.testing.assert_close(got["weights"][name], weight, rtol=1e-5, atol=1e-2 * cfg.train.lr)
+            torch.testing.assert_close(got["weights"][name], weight, rtol=1e-5, atol=1e-2 * cfg.optim.lr)
         assert max((want["weights"][n] - w).abs().max().item() for n, w in before.items()) > 1e-3  # the step moved them
 
 
 def test_fsdp_bf16_mixed_step_on_two_ranks_uses_the_mixed_precision_policy(tmp_path, micro_overrides):
     """train.precision=bf16_mixed under FSDP2: bf16 parameters in forward/backward, fp32 reduction and fp32 shards;
     the step matches one fp32 process within bf16 tolerance."""
-    base = [*micro_overrides, "train.lr=1e-2", "train.grad_clip=1e9", "selector=all"]  # no clipping: raw grads
+    base = [*micro_overrides, "optim.lr=1e-2", "optim.grad_clip=1e9", "selector=all"]  # no clipping: raw grads
     (got,) = spawn(steps_on_ranks, tmp_path, [compose_config([*base, "train.precision=bf16_mixed"])])[0]
     want = one_step(compose_config([*base, "train.precision=fp32"]))
     assert got["policy"] == (torch.bfloat16, torch.float32) and want["policy"] is None
@@ -308,10 +309,10 @@ def test_sharded_checkpoint_save_kill_resume_continues_the_run(tmp_path, micro_o
 
 
 def test_launch_checks():
-    with pytest.raises(ConfigError, match="selection_scope"):
-        TrainConfig(selection_scope="everywhere")
+    with pytest.raises(ConfigError, match="parallel.rank_scope"):
+        ParallelConfig(rank_scope="everywhere")
     with pytest.raises(ConfigError, match="torchrun"):
-        parallel.check(TrainConfig(cpu_offload=True))
+        parallel.check(TrainConfig(), ParallelConfig(cpu_offload=True))
     assert parallel.my_slice([3, 1, 2]) == [3, 1, 2] and parallel.rank_seed(5) == 5
 
 
@@ -411,7 +412,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
 
     parallel.setup("cpu")
     pair = load_pair(cfg.pair, torch.device("cpu"))
-    sharding.shard(pair, cfg.train, loop.step_spec(cfg, pair.device).precision)
+    sharding.shard(pair, cfg.parallel, loop.step_spec(cfg, pair.device).precision)
     out = {}
     engine = spy_vllm_engine()
     engine.sync_weights(pair.student)
@@ -431,7 +432,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
     real_sha = checkpoint._sha256
     checkpoint._sha256 = lambda path: hashed.append(str(path.relative_to(staging))) or real_sha(path)
     staging = checkpoint.staging_dir(ckpt_root, 1)
-    optimizer = schedule.make_optimizer(pair.student.parameters(), cfg.train)
+    optimizer = schedule.make_optimizer(pair.student.parameters(), cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     checkpoints.save(ckpt_root, 1, pair.student, pair.tokenizer, optimizer, scheduler, keep=2)
     checkpoint._sha256 = real_sha

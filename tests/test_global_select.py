@@ -54,7 +54,7 @@ def whole_batch() -> dict[str, torch.Tensor]:
             "loss": torch.rand(n, generator=g), "grad_sq": torch.rand(n, generator=g)}
 
 
-def on_ranks(spec: SelectorSpec, budget: float, scope: str, norm: str) -> list[global_select.Selection]:
+def on_ranks(spec: SelectorSpec, budget: float, rank_scope: str, norm: str) -> list[global_select.Selection]:
     data, mem = whole_batch(), MemoryRanks(len(SEQ_LENS))
     out: list = [None] * len(SEQ_LENS)
 
@@ -64,7 +64,7 @@ def on_ranks(spec: SelectorSpec, budget: float, scope: str, norm: str) -> list[g
         signal = Signal(data["loss"][mine], data["grad_sq"][mine], None)
         out[r] = global_select.select_tokens(
             data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - first, len(SEQ_LENS[r]), AXIS,
-            spec, budget, torch.Generator().manual_seed(7), signal, scope=scope, norm=norm, ranks=mem.ranks(r))
+            spec, budget, torch.Generator().manual_seed(7), signal, rank_scope=rank_scope, norm=norm, ranks=mem.ranks(r))
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(len(SEQ_LENS))]
     for t in threads:

@@ -28,7 +28,7 @@ def cuda_step(cfg, lr: float) -> dict:
     device = torch.device("cuda")
     prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, device)
     pair = load_pair(cfg.pair, device, student_dtype=prec.master, teacher_dtype=prec.pair)
-    sharding.shard(pair, cfg.train, prec)
+    sharding.shard(pair, cfg.parallel, prec)
     before = [p.detach().clone() for p in pair.student.parameters()]
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=lr, weight_decay=0.0)
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id).to(device)

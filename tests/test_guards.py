@@ -23,7 +23,7 @@ def test_an_inf_logit_skips_the_step_counts_it_and_stops_the_run_after_the_limit
     """From step 2 on the teacher gives an inf logit: D is NaN, so those steps update nothing; the third such step
     in a row stops the run, naming the step and the last good checkpoint (step 1)."""
     cfg = compose_config([*micro_overrides, "train.steps=6", "train.save_every=1", "train.eval_before=false",
-                          "train.max_skipped_steps=3", "train.lr=1e-2"])
+                          "train.max_skipped_steps=3", "optim.lr=1e-2"])
     real = train_step.teacher_targets
     calls = {"n": 0}
 

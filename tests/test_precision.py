@@ -20,8 +20,8 @@ RESPONSES = [[20, 21, 22, 40, 41], [23, 42, 43], [24, 25, 26, 27], [28, 29, 44]]
 
 def step_once(micro_overrides, mode: str, lr: float, extra=()) -> dict:
     """One distill_step + AdamW step of the micro pair under train.precision=mode, on CPU."""
-    cfg = compose_config([*micro_overrides, f"train.precision={mode}", f"train.lr={lr}", "selector=soft_or",
-                          "budget=0.5", "train.grad_clip=0", *extra])
+    cfg = compose_config([*micro_overrides, f"train.precision={mode}", f"optim.lr={lr}", "selector=soft_or",
+                          "budget=0.5", "optim.grad_clip=0", *extra])
     prec = precision.resolve(cfg.train.precision, cfg.pair.dtype, torch.device("cpu"))
     pair = load_pair(cfg.pair, torch.device("cpu"), student_dtype=prec.master, teacher_dtype=prec.pair)
     before = {n: p.detach().clone() for n, p in pair.student.named_parameters()}
@@ -82,7 +82,7 @@ def test_auto_precision_by_device():
 
 def test_export_keeps_the_pair_dtype_and_resume_continues_from_the_master_weights(tmp_path, micro_overrides):
     base = [*micro_overrides, "train.precision=bf16_mixed", "pair.dtype=bfloat16", "train.save_every=1",
-            "train.eval_before=false", "train.token_sample_every=0", "train.lr=1e-6"]
+            "train.eval_before=false", "train.token_sample_every=0", "optim.lr=1e-6"]
     loop.train(compose_config([*base, "train.steps=1"]), tmp_path)
     ckpt = tmp_path / "checkpoints" / "step_1"
     with safe_open(ckpt / "model.safetensors", "pt") as f:

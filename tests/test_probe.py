@@ -150,7 +150,7 @@ def probe_step(cfg) -> dict:
     left for the update, gathered whole."""
     parallel.setup("cpu")
     pair = load_pair(cfg.pair, torch.device("cpu"))
-    sharding.shard(pair, cfg.train, loop.step_spec(cfg, pair.device).precision)
+    sharding.shard(pair, cfg.parallel, loop.step_spec(cfg, pair.device).precision)
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     out = {}
     for step in (1, None):

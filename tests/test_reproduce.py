@@ -69,7 +69,7 @@ def test_a_run_is_finished_only_with_its_final_evaluation(tmp_path):
 
 def test_a_run_dir_of_another_config_stops_the_grid_but_an_older_tips_missing_key_does_not(tmp_path, monkeypatch,
                                                                                         capsys):
-    """A grid run dir whose config.yaml differs (train.lr here) stops the driver before any job, naming the key;
+    """A grid run dir whose config.yaml differs (optim.lr here) stops the driver before any job, naming the key;
     one written by an older tip that lacks a key added since (loss.backend) is the same run."""
     from tip_cli.config.compose import to_yaml
 
@@ -79,9 +79,9 @@ def test_a_run_dir_of_another_config_stops_the_grid_but_an_older_tips_missing_ke
     run = tmp_path / "runs" / "all_seed0"
     run.mkdir(parents=True)
     overrides = ["selector=all", "budget=1.0", "seed=0", "logger=none", *driver.PROBE, f"out_dir={run}"]
-    (run / "config.yaml").write_text(to_yaml(compose_config([*overrides, "train.lr=0.001"])))
+    (run / "config.yaml").write_text(to_yaml(compose_config([*overrides, "optim.lr=0.001"])))
     assert driver.main() == 2
-    assert "train.lr: 0.001 -> 0.0001" in capsys.readouterr().err
+    assert "optim.lr: 0.001 -> 0.0001" in capsys.readouterr().err
     older = yaml.safe_load(to_yaml(compose_config(overrides)))
     del older["loss"]["backend"]
     (run / "config.yaml").write_text(yaml.safe_dump(older))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -115,11 +116,11 @@ def test_changed_config_rerun_stops_before_loading_models_listing_each_change(fi
     run, overrides = run_copy(finished, tmp_path)
     recorded = (run / "config.yaml").read_text()
     refuse_models(monkeypatch)
-    changed = compose_config([*overrides, "train.steps=4", "selector=all", "train.lr=1e-3"])
+    changed = compose_config([*overrides, "train.steps=4", "selector=all", "optim.lr=1e-3"])
     with pytest.raises(rundir.RunDirError) as err:
         loop.train(changed, run)
     message = str(err.value)
-    assert "selector.name: 'soft_or' -> 'all'" in message and "train.lr: 0.0001 -> 0.001" in message
+    assert "selector.name: 'soft_or' -> 'all'" in message and "optim.lr: 0.0001 -> 0.001" in message
     assert "train.steps" not in message  # growing steps under a constant schedule is a continuation
     assert "out_dir" in message and "train.resume=override" in message
     assert (run / "config.yaml").read_text() == recorded
@@ -127,7 +128,7 @@ def test_changed_config_rerun_stops_before_loading_models_listing_each_change(fi
 
 def test_override_takes_effect_is_recorded_and_analyze_splits_the_run(finished, tmp_path):
     run, overrides = run_copy(finished, tmp_path)
-    loop.train(compose_config([*overrides, "train.steps=4", "selector=all", "train.lr=1e-3",
+    loop.train(compose_config([*overrides, "train.steps=4", "selector=all", "optim.lr=1e-3",
                                   "train.resume=override"]), run)
     rows = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
     assert [rows[s]["optim/lr"] for s in (1, 2, 3, 4)] == [1e-4, 1e-4, 1e-3, 1e-3]
@@ -148,6 +149,51 @@ def test_finished_run_rerun_unchanged_writes_nothing(finished, tmp_path, monkeyp
     assert snapshot(run) == before
     assert again["accuracy"] == final["eval/toy/accuracy"]
     assert "is complete" in " ".join(capsys.readouterr().out.split())  # the console wraps long paths
+
+
+def as_written_before_the_move(run: Path) -> None:
+    """Rewrite a run dir's config.yaml and overrides.jsonl as tip wrote them before the optimizer and the multi-GPU
+    settings had groups of their own: those keys under train, by their old names."""
+    doc = yaml.safe_load((run / "config.yaml").read_text())
+    optim, par = doc.pop("optim"), doc.pop("parallel")
+    doc["train"] |= {**optim, "selection_scope": par["rank_scope"], "cpu_offload": par["cpu_offload"],
+                     "shard_teacher": par["shard_teacher"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(doc))
+    if (run / "overrides.jsonl").exists():
+        rows = [{**r, "changed": {k.replace("optim.", "train."): v for k, v in r["changed"].items()}}
+                for r in read_jsonl(run / "overrides.jsonl")]
+        (run / "overrides.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_run_dir_written_before_the_move_reruns_unchanged_and_stops_on_a_change(finished, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The same command line (an old key in it too) finds the old run complete and writes nothing; a changed value
+    under the old key is a change of the new one."""
+    run, overrides = run_copy(finished, tmp_path)
+    as_written_before_the_move(run)
+    assert "lr:" in (run / "config.yaml").read_text() and "optim" not in (run / "config.yaml").read_text()
+    before = snapshot(run)
+    refuse_models(monkeypatch)
+    for same in ([], ["train.lr=1e-4", "train.selection_scope=global"]):
+        loop.train(compose_config([*overrides, *same]), run)
+        assert snapshot(run) == before
+        assert "is complete" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(rundir.RunDirError) as err:
+        loop.train(compose_config([*overrides, "train.lr=1e-3"]), run)
+    assert "optim.lr: 0.0001 -> 0.001" in str(err.value) and "train.lr" not in str(err.value)
+    (read,) = load_runs([run])
+    assert read.cfg.optim.lr == 1e-4 and "lr" not in read.cfg.train and read.cfg.parallel.rank_scope == "global"
+
+
+def test_an_override_recorded_under_an_old_key_splits_the_run_at_its_new_place(finished, tmp_path):
+    run, overrides = run_copy(finished, tmp_path)
+    loop.train(compose_config([*overrides, "train.steps=3", "optim.lr=1e-3", "train.resume=override"]), run)
+    as_written_before_the_move(run)
+    assert "train.lr" in (run / "overrides.jsonl").read_text()
+    first, second = sorted(load_runs([run]), key=lambda r: r.name)
+    assert ([r["step"] for r in first.steps], first.cfg.optim.lr) == ([1, 2], 1e-4)
+    assert ([r["step"] for r in second.steps], second.cfg.optim.lr) == ([3], 1e-3)
+    assert "lr" not in first.cfg.train and "lr" not in second.cfg.train
 
 
 # ------------------------------------------------------------------------------------------- one writer

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tip_cli.cli import compose_config
-from tip_cli.config.schema import ConfigError, SelectorConfig, TrainConfig
+from tip_cli.config.schema import ConfigError, OptimConfig, SelectorConfig
 from tip_cli.models import enable_checkpointing
 from tip_cli.pairs import load_pair
 from tip_cli.rollout import sources
@@ -326,7 +326,7 @@ def test_adamw_is_fused_when_every_parameter_is_on_cuda(monkeypatch):
         made.append(kwargs)
         return kwargs
 
-    cfg = TrainConfig(lr=3e-4, weight_decay=0.1)
+    cfg = OptimConfig(lr=3e-4, weight_decay=0.1)
     monkeypatch.setattr(schedule.torch.optim, "AdamW", spy)
     on_cuda = SimpleNamespace(device=torch.device("cuda", 0))
     on_cpu = SimpleNamespace(device=torch.device("cpu"))

@@ -21,7 +21,15 @@ import typer
 from rich.console import Console
 
 from tip_cli import __version__
-from tip_cli.config.compose import CONF_DIR, GROUPS, group_options, register, unknown_key_message, validate
+from tip_cli.config.compose import (
+    CONF_DIR,
+    GROUPS,
+    group_options,
+    moved_overrides,
+    register,
+    unknown_key_message,
+    validate,
+)
 from tip_cli.config.schema import ConfigError, TipConfig
 from tip_cli.errors import UserError
 
@@ -53,6 +61,10 @@ def explain(err: Exception) -> str:
     found = re.search(r"Could not override '([\w.]+)'", msg)
     if found:
         return unknown_key_message(found.group(1))
+    found = re.search(r"Key '\w+' not in '\w+'\s+full_key: ([\w.]+)", msg)  # a config file's unknown key
+    if found:
+        where = re.match(r"In '([^']+)'", msg)
+        return (f"conf/{where.group(1)}.yaml: " if where else "") + unknown_key_message(found.group(1))
     if "submitit" in msg:
         msg += "\nThe SLURM launcher is a plugin: pip install hydra-submitit-launcher (see conf/hydra/launcher/slurm.yaml)"
     cause = err.__cause__
@@ -107,13 +119,14 @@ def _cartesian(parsed: list) -> list[list[str]]:
 
 
 def compose_config(overrides: list[str]) -> TipConfig:
-    """Compose conf/config.yaml with the overrides and validate it; raises ConfigError with a readable message."""
+    """Compose conf/config.yaml with the overrides (a moved key read under its new name) and validate it; raises
+    ConfigError with a readable message."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register()
     GlobalHydra.instance().clear()
-    own = [o for o in overrides if not o.lstrip("~+").startswith("hydra")]
+    own = [o for o in moved_overrides(overrides)[0] if not o.lstrip("~+").startswith("hydra")]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
             cfg = validate(compose("config", overrides=own))
@@ -218,9 +231,19 @@ def readable_overrides(overrides: list[str]) -> list[str]:
     return readable
 
 
+def renamed(overrides: list[str]) -> list[str]:
+    """The overrides with each moved key under its new name, a line printed for each (compose.MOVED)."""
+    overrides, notices = moved_overrides(overrides)
+    for notice in notices:
+        console.print(notice, soft_wrap=True, markup=False, highlight=False)
+    return overrides
+
+
 def launch(command: str, overrides: list[str], multirun: bool) -> None:
     """Validate every job's config, then hand the overrides to Hydra, which runs the job(s)."""
     import hydra
+
+    overrides = renamed(overrides)
 
     if not multirun and any(re.match(r"\+*sweep[=/]", o) for o in overrides):
         console.print("[red]error:[/] +sweep=PRESET is a sweep over several jobs: add -m, e.g. tip train -m +sweep=budgets")
@@ -343,7 +366,7 @@ def config(overrides: list[str] = OVERRIDES) -> None:
     from omegaconf import OmegaConf
 
     try:
-        cfg = compose_config(readable_overrides(overrides or []))
+        cfg = compose_config(readable_overrides(renamed(overrides or [])))
     except ConfigError as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(2) from err

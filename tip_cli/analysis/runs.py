@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib import colormaps
 from rich.console import Console
 
-from tip_cli.config.compose import load_yaml, set_key, to_container
+from tip_cli.config.compose import MOVED, load_yaml, set_key, to_container
 from tip_cli.config.schema import ConfigError
 from tip_cli.tracking import STEP_PHASES, read_jsonl
 
@@ -190,7 +190,7 @@ def split_at_overrides(run: Run) -> list[Run]:
     for change in reversed(changes):
         cfg = copy.deepcopy(cfgs[0])
         for key, (old, _new) in change["changed"].items():
-            set_key(cfg, key, old)
+            set_key(cfg, MOVED.get(key, key), old)  # a key recorded under its old name: its new place
         cfgs.insert(0, cfg)
     edges = [0, *(int(c["step"]) for c in changes), math.inf]
     parts = []
@@ -217,7 +217,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
 
 def label_runs(runs: list[Run]) -> None:
     """Label each run by its selector and, where runs of one selector differ in other config values (say
-    train.lr), by those values too, so that each plotted line is one variant; give each label a color."""
+    optim.lr), by those values too, so that each plotted line is one variant; give each label a color."""
     by_selector: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_selector[selector_name(run.cfg)].append(run)

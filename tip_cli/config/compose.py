@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,20 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 # editable install included, has them at the top of the repository. A plain path, not Hydra's pkg://, so a checkout
 # on PYTHONPATH works too.
 CONF_DIR = next((d for d in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if d.is_dir()), _PACKAGE.parent / "conf")
-GROUPS = ("task", "pair", "selector", "benchmark", "data", "rollout", "train", "logger")
+GROUPS = ("task", "pair", "selector", "importance", "loss", "teacher", "benchmark", "data", "rollout", "train", "optim",
+          "parallel", "logger")
+# Keys that moved to another group: a command-line override, a recorded run dir's config.yaml and its overrides.jsonl
+# may still name the old key, and mean the new one.
+MOVED = {
+    "train.lr": "optim.lr",
+    "train.lr_schedule": "optim.lr_schedule",
+    "train.warmup_steps": "optim.warmup_steps",
+    "train.weight_decay": "optim.weight_decay",
+    "train.grad_clip": "optim.grad_clip",
+    "train.selection_scope": "parallel.rank_scope",
+    "train.cpu_offload": "parallel.cpu_offload",
+    "train.shard_teacher": "parallel.shard_teacher",
+}
 
 
 def register() -> None:
@@ -38,9 +52,42 @@ def schema_keys(node: Any = None, prefix: str = "") -> list[str]:
     return keys
 
 
+def moved_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line overrides with every moved key (MOVED) under its new name, and one notice per renamed
+    override: `train.lr is now optim.lr; using optim.lr=3e-4`."""
+    out, notices = [], []
+    for override in overrides:
+        found = re.fullmatch(r"(~|\+{1,2})?([\w.]+)(.*)", override, flags=re.DOTALL)
+        new = MOVED.get(found.group(2)) if found else None
+        if new is None:
+            out.append(override)
+            continue
+        renamed = f"{found.group(1) or ''}{new}{found.group(3)}"
+        out.append(renamed)
+        notices.append(f"{found.group(2)} is now {new}; using {renamed}")
+    return out, notices
+
+
+def moved_keys(node: DictConfig) -> DictConfig:
+    """A recorded config (a run dir's config.yaml) with the keys it holds under an old name (MOVED) moved to their
+    new place, so that it compares with, and reads like, a config composed today."""
+    for old, new in MOVED.items():
+        group, _, leaf = old.rpartition(".")
+        parent = OmegaConf.select(node, group) if group else node
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            continue
+        value = parent[leaf]
+        del parent[leaf]
+        if OmegaConf.select(node, new, default=None) is None:
+            set_key(node, new, value)
+    return node
+
+
 def unknown_key_message(key: str) -> str:
-    """One line for a key the schema lacks: the closest valid key (among its siblings when its parent is known),
-    else the valid keys of its parent."""
+    """One line for a key the schema lacks: its new name when it moved (MOVED), else the closest valid key (among
+    its siblings when its parent is known), else the valid keys of its parent."""
+    if key in MOVED:
+        return f"unknown key '{key}': it is now '{MOVED[key]}'"
     known = schema_keys()
     parent, _, leaf = key.rpartition(".")
     siblings = [k.removeprefix(parent + ".") for k in known if k.startswith(parent + ".")] if parent else \
@@ -93,7 +140,8 @@ def to_yaml(cfg: TipConfig) -> str:
 
 
 def load_yaml(path: Path) -> DictConfig:
-    """A config.yaml as an attribute-access node; ConfigError (one line naming the file) when it is not one."""
+    """A config.yaml as an attribute-access node, keys written under an old name moved to their new one
+    (moved_keys); ConfigError (one line naming the file) when it is not one."""
     try:
         node = OmegaConf.load(path)
     except OSError:  # missing or unreadable: the caller's to report, as for any file
@@ -103,7 +151,7 @@ def load_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"{path} cannot be read as YAML ({detail})") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path} is not a config (a YAML mapping)")
-    return node
+    return moved_keys(node)
 
 
 def set_key(cfg: DictConfig, key: str, value: Any) -> None:

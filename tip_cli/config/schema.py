@@ -124,7 +124,9 @@ class SelectorConfig:
     # selector=quadrant: the quadrants kept, e.g. [Q3] (low entropy, high divergence)
     quadrants: list[str] = field(default_factory=lambda: ["Q3"])
     cap_by: str = "divergence"  # ranking used when a mask selector holds more tokens than the budget
-    scope: str = "batch"  # batch | per_sequence: where the budget K is counted
+    # batch | per_sequence: whether the budget K is counted over the step's batch or within each sequence (which
+    # ranks the batch spans under torchrun: parallel.rank_scope)
+    scope: str = "batch"
 
     def __post_init__(self) -> None:
         _one_of("selector.name", self.name, SELECTORS)
@@ -392,14 +394,12 @@ class TeacherConfig:
 
 @dataclass
 class TrainConfig:
+    """The training run: steps and batch, checkpoint, evaluation and token-sample cadence, resume, precision and
+    failure handling. The optimizer is optim (OptimConfig), multi-GPU settings parallel (ParallelConfig)."""
+
     steps: int = 200  # optimizer steps
     prompts_per_step: int = 16  # prompts per step (a multiple of the number of ranks under torchrun)
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole rollout batch at once
-    lr: float = 1e-4  # AdamW learning rate
-    lr_schedule: str = "constant"  # constant | cosine | linear
-    warmup_steps: int = 0  # linear warm-up steps before the schedule
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # clip the gradient's global norm to this
     save_every: int = 50  # checkpoint every N steps; the last step is always saved
     # the newest N checkpoints stay (one to fall back on if the newest is damaged); 0 = keep all. A checkpoint holds
     # the fp32 weights and AdamW's two moments (12 bytes a parameter) and the bf16 HF export (2 bytes): at 1.7B
@@ -416,10 +416,6 @@ class TrainConfig:
     # recompute the student's layers in backward (less activation memory, more time)
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    # under torchrun (tip_cli.train.parallel): where normalisation, quadrant thresholds and the budget are computed
-    selection_scope: str = "global"  # global: over every rank's tokens, as one process would | local: per rank
-    cpu_offload: bool = False  # FSDP2 keeps the student's shards, grads and optimizer state in CPU memory (CUDA only)
-    shard_teacher: bool = False  # shard the teacher with FSDP2 too, instead of a full replica per rank
     # re-running into a run dir: auto = continue only if the config is the one recorded (tip_cli.train.rundir);
     # override = continue with this config's values from the newest checkpoint on, recorded in overrides.jsonl
     resume: str = "auto"
@@ -436,17 +432,13 @@ class TrainConfig:
     grad_probe_every: int = 0
 
     def __post_init__(self) -> None:
-        _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _one_of("train.resume", self.resume, ("auto", "override"))
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("train.selection_scope", self.selection_scope, ("global", "local"))
         _one_of("train.precision", self.precision, ("auto", "bf16_mixed", "bf16", "fp32"))
         if self.max_skipped_steps < 1:
             raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
         if self.steps < 0 or self.prompts_per_step < 1 or self.micro_batch_size < 0:
             raise ConfigError("train: steps >= 0, prompts_per_step >= 1, micro_batch_size >= 0")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr={self.lr} must be > 0")
         if min(self.save_every, self.eval_every, self.keep_checkpoints, self.token_sample_every) < 0:
             raise ConfigError("train: save_every, eval_every, keep_checkpoints, token_sample_every must be >= 0")
         if self.grad_probe_every < 0:
@@ -455,6 +447,42 @@ class TrainConfig:
             raise ConfigError(f"train.token_sample_size={self.token_sample_size} must be >= 1")
         if not 0 <= self.sigterm_grace_s < float("inf"):
             raise ConfigError(f"train.sigterm_grace_s={self.sigterm_grace_s} must be a number of seconds >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (AdamW, decoupled weight decay) and its learning-rate schedule over train.steps."""
+
+    lr: float = 1e-4  # AdamW learning rate
+    lr_schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0  # linear warm-up steps before the schedule
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 = no clipping
+
+    def __post_init__(self) -> None:
+        _one_of("optim.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    """Multi-GPU and multi-node training under torchrun (tip_cli.train.parallel, tip_cli.train.sharding); a single
+    process reads none of it but cpu_offload, which needs torchrun."""
+
+    # over which ranks' tokens the selection's statistics are taken (min-max/rank normalisation, quadrant
+    # thresholds, the top-K budget). Not selector.scope, which says whether K is counted per batch or per sequence:
+    # rank_scope says which ranks that batch spans. global: every rank's tokens, gathered (the kept set is the one
+    # a single process would pick) | local: each rank its own slice (no gather; the logged quadrant shares and H/D
+    # quantiles are then rank 0's). The loss normaliser and tokens/total, tokens/kept are global either way.
+    rank_scope: str = "global"
+    cpu_offload: bool = False  # FSDP2 keeps the student's shards, grads and optimizer state in CPU memory (CUDA only)
+    shard_teacher: bool = False  # shard the teacher with FSDP2 too, instead of a full replica per rank
+
+    def __post_init__(self) -> None:
+        _one_of("parallel.rank_scope", self.rank_scope, ("global", "local"))
 
 
 @dataclass
@@ -498,6 +526,8 @@ class TipConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     loss: LossConfig = field(default_factory=LossConfig)

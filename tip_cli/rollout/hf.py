@@ -41,7 +41,7 @@ class NonFiniteGuard(LogitsProcessor):
         bad = ~torch.isfinite(scores.amax(-1))  # [rows]; the max is NaN with a NaN, +inf with one, -inf with all
         if bool(bad.any()):  # a host sync, as generate's own stopping check makes at every token
             raise ModelError("the student's next-token probabilities are not finite (NaN or inf logits), so nothing "
-                             "can be sampled from it: its weights are likely non-finite; try a lower train.lr, or an "
+                             "can be sampled from it: its weights are likely non-finite; try a lower optim.lr, or an "
                              "earlier checkpoint")
         return scores
 

@@ -40,7 +40,7 @@ ONE = Ranks(0, _own_sizes, lambda x, sizes: x, joined=False)  # a single process
 class Selection:
     """The selected tokens of one step, and what the loss and the logs need of them."""
 
-    stats: quadrants.TokenStats  # over the selection's scope: the global batch, or this rank's tokens (scope local)
+    stats: quadrants.TokenStats  # over the selection's scope: the global batch, or this rank's tokens (rank_scope local)
     kept: torch.Tensor  # [K] indices into stats
     local: torch.Tensor  # [K_r] indices into this rank's N_r tokens: the ones its loss is built on
     normalizer: int  # the loss's divisor over all ranks: kept tokens (loss.norm=selected) or all tokens (total)
@@ -50,20 +50,20 @@ class Selection:
 def select_tokens(
     entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, axis: quadrants.AxisSpec,
     selector: selectors.SelectorSpec, budget: float, generator: torch.Generator | None, signal: Signal | None = None,
-    scope: str = "global", norm: str = "selected", ranks: Ranks = ONE, support: torch.Tensor | None = None,
+    rank_scope: str = "global", norm: str = "selected", ranks: Ranks = ONE, support: torch.Tensor | None = None,
 ) -> Selection:
     """Stats and selection for this rank's N_r tokens (entropy, divergence, seq_id and the optional support mass C
     [N_r]; `rows` sequences). C is gathered like H and D.
 
     `signal` (each token's loss and gradient norm, [N_r] each) is gathered like H and D; its SPEC 7a metrics join
-    the selection's, over the same scope, and its grad_sq goes into the stats (the token samples' grad_norm).
+    the selection's, over the same tokens, and its grad_sq goes into the stats (the token samples' grad_norm).
 
-    scope global (default): over the tokens of every rank, concatenated in rank order, which is the order one process
-    holding the whole batch would have, so the kept set and the normaliser match it exactly. scope local: over this
+    rank_scope global (default): over the tokens of every rank, concatenated in rank order, which is the order one process
+    holding the whole batch would have, so the kept set and the normaliser match it exactly. rank_scope local: over this
     rank's tokens only (own normalisation, thresholds and budget; cheaper, no gather), the normaliser still global.
     `norm`: the loss's divisor counts the kept tokens (selected) or all of them (total).
     """
-    if ranks.joined and scope == "global":
+    if ranks.joined and rank_scope == "global":
         sizes = ranks.sizes(entropy.numel(), rows, device=entropy.device)  # [world, 2]: tokens, sequences
         tokens, seqs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
         first_seq = sum(seqs[: ranks.rank])

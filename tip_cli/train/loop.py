@@ -65,7 +65,7 @@ def non_finite_message(step: int, skipped: int, last) -> str:
     where = last.path if last else "none (no checkpoint was written before)"
     return (f"step {step}: {skipped} steps in a row had a non-finite entropy, divergence, loss or gradient, so none "
             f"of them updated the student (train.max_skipped_steps); last good checkpoint: {where}. Try a lower "
-            "train.lr or train.precision=bf16_mixed / fp32, and check the models' logits for inf")
+            "optim.lr or train.precision=bf16_mixed / fp32, and check the models' logits for inf")
 
 
 def train(cfg: TipConfig, run_dir: Path) -> dict:
@@ -74,7 +74,7 @@ def train(cfg: TipConfig, run_dir: Path) -> dict:
     Under torchrun every rank runs this (tip_cli.train.parallel): each on its slice of the prompts, rank 0 alone logging.
     """
     device = parallel.setup(cfg.train.device)  # joins the torchrun job when launched by one
-    parallel.check(cfg.train)
+    parallel.check(cfg.train, cfg.parallel)
     run_dir = parallel.broadcast(run_dir)  # rank 0's: each rank's Hydra may have stamped its own
     console.quiet = eval_console.quiet = not parallel.is_main()
     # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
@@ -109,7 +109,8 @@ def step_spec(cfg: TipConfig, device: torch.device) -> StepSpec:
     teacher at any T but 1 is refused when the config is composed)."""
     temp = cfg.distill_temperature
     t, loss = cfg.train, cfg.loss
-    selection = SelectionSpec(cfg.importance.axis_spec(), cfg.selector.spec(), cfg.budget, t.selection_scope, loss.norm)
+    selection = SelectionSpec(cfg.importance.axis_spec(), cfg.selector.spec(), cfg.budget, cfg.parallel.rank_scope,
+                              loss.norm)
     return StepSpec(
         temp, precision.resolve(t.precision, cfg.pair.dtype, device), selection, cfg.importance.score_spec(),
         loss.kind, loss.jsd_beta, t.micro_batch_size, cfg.importance.chunk_size, loss.chunk_size, loss.backend,
@@ -159,25 +160,25 @@ def prepare(cfg: TipConfig, spec: StepSpec, evals: EvalSpec, run_dir: Path, devi
     """Load the pair (the student from `ckpt` if given) in `spec`'s precision, shard it under torchrun, and build the
     scorer, the engine, the rollout source, the optimizer and schedule (restored from `ckpt`) and the logger."""
     prec = spec.precision
-    precision.warn_pure_bf16(prec, cfg.train.lr)
+    precision.warn_pure_bf16(prec, cfg.optim.lr)
     pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None,
                      load_teacher=cfg.teacher.backend == "hf", student_dtype=prec.master, teacher_dtype=prec.pair)
     student = pair.student
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
-    sharding.shard(pair, cfg.train, prec)  # FSDP2 under torchrun, before the optimizer sees the parameters
+    sharding.shard(pair, cfg.parallel, prec)  # FSDP2 under torchrun, before the optimizer sees the parameters
     scorer = make_scorer(cfg.teacher, cfg.seed, pair, prec.pair, run_dir)
     memory = PeakMemory(device)
     with memory.engine_build():
         engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute,
                              vocab=pair.vocab, run_dir=run_dir, version=ckpt.step if ckpt else 0)
     source = rollout_source(cfg.data, cfg.pair, cfg.agent, pair, problems, resolve_model)
-    optimizer = make_optimizer(student.parameters(), cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
+    optimizer = make_optimizer(student.parameters(), cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
     start = 0
     if ckpt:
         start = checkpoints.resume(ckpt, student, optimizer, scheduler)
-        apply_schedule(optimizer, scheduler, cfg.train)
+        apply_schedule(optimizer, scheduler, cfg.optim, cfg.train.steps)
         console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})", soft_wrap=True)
     logger = parallel.NullLogger()
     if parallel.is_main():
@@ -236,7 +237,7 @@ def update(run: Run, stats, m: dict) -> torch.Tensor:
     spread the NaN) or no token was kept; step the schedule either way. Returns the gradient norm."""
     student, cfg = run.pair.student, run.cfg
     with timed("time/train", m):
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or math.inf)
         good = parallel.all_true(stats is not None and math.isfinite(m["loss"]) and math.isfinite(float(grad_norm)))
         run.skipped = 0 if good else run.skipped + 1
         run.skipped_total += 0 if good else 1
@@ -314,8 +315,8 @@ def after_step(run: Run, step: int, m: dict, stats, kept: torch.Tensor) -> str:
     elif not parallel.all_true(weights_finite(run.pair.student)):  # before it is saved: a checkpoint to fall back on
         last = latest_checkpoint(run.run_dir)
         raise NonFiniteStepsError(f"step {step}: the update made the student's weights non-finite (NaN or inf) at "
-                                  f"train.lr={t.lr:g}; nothing of it was saved; last good "
-                                  f"checkpoint: {last.path if last else 'none'}. Try a lower train.lr")
+                                  f"optim.lr={run.cfg.optim.lr:g}; nothing of it was saved; last good "
+                                  f"checkpoint: {last.path if last else 'none'}. Try a lower optim.lr")
     elif parallel.is_main() and t.token_sample_every and (step == 1 or step % t.token_sample_every == 0):
         save_token_sample(run.run_dir, step, stats, kept, t.token_sample_size)
     info = f"loss {m['loss']:.4f}  kept {m['tokens/kept_frac']:.2f}  Q3 {m.get('tokens/q3_frac', 0.0):.2f}  {m['perf/tokens_per_s']:.0f} tok/s"

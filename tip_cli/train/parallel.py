@@ -13,7 +13,7 @@ An evaluation is split over the ranks (`RankShard`: each generates and grades it
 records are gathered); checkpoints are written and resumed by tip_cli.train.checkpoints. Only rank 0 logs, prints
 and writes the files every rank would otherwise write alike. Without torchrun every function here is the
 single-process identity and no process group exists; torchrun with one process still shards (a world of 1), which
-is how `train.cpu_offload` runs on a single GPU.
+is how `parallel.cpu_offload` runs on a single GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from tip_cli.config.schema import ConfigError, TrainConfig
+from tip_cli.config.schema import ConfigError, ParallelConfig, TrainConfig
 from tip_cli.models import pick_device
 from tip_cli.selection import global_select
 from tip_cli.selection.global_select import Selection
@@ -103,7 +103,7 @@ def broadcast(obj):
     return box[0]
 
 
-def check(train: TrainConfig) -> None:
+def check(train: TrainConfig, par: ParallelConfig) -> None:
     """What a run needs of the launch, checked before any model is loaded."""
     world = world_size()
     if train.prompts_per_step % world:
@@ -111,8 +111,8 @@ def check(train: TrainConfig) -> None:
             f"train.prompts_per_step={train.prompts_per_step} does not split over {world} ranks: each rank "
             f"generates an equal slice of the step's prompts; use a multiple of {world}"
         )
-    if train.cpu_offload and not active():
-        raise ConfigError("train.cpu_offload=true offloads FSDP2 shards: launch with torchrun (--nproc_per_node 1 is fine)")
+    if par.cpu_offload and not active():
+        raise ConfigError("parallel.cpu_offload=true offloads FSDP2 shards: launch with torchrun (--nproc_per_node 1 is fine)")
 
 
 def my_slice(items: list) -> list:
@@ -164,10 +164,10 @@ def select_tokens(
     generator: torch.Generator | None, signal: Signal | None = None, support: torch.Tensor | None = None,
 ) -> Selection:
     """global_select.select_tokens for this rank's N_r tokens (entropy, divergence, seq_id and the optional support
-    mass C [N_r]; `rows` sequences) under `spec`: the axes, the selector, the budget, the scope and the loss's norm."""
+    mass C [N_r]; `rows` sequences) under `spec`: the axes, the selector, the budget, the rank scope and the loss's norm."""
     return global_select.select_tokens(
         entropy, divergence, seq_id, rows, spec.axis, spec.selector, spec.budget, generator, signal,
-        scope=spec.scope, norm=spec.norm, ranks=ranks(), support=support,
+        rank_scope=spec.rank_scope, norm=spec.norm, ranks=ranks(), support=support,
     )
 
 

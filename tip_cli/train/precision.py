@@ -79,7 +79,7 @@ def warn_pure_bf16(prec: Precision, lr: float) -> None:
     """Pure bf16 at a small learning rate mostly does not train: say so once, with the fix."""
     if prec.mode == "bf16" and lr < PURE_BF16_MIN_LR:
         warnings.warn(
-            f"train.precision=bf16 at train.lr={lr:g}: AdamW updates below a weight's bf16 spacing (~|w|/256) "
+            f"train.precision=bf16 at optim.lr={lr:g}: AdamW updates below a weight's bf16 spacing (~|w|/256) "
             "round away, so most parameters will not change; use train.precision=bf16_mixed (fp32 master weights)",
             stacklevel=2,
         )

@@ -79,7 +79,7 @@ def config_changes(old: dict[str, Any], cfg: TipConfig) -> dict[str, tuple[Any, 
         was, now = before.get(key, defaults.get(key, missing)), after.get(key, missing)
         if was == now:
             continue
-        if key == "train.steps" and isinstance(was, int) and now > was and cfg.train.lr_schedule == "constant":
+        if key == "train.steps" and isinstance(was, int) and now > was and cfg.optim.lr_schedule == "constant":
             continue
         changes[key] = (None if was is missing else was, None if now is missing else now)
     return changes

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tip_cli.config.schema import TrainConfig
+from tip_cli.config.schema import OptimConfig
 from tip_cli.seeds import stream_seed
 
 
@@ -23,7 +23,7 @@ def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> lis
     return out
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay) over `params`. When every parameter is on CUDA, the fused kernel: torch's
     default there (foreach) computes sqrt(v) for a whole parameter group into new tensors, a temporary as large as
     the (local shards of the) weights; fused updates each parameter in place in one kernel. Elsewhere (CPU, shards
@@ -33,30 +33,32 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if on_cuda else None)
 
 
-def lr_lambda(t: TrainConfig):
-    """The lr's factor at a step: linear warmup over train.warmup_steps, then train.lr_schedule to train.steps."""
+def lr_lambda(o: OptimConfig, steps: int):
+    """The lr's factor at a step: linear warmup over optim.warmup_steps, then optim.lr_schedule to `steps`
+    (train.steps)."""
 
     def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        if t.lr_schedule == "cosine":
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
+        if o.lr_schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if t.lr_schedule == "linear":
+        if o.lr_schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 1.0
 
     return factor
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, t: TrainConfig) -> None:
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, o: OptimConfig,
+                   steps: int) -> None:
     """After restoring a checkpoint's optimizer and scheduler, put this config's lr, weight decay and schedule in
-    force at the restored step: lr = train.lr * lr_lambda(step). With the config that wrote the checkpoint this
+    force at the restored step: lr = optim.lr * lr_lambda(step). With the config that wrote the checkpoint this
     is the value restored; after `train.resume=override` it is the new one."""
-    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
-    factor = lr_lambda(t)
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    factor = lr_lambda(o, steps)
     scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
     for group in optimizer.param_groups:
-        group["initial_lr"], group["weight_decay"] = t.lr, t.weight_decay
-        group["lr"] = t.lr * factor(scheduler.last_epoch)
+        group["initial_lr"], group["weight_decay"] = o.lr, o.weight_decay
+        group["lr"] = o.lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

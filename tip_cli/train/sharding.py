@@ -1,4 +1,4 @@
-"""The student (and with train.shard_teacher the teacher) sharded with FSDP2 over the torchrun ranks, and gathered
+"""The student (and with parallel.shard_teacher the teacher) sharded with FSDP2 over the torchrun ranks, and gathered
 whole for generation.
 
 `shard` makes each decoder layer one FSDP2 unit and has FSDP *sum* the ranks' gradients (each rank's loss is already
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from tip_cli.config.schema import ConfigError, TrainConfig
+from tip_cli.config.schema import ConfigError, ParallelConfig
 from tip_cli.models import Pair
 from tip_cli.train import parallel, precision
 
@@ -46,9 +46,9 @@ def _fully_shard(model, mesh, offload, mp_policy=None) -> None:
     base.forward = model.tip_base_forward
 
 
-def shard(pair: Pair, cfg: TrainConfig, prec: precision.Precision) -> None:
+def shard(pair: Pair, cfg: ParallelConfig, prec: precision.Precision) -> None:
     """FSDP2 on the student (optionally offloading shards, grads and optimizer state to CPU) under the run's
-    precision, gradients summed over ranks; with `train.shard_teacher` the teacher too (inference only). No-op
+    precision, gradients summed over ranks; with `parallel.shard_teacher` the teacher too (inference only). No-op
     without a process group."""
     if not parallel.active():
         return
@@ -56,7 +56,7 @@ def shard(pair: Pair, cfg: TrainConfig, prec: precision.Precision) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy
 
     if cfg.cpu_offload and pair.device.type != "cuda":
-        raise ConfigError("train.cpu_offload=true moves shards off the GPU: it needs CUDA (on CPU they already are)")
+        raise ConfigError("parallel.cpu_offload=true moves shards off the GPU: it needs CUDA (on CPU they already are)")
     mesh = init_device_mesh(pair.device.type, (parallel.world_size(),))
     # bf16_mixed: fp32 shards and AdamW state, bf16 parameters in forward/backward, gradients reduced in fp32
     policy = prec.mp_policy()

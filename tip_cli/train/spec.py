@@ -2,7 +2,7 @@
 handed down as plain values, so the step, selection and the probe never read the config.
 
     SelectionSpec  what global selection takes (tip_cli.selection.global_select): the axes, the selector, the budget,
-                   where the stats are computed (train.selection_scope) and what the loss divides by (loss.norm);
+                   where the stats are computed (parallel.rank_scope) and what the loss divides by (loss.norm);
     StepSpec       the rest of distill_step's inputs: the temperature T, the precision, the micro-batch size, how D
                    is scored, the loss, the chunking and kernels, and which extra measurements (SPEC 7a) a step takes.
 """
@@ -22,7 +22,7 @@ class SelectionSpec:
     axis: AxisSpec  # normalisation and quadrant thresholds of H and D
     selector: SelectorSpec
     budget: float  # fraction of the response tokens kept
-    scope: str = "global"  # global: over every rank's tokens | local: per rank
+    rank_scope: str = "global"  # parallel.rank_scope, global: over every rank's tokens | local: per rank
     norm: str = "selected"  # the loss divides by the kept tokens (selected) or all of them (total)
 
 
