@@ -360,7 +360,7 @@ class CountingHF(HFEngine):
 
 
 def unshards_in_rollout(cfg: TipConfig, pair, engine) -> int:
-    """FSDP unshard calls while loop.rollout generates with `engine` (the source's generate and pack faked)."""
+    """FSDP unshard calls while loop.generate generates with `engine` (the source's generate faked)."""
     from torch.distributed.fsdp import FSDPModule
 
     calls = {"n": 0}
@@ -370,7 +370,7 @@ def unshards_in_rollout(cfg: TipConfig, pair, engine) -> int:
         calls["n"] += 1
         return real(self, *args, **kwargs)
 
-    class Source:  # what loop.rollout asks of a rollout source, generating nothing
+    class Source:  # what loop.generate asks of a rollout source, generating nothing
         def __len__(self):
             return 8
 
@@ -384,7 +384,7 @@ def unshards_in_rollout(cfg: TipConfig, pair, engine) -> int:
                           step=SimpleNamespace(precision=precision.resolve("fp32", "auto", torch.device("cpu"))), memory=PeakMemory(torch.device("cpu")))
     FSDPModule.unshard = unshard
     try:
-        loop.rollout(run, 1, {})
+        loop.generate(run, 1)
     finally:
         FSDPModule.unshard = real
     return calls["n"]
@@ -406,7 +406,7 @@ def push_to_a_fake_replica(student, run_dir: Path) -> list[str]:
 
 
 def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
-    """On a sharded student: a weight sync into a spy vLLM, loop.rollout's gathers per engine, a sharded evaluation
+    """On a sharded student: a weight sync into a spy vLLM, loop.generate's gathers per engine, a sharded evaluation
     and a sharded checkpoint whose files are hashed by the ranks that own them."""
     from tip_cli import checkpoint
 

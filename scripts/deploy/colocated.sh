@@ -4,7 +4,7 @@
 # rank trains and gets the new weights in place after every update.
 #
 #   scripts/deploy/colocated.sh +experiment=qwen3_math500 out_dir=runs/q3
-#   GPUS=0,1,2,3 scripts/deploy/colocated.sh +experiment=qwen3_math500 train.shard_teacher=true
+#   GPUS=0,1,2,3 scripts/deploy/colocated.sh +experiment=qwen3_math500 parallel.shard_teacher=true
 #
 # Every argument goes to `tip train` as a Hydra override, after the script's own (so it can override them).
 # train.prompts_per_step must be a multiple of the number of GPUs.
