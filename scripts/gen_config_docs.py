@@ -41,8 +41,15 @@ HEADER = """# Configuration reference
 Every command takes Hydra overrides: `GROUP=OPTION` picks a file of a config group (`selector=entropy` loads
 `conf/selector/entropy.yaml`), `key=value` sets one key (`budget=0.3`, `train.steps=100`), `+experiment=NAME` and
 `+sweep=NAME` add a preset. `tip config [OVERRIDES]` prints the composed, validated config; an unknown key, a wrong
-type or a value outside the allowed ones fails at once with the valid choices. A group's YAML names only what
-differs from the schema's defaults.
+type or a value outside the allowed ones fails at once with the valid choices.
+
+Each component has its own group, backed by one dataclass of `tip_cli/config/schema.py`, which alone holds the
+defaults: a group's default option names nothing, and its other options name only what makes them that option
+(`importance`, `loss`, `teacher`, `optim`, `parallel`, `rollout`, `selector`, ...). Two scopes, two names:
+`selector.scope` (batch | per_sequence) says where the budget K is counted; `parallel.rank_scope` (global | local)
+says, under torchrun, whether normalisation, thresholds and the budget span every rank's tokens or each rank's own.
+Keys that moved (the table at the end) still work: on the command line tip renames each with one line, and a run dir
+recorded before the move resumes with the same command line.
 """
 
 
