@@ -132,3 +132,12 @@ def test_a_resumed_overlapped_run_regenerates_the_batch_in_flight_from_its_check
     assert sorted(rows) == [1, 2, 3]
     assert [(rows[s]["rollout/weight_version"], rows[s]["rollout/staleness"]) for s in (1, 2, 3)] == [
         (0.0, 0.0), (1.0, 0.0), (1.0, 1.0)]
+
+
+def test_a_prompt_longer_than_a_replicas_context_fails_before_the_first_step(micro):
+    engine, _ = _engine(["http://127.0.0.1:1"], micro)
+    engine.context = {"http://127.0.0.1:1": 64}
+    engine.check_prompts([10, 63], 12)  # room for one token: the answer is only cut
+    with pytest.raises(ConfigError, match=r"serves a context of 64 tokens and the longest training prompt has 64.*"
+                                          r"--max-model-len 76"):
+        engine.check_prompts([10, 64], 12)

@@ -188,3 +188,28 @@ def test_the_vocabulary_probe_reaches_the_models_rows_past_the_tokenizer(micro, 
     assert probed == [rows - 1, rows]
     with pytest.raises(ConfigError, match=rf"larger vocabulary than the student's {len(tok)} ids"):
         check_tokenizer("http://x", "m", tok, len(tok), 1.0, "teacher server", "")
+
+
+def test_a_prefetched_sequence_is_scored_once_and_its_rows_land_in_order(monkeypatch):
+    """Sequences sent ahead (as their rollouts finish) are not asked again when the step asks for the batch, and the
+    batch's rows come back in the batch's order whichever were prefetched (the replica stood in)."""
+    import numpy as np
+
+    asked = []
+
+    def score(self, url, seq, positions):  # candidates: the next token itself, log-prob -position/10
+        asked.append(tuple(seq))
+        ids = np.array([[seq[t + 1]] for t in positions], dtype=np.int64)
+        return ids, np.array([[-t / 10] for t in positions]), np.ones(len(positions), dtype=np.int64)
+
+    monkeypatch.setattr(ServerTeacher, "_score", score)
+    cfg = compose_config(["teacher.url=http://x", "teacher.backend=vllm_server", "teacher.topk=1"]).teacher
+    teacher = ServerTeacher(cfg, "m", 100)
+    seqs = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
+    positions = [[1, 2], [0, 1], [2, 3]]
+    teacher.prefetch(seqs[2], positions[2])
+    teacher.prefetch(seqs[0], positions[0])
+    ids, logp = teacher.topk_logprobs(seqs, positions)
+    assert sorted(asked) == sorted(map(tuple, seqs))  # each sequence scored once
+    assert ids[:, 0].tolist() == [s[t + 1] for s, p in zip(seqs, positions, strict=True) for t in p]
+    assert torch.allclose(logp[:, 0], torch.tensor([-t / 10 for p in positions for t in p]))

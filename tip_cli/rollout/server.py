@@ -26,7 +26,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tip_cli.config.schema import RolloutConfig
+from tip_cli.config.schema import ConfigError, RolloutConfig
 from tip_cli.errors import DataError, UserError
 from tip_cli.rollout.batch import Generation, Sampling, eos_ids, trim_at_eos
 from tip_cli.seeds import derive_seed
@@ -152,6 +152,16 @@ class ServerEngine:
         if on_batch:
             on_batch(len(tokens))
         return Generation(tokens, logprobs, versions)
+
+    def check_prompts(self, lengths: list[int], max_new_tokens: int) -> None:
+        """ConfigError, before the first step, when the longest prompt leaves a replica's context no room to answer
+        (a shorter answer than max_new_tokens is only cut, as the other engines cut it)."""
+        longest = max(lengths, default=0)
+        for url, n in self.context.items():
+            if n and longest >= n:
+                raise ConfigError(f"student server {url} serves a context of {n} tokens and the longest training prompt "
+                                  f"has {longest}: nothing could be generated for it; restart the server with "
+                                  f"--max-model-len {longest + max_new_tokens} or more, or shorten the prompts")
 
     def drop(self, url: str, why: str) -> None:
         """Take a replica out of the pool (it gets no more prompts, nor weights); one line says so."""

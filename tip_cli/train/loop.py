@@ -173,6 +173,8 @@ def prepare(cfg: TipConfig, spec: StepSpec, evals: EvalSpec, run_dir: Path, devi
         engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute,
                              vocab=pair.vocab, run_dir=run_dir, version=ckpt.step if ckpt else 0)
     source = rollout_source(cfg.data, cfg.pair, cfg.agent, pair, problems, resolve_model)
+    if isinstance(source, PromptSource) and hasattr(engine, "check_prompts"):  # a served context of its own
+        engine.check_prompts(list(map(len, source.prompts)), cfg.rollout.max_new_tokens)
     optimizer = make_optimizer(student.parameters(), cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
     start = 0
