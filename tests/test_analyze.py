@@ -335,6 +335,25 @@ def test_where_the_time_goes_has_each_phases_median_and_share(tmp_path, monkeypa
     assert (tmp_path / "analysis" / "time_split.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_rollouts_generated_in_the_background_lie_off_the_steps_path(tmp_path):
+    """An overlapped run (rollout/staleness 1 from step 2 on): those steps' rollout seconds are shown but not taken
+    out of other, which stays the step less the phases the trainer itself ran."""
+    rng = random.Random(3)
+    rows = {}
+    for step in range(1, 6):
+        row = {k: rng.uniform(0.05, 0.5) for k in PHASE_KEYS.values() if k != "time/probe"}
+        ahead = step > 1
+        path = sum(v for k, v in row.items() if not (ahead and k == "time/rollout"))
+        rows[step] = row | {"time/step": path + 0.01 * step, "rollout/staleness": float(ahead)}
+    make_run(tmp_path / "runs" / "overlap", ["selector=entropy"], steps=5, extra=rows.get)
+    out = tmp_path / "analysis"
+    analyze([tmp_path / "runs"], out, use_wandb=False)
+    row = time_table((out / "summary.md").read_text())["overlap"]
+    other = {s: {"other": 0.01 * s, "time/step": r["time/step"]} for s, r in rows.items()}
+    assert row["other"] == expected_cell(other, "other")
+    assert row["rollout"] == expected_cell(rows, "time/rollout")
+
+
 def test_runs_without_phase_times_get_dashes_and_no_figure(tmp_path):
     """A run that logged only time/step (every phase —, other: all of the step) and one without a step (blank)."""
     bare = make_run(tmp_path / "runs" / "bare", ["selector=entropy"], steps=3)

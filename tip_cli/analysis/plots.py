@@ -209,7 +209,8 @@ def cost_vs_budget(runs: list[Run]) -> Figure:
 
 def time_split(runs: list[Run]) -> Figure:
     """Where the time of a step goes: per run (runs with a timed step), each phase's mean seconds per step (its share
-    of the summed step time times the mean step), stacked into one bar as long as the mean step."""
+    of the summed step time times the mean step), stacked into one bar as long as the mean step; rollouts generated
+    in the background (rollout.max_staleness=1) are left out of the bar, being off the step's path."""
     timed = [(r, split) for r in runs if (split := r.time_split()) is not None]
     runs, splits = [r for r, _ in timed], [s for _, s in timed]
     fig = Figure(figsize=(11, 1.6 + 0.45 * len(runs)), layout="constrained")
@@ -217,7 +218,9 @@ def time_split(runs: list[Run]) -> Figure:
     left = np.zeros(len(runs))
     colors = iter(colormaps["tab10"].colors)
     for phase in (*STEP_PHASES, OTHER):
-        seconds = np.array([max(s.share[phase] or 0.0, 0.0) * s.mean_step for s in splits])
+        off_path = [s.ahead_share if phase == "time/rollout" else 0.0 for s in splits]
+        seconds = np.array([max((s.share[phase] or 0.0) - a, 0.0) * s.mean_step for s, a in zip(splits, off_path,
+                                                                                                strict=True)])
         color = "lightgray" if phase == OTHER else next(colors)
         if seconds.any():
             ax.barh(range(len(runs)), seconds, left=left, color=color, label=phase_label(phase))

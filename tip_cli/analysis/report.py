@@ -123,7 +123,9 @@ TIME_NOTE = (
     "seconds summed over the steps / time/step summed), so the shares add up to 100% where the medians need not add "
     "up to s/step (the median time/step). other: time/step less the timed phases (packing the batch, merging and "
     "logging the metrics). A step that did not run a phase counts 0 (time/probe off the probe steps); — where a run "
-    "did not log the phase."
+    "did not log the phase. With rollout.max_staleness=1 a step's rollouts were generated in the background while "
+    "the step before trained (rollout/staleness > 0): their seconds are shown but lie off the step's path, so other "
+    "leaves them out and the shares add up to more than 100%; time/wait is what the trainer waited for them."
 )
 
 

@@ -51,6 +51,8 @@ class TimeSplit:
     mean_step: float
     median: dict[str, float | None]  # median seconds per step
     share: dict[str, float | None]  # the phase's summed seconds / the summed time/step
+    # the share of rollout seconds spent in the background, while the step before trained (rollout/staleness > 0)
+    ahead_share: float = 0.0
 
 
 @dataclass
@@ -113,12 +115,17 @@ class Run:
         # a step without a phase the run logged elsewhere spent no time in it (time/probe off the probe steps)
         seconds = {p: [r.get(p, 0.0) for r in timed] for p in logged}
         step = [r["time/step"] for r in timed]
-        seconds[OTHER] = [s - sum(seconds[p][i] for p in logged) for i, s in enumerate(step)]
+        # rollouts generated while the step before trained (rollout/staleness > 0) lie off this step's path
+        ahead = [r.get("rollout/staleness", 0.0) > 0 for r in timed]
+        seconds[OTHER] = [s - sum(seconds[p][i] for p in logged if not (p == "time/rollout" and ahead[i]))
+                          for i, s in enumerate(step)]
         total = sum(step)
+        ahead_s = sum(x for x, a in zip(seconds.get("time/rollout", []), ahead, strict=False) if a)
         return TimeSplit(
             statistics.median(step), statistics.fmean(step),
             {p: statistics.median(seconds[p]) if p in seconds else None for p in (*STEP_PHASES, OTHER)},
             {p: sum(seconds[p]) / total if p in seconds and total > 0 else None for p in (*STEP_PHASES, OTHER)},
+            ahead_s / total if total > 0 else 0.0,
         )
 
     @property
