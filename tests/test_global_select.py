@@ -25,6 +25,7 @@ class MemoryRanks:
     def __init__(self, world: int):
         self.slots: list = [None] * world
         self.barrier = threading.Barrier(world)
+        self.gathers = [0] * world  # gather calls per rank
 
     def exchange(self, r: int, x):
         self.slots[r] = x
@@ -38,8 +39,9 @@ class MemoryRanks:
             return torch.stack(self.exchange(r, torch.tensor(counts)))
 
         def gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+            self.gathers[r] += 1
             parts = self.exchange(r, x)
-            assert [p.numel() for p in parts] == sizes
+            assert [p.shape[0] for p in parts] == sizes
             return torch.cat(parts)
 
         return global_select.Ranks(r, sizes, gather)
@@ -72,6 +74,8 @@ def on_ranks(spec: SelectorSpec, budget: float, rank_scope: str, norm: str) -> l
     for t in threads:
         t.join(timeout=60)
     assert all(s is not None for s in out), "a simulated rank failed"
+    # H, D, the sequence ids and the signal travel in one all-gather (besides the sizes); local scope gathers none
+    assert mem.gathers == [1 if rank_scope == "global" else 0] * len(SEQ_LENS)
     return out
 
 

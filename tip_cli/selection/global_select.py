@@ -20,7 +20,7 @@ from tip_cli.selection.signal import Signal, signal_metrics
 @dataclass(frozen=True)
 class Ranks:
     """This process among the ranks of a job: `sizes(*counts, device=)` every rank's counts [world, len(counts)]
-    int64; `gather(x, sizes)` every rank's x [sizes[r]] concatenated in rank order. `joined`: part of a torchrun job
+    int64; `gather(x, sizes)` every rank's x [sizes[r], ...] concatenated in rank order (along the first dim). `joined`: part of a torchrun job
     (a world of 1 included), so the counts and the loss normaliser are summed over the ranks."""
 
     rank: int
@@ -47,6 +47,17 @@ class Selection:
     metrics: dict[str, float]  # quadrants.stats_metrics, with global token counts
 
 
+def gather_columns(ranks: Ranks, tokens: list[int], *cols: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Every rank's columns ([N_r] each, or None on every rank) in one all-gather: stacked as float64 [N_r, F]
+    (exact for float32, bf16 and integers below 2^53), gathered into [N, F], and split back into their own dtypes."""
+    present = [c for c in cols if c is not None]
+    if not present:
+        return list(cols)
+    stacked = torch.stack([c.to(torch.float64) for c in present], 1)  # [N_r, F]
+    gathered = iter(ranks.gather(stacked, tokens).unbind(1))  # F x [N]
+    return [None if c is None else next(gathered).to(c.dtype) for c in cols]
+
+
 def select_tokens(
     entropy: torch.Tensor, divergence: torch.Tensor, seq_id: torch.Tensor, rows: int, axis: quadrants.AxisSpec,
     selector: selectors.SelectorSpec, budget: float, generator: torch.Generator | None, signal: Signal | None = None,
@@ -67,17 +78,15 @@ def select_tokens(
         sizes = ranks.sizes(entropy.numel(), rows, device=entropy.device)  # [world, 2]: tokens, sequences
         tokens, seqs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
         first_seq = sum(seqs[: ranks.rank])
-        stats = quadrants.compute_stats(
-            ranks.gather(entropy, tokens), ranks.gather(divergence, tokens), ranks.gather(seq_id + first_seq, tokens),
-            axis, None if support is None else ranks.gather(support, tokens),
-        )
+        sig = (None, None, None) if signal is None else (signal.loss, signal.grad_sq, signal.topk_mass)
+        ent, div, seq, sup, *sig = gather_columns(ranks, tokens, entropy, divergence, seq_id + first_seq, support, *sig)
+        stats = quadrants.compute_stats(ent, div, seq, axis, sup)
         kept = selectors.select(stats, selector, budget, generator)  # [K], the same on every rank
         lo = sum(tokens[: ranks.rank])
         local = kept[(kept >= lo) & (kept < lo + tokens[ranks.rank])] - lo
         metrics = quadrants.stats_metrics(stats, kept)
         if signal is not None:
-            signal = Signal(*(None if x is None else ranks.gather(x, tokens)
-                              for x in (signal.loss, signal.grad_sq, signal.topk_mass)))
+            signal = Signal(*sig)
         n, k = len(stats), kept.numel()
     else:
         if ranks.joined and generator is not None:  # independent noise per rank, as independent replicas would draw

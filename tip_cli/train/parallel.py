@@ -131,9 +131,10 @@ def rank_seed(seed: int) -> int:
 
 
 def _gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Concatenate every rank's x [sizes[r]] in rank order (padded to one length for the collective)."""
-    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
-    padded[: x.numel()] = x
+    """Concatenate every rank's x [sizes[r], ...] in rank order along the first dim (padded to one length for the
+    collective)."""
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
