@@ -4,6 +4,7 @@ themselves against the HF student."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,8 @@ def test_a_resumed_overlapped_run_regenerates_the_batch_in_flight_from_its_check
     from tip_cli.train import step as train_step
 
     url, out = student_server.ensure(), tmp_path / "run"
-    args = _overrides(micro_overrides, url, out, "rollout.max_staleness=1", "train.steps=3", "train.save_every=1")
+    extra = ("rollout.max_staleness=1", "train.steps=3", "train.save_every=1")
+    args = _overrides(micro_overrides, url, out, *extra)
     real = loop.distill_step
 
     def crash_at_step_two(pair, batch, spec, generator, metrics, scorer=None, step=None):
@@ -127,11 +129,16 @@ def test_a_resumed_overlapped_run_regenerates_the_batch_in_flight_from_its_check
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(compose_config(args), out)
     monkeypatch.setattr(loop, "distill_step", train_step.distill_step)
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
     loop.train(compose_config(args), out)
     rows = {r["step"]: r for r in _rows(out) if "loss" in r}
     assert sorted(rows) == [1, 2, 3]
     assert [(rows[s]["rollout/weight_version"], rows[s]["rollout/staleness"]) for s in (1, 2, 3)] == [
         (0.0, 0.0), (1.0, 0.0), (1.0, 1.0)]
+    # the replay is deterministic: a second resume of the same crashed run dir logs the same losses
+    loop.train(compose_config(_overrides(micro_overrides, url, again, *extra)), again)
+    assert [r["loss"] for r in _rows(again) if "loss" in r] == [rows[s]["loss"] for s in (1, 2, 3)]
 
 
 def test_a_prompt_longer_than_a_replicas_context_fails_before_the_first_step(micro):
