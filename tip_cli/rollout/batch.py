@@ -97,8 +97,14 @@ def pack_masked(seqs: list[list[int]], predicts: list[list[bool]], pad_id: int) 
     return Batch(ids, attn, target)
 
 
+def response_positions(prompt: list[int], response: list[int]) -> range:
+    """The positions of prompt + response that predict a response token (position t predicts token t + 1): where a
+    single-turn row's loss, and its teacher's scores, are taken."""
+    return range(len(prompt) - 1, len(prompt) - 1 + len(response))
+
+
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
     """One row per (prompt, response) pair; the loss positions are those that predict a response token."""
     seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    predicts = [[False] * (len(p) - 1) + [True] * len(r) for p, r in zip(prompts, responses, strict=True)]
-    return pack_masked(seqs, predicts, pad_id)
+    spans = [response_positions(p, r) for p, r in zip(prompts, responses, strict=True)]
+    return pack_masked(seqs, [[False] * span.start + [True] * len(span) for span in spans], pad_id)

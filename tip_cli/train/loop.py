@@ -41,7 +41,7 @@ from tip_cli.eval.benchmark import console as eval_console
 from tip_cli.models import Pair, enable_checkpointing
 from tip_cli.pairs import load_pair, resolve_model
 from tip_cli.rollout import make_engine
-from tip_cli.rollout.batch import Sampling
+from tip_cli.rollout.batch import Sampling, response_positions
 from tip_cli.rollout.sources import EpisodeSource, PromptSource, Rollout, rollout_source
 from tip_cli.seeds import derive_seed, stream_seed
 from tip_cli.selection.selectors import needs_support
@@ -227,7 +227,7 @@ def rollout_pipeline(run: Run) -> RolloutPipeline:
     if hasattr(run.scorer, "prefetch") and hasattr(run.engine, "on_done") and isinstance(run.source, PromptSource):
         def score_ahead(_: int, prompt: list[int], responses: list[list[int]]) -> None:
             for row in filter(None, responses):
-                run.scorer.prefetch(prompt + row, list(range(len(prompt) - 1, len(prompt) - 1 + len(row))))
+                run.scorer.prefetch(prompt + row, list(response_positions(prompt, row)))
 
         run.engine.on_done = score_ahead
     return RolloutPipeline(functools.partial(generate, run), functools.partial(pack, run),
