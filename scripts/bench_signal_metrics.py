@@ -20,7 +20,7 @@ import torch
 from bench.presets import PRESETS, Bench, build_pair, make_batch, resolve_shape
 
 from tip_cli.cli import compose_config
-from tip_cli.train import loop
+from tip_cli.train import recipe
 from tip_cli.train import step as train_step
 
 MODES = ("off", "on")
@@ -41,7 +41,7 @@ def timed_step(pair, batch, spec) -> tuple[tuple[float, float], dict]:
 def compare(pair, batch, overrides: list[str], steps: int) -> dict:
     """Median step seconds (wall, CPU) with the metrics off and on, interleaved; the 'on' metrics of the last step."""
     cfgs = {m: compose_config([*overrides, f"train.signal_metrics={m == 'on'}"]) for m in MODES}
-    specs = {m: loop.step_spec(cfg, pair.device) for m, cfg in cfgs.items()}  # built once, outside the timed steps
+    specs = {m: recipe.specs(cfg, pair.device).step for m, cfg in cfgs.items()}  # built once, outside the timed steps
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
     metrics = {}
     for i in range(steps + 1):

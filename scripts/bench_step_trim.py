@@ -21,7 +21,7 @@ from bench.presets import PRESETS, Bench, build_pair, resolve_shape
 
 from tip_cli.cli import compose_config
 from tip_cli.rollout.batch import Batch, pack
-from tip_cli.train import loop
+from tip_cli.train import recipe
 from tip_cli.train import step as train_step
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     cut_rows = Batch.rows
     modes = {"full width": full_width_rows, "cut per micro-batch": cut_rows}
     times: dict[str, list[float]] = {m: [] for m in modes}
-    spec = loop.step_spec(cfg, pair.device)  # built once, outside the timed steps
+    spec = recipe.specs(cfg, pair.device).step  # built once, outside the timed steps
     losses, widths = {}, {}
     for i in range(args.steps + 1):
         for name, rows in modes.items():

@@ -17,7 +17,7 @@ from tip_cli.rollout.batch import Generation, Sampling
 from tip_cli.seeds import derive_seed
 from tip_cli.toy.agent_pair import build_micro_agent_pair, make_tokenizer
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop, parallel
+from tip_cli.train import parallel, recipe
 from tip_cli.train import step as train_step
 
 CALL = '<tool_call>\n{"name": "lookup", "arguments": {"item": "apples"}}\n</tool_call>'
@@ -168,14 +168,14 @@ def test_tool_tokens_are_never_selected_nor_in_the_loss(tok, micro_agent, select
         trajs.append(traj)
     batch = agent.pack(trajs, pair.tokenizer.pad_token_id)
     pair.student.zero_grad(set_to_none=True)
-    metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
     model_tokens = sum(sum(t.model_mask) for t in trajs)
     assert metrics["tokens/total"] == model_tokens == batch.target_mask.sum()
     positions = batch.target_mask.nonzero()  # [N, 2]: the flat order of the stats
     for b, t in positions[kept].tolist():
         assert trajs[b].model_mask[t + 1]  # every kept position predicts a model token
     if selector == "all":  # the loss is the float64 reverse KL averaged over exactly the model tokens
-        t = loop.step_spec(cfg, pair.device).temperature  # the rollouts' temperature, 0.6 in task=toy_agent
+        t = recipe.specs(cfg, pair.device).step.temperature  # the rollouts' temperature, 0.6 in task=toy_agent
         with torch.no_grad():
             ls = (pair.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)
             lt = (pair.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double() / t).log_softmax(-1)
@@ -191,7 +191,7 @@ def test_agentic_opd_trains_on_the_toy_agent_env(tmp_path, micro_agent):
                           f"pair.student={micro_agent['student']}", "train.steps=2", "train.prompts_per_step=3",
                           "rollout.max_new_tokens=24", "agent.max_turns=3", "eval.limit=3", "logger=none",
                           "train.device=cpu"])
-    final = loop.train(cfg, tmp_path)
+    final = recipe.train(cfg, tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]

@@ -29,7 +29,7 @@ from tip_cli.tracking import read_jsonl
 def trained(micro, tmp_path_factory):
     """A real 3-step run on the micro pair, saving token samples at steps 1 and 2. Off-median quadrant thresholds
     make the four quadrant shares differ, so a mix-up between quadrants shows."""
-    from tip_cli.train.loop import train
+    from tip_cli.train.recipe import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
     train(compose_config([

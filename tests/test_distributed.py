@@ -41,7 +41,7 @@ from tip_cli.selection import quadrants as importance
 from tip_cli.selection import selectors
 from tip_cli.teacher.targets import DenseTeacher
 from tip_cli.tracking import PeakMemory, read_jsonl
-from tip_cli.train import checkpoints, loop, parallel, precision, schedule, sharding
+from tip_cli.train import checkpoints, loop, parallel, precision, recipe, schedule, sharding
 from tip_cli.train import step as train_step
 
 WORLD = 2
@@ -113,7 +113,7 @@ def select_on_ranks() -> dict[str, list[dict]]:
     for scope, case in ((scope, case) for scope in out for case in CASES):
         cfg = TipConfig(parallel=ParallelConfig(rank_scope=scope), **case)
         sel = parallel.select_tokens(data["entropy"][mine], data["divergence"][mine], data["seq_id"][mine] - 3 * r, 3,
-                                        loop.step_spec(cfg, torch.device("cpu")).selection,
+                                        recipe.specs(cfg, torch.device("cpu")).step.selection,
                                         torch.Generator().manual_seed(7))
         local = {k: v[mine] if k in ("h_s", "h_t") else v for k, v in data.items()}
         loss, grad = loss_and_grad(local, sel.local, sel.normalizer)
@@ -181,12 +181,12 @@ def one_step(cfg: TipConfig) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"))
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(pair.student)
-    sharding.shard(pair, cfg.parallel, loop.step_spec(cfg, pair.device).precision)
+    sharding.shard(pair, cfg.parallel, recipe.specs(cfg, pair.device).step.precision)
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=cfg.optim.lr)
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     seen = []  # the dtype the final norm computed in (bf16 under bf16_mixed's FSDP2 policy)
     hook = pair.student.base_model.norm.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-    metrics, _, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+    metrics, _, kept = train_step.distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
     hook.remove()
     grads = {n: p.grad for n, p in pair.student.named_parameters()}
     grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(), cfg.optim.grad_clip))
@@ -273,13 +273,13 @@ def dies_in_step(pack, step: int | None):
 
 
 def train_on_ranks(cfg: TipConfig, runs: list[tuple[Path, int | None]]) -> None:
-    """loop.train into each run dir in turn, in one process group; a run given a step dies there, and with it
+    """recipe.train into each run dir in turn, in one process group; a run given a step dies there, and with it
     this process, so the next spawn starts afresh, as after a kill."""
     torch.distributed.init_process_group("gloo")  # train() joins it rather than making one per run
     real_pack = sources.pack
     for run_dir, die_in in runs:
         sources.pack = dies_in_step(real_pack, die_in)
-        loop.train(cfg, run_dir)
+        recipe.train(cfg, run_dir)
     torch.distributed.destroy_process_group()
 
 
@@ -380,7 +380,8 @@ def unshards_in_rollout(cfg: TipConfig, pair, engine) -> int:
         def pack(self, *args):
             return None
 
-    run = SimpleNamespace(cfg=cfg, source=Source(), engine=engine, pair=pair, device=torch.device("cpu"),
+    spec = recipe.specs(cfg, torch.device("cpu"))
+    run = SimpleNamespace(loop=spec.loop, source=Source(), engine=engine, pair=pair, device=torch.device("cpu"),
                           step=SimpleNamespace(precision=precision.resolve("fp32", "auto", torch.device("cpu"))), memory=PeakMemory(torch.device("cpu")))
     FSDPModule.unshard = unshard
     try:
@@ -412,7 +413,7 @@ def io_on_ranks(cfg: TipConfig, ckpt_root: Path) -> dict:
 
     parallel.setup("cpu")
     pair = load_pair(cfg.pair, torch.device("cpu"))
-    sharding.shard(pair, cfg.parallel, loop.step_spec(cfg, pair.device).precision)
+    sharding.shard(pair, cfg.parallel, recipe.specs(cfg, pair.device).step.precision)
     out = {}
     engine = spy_vllm_engine()
     engine.sync_weights(pair.student)

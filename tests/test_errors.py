@@ -47,7 +47,7 @@ def _run(command: str, target: str, error: Exception, tmp_path, monkeypatch, cap
     return exit_.value.code, capsys.readouterr().err
 
 
-JOBS = [("train", "tip_cli.train.loop:train"), ("eval", "tip_cli.eval.benchmark:run_eval_command")]
+JOBS = [("train", "tip_cli.train.recipe:train"), ("eval", "tip_cli.eval.benchmark:run_eval_command")]
 BUGS = [KeyError("probe/missing_metric"), ValueError("shapes [4, 7] and [4, 8] differ"), RuntimeError("boom"),
         AssertionError("invariant broken")]
 

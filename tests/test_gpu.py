@@ -14,7 +14,7 @@ from tip_cli.models import load_model, load_tokenizer
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
 from tip_cli.rollout.hf import HFEngine
-from tip_cli.train import loop, parallel, precision, sharding
+from tip_cli.train import parallel, precision, recipe, sharding
 from tip_cli.train import step as train_step
 
 pytestmark = pytest.mark.gpu
@@ -32,7 +32,7 @@ def cuda_step(cfg, lr: float) -> dict:
     before = [p.detach().clone() for p in pair.student.parameters()]
     optimizer = torch.optim.AdamW(pair.student.parameters(), lr=lr, weight_decay=0.0)
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id).to(device)
-    metrics, _, _ = train_step.distill_step(pair, batch, loop.step_spec(cfg, device), torch.Generator().manual_seed(0), {})
+    metrics, _, _ = train_step.distill_step(pair, batch, recipe.specs(cfg, device).step, torch.Generator().manual_seed(0), {})
     optimizer.step()
     after = list(pair.student.parameters())
     changed = sum(int((a.detach() != b).sum()) for a, b in zip(after, before, strict=True))
@@ -49,7 +49,7 @@ def test_bf16_mixed_step_on_cuda_moves_every_weight_at_lr_1e_6(micro_overrides):
     cpu = compose_config([*micro_overrides, "selector=all"])
     pair = load_pair(cpu.pair, torch.device("cpu"))
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    ref, _, _ = train_step.distill_step(pair, batch, loop.step_spec(cpu, pair.device), torch.Generator().manual_seed(0), {})
+    ref, _, _ = train_step.distill_step(pair, batch, recipe.specs(cpu, pair.device).step, torch.Generator().manual_seed(0), {})
     assert got["loss"] == pytest.approx(ref["loss"], rel=3e-2)
 
 

@@ -12,7 +12,7 @@ from tip_cli.rollout.batch import pack
 from tip_cli.selection import selectors
 from tip_cli.selection.quadrants import compute_stats
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop
+from tip_cli.train import loop, recipe
 from tip_cli.train import step as train_step
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def test_an_inf_logit_skips_the_step_counts_it_and_stops_the_run_after_the_limit
 
     monkeypatch.setattr(loop.checkpoints, "save", save_and_keep)
     with pytest.raises(loop.NonFiniteStepsError) as info:
-        loop.train(cfg, tmp_path)
+        recipe.train(cfg, tmp_path)
     message = str(info.value)
     assert message.startswith("step 4: 3 steps in a row") and "train.max_skipped_steps" in message
     # skipped steps change nothing, so their checkpoints hold step 1's weights: the newest is the last good one
@@ -88,10 +88,10 @@ RESPONSES = [[20, 21, 22, 40], [23, 42], [24, 25, 26, 27, 30]]
 def test_h_d_and_loss_use_softmax_of_logits_over_t(micro_overrides, overrides, temperature, selector):
     cfg = compose_config([*micro_overrides, *overrides, f"selector={selector}", "budget=0.5",
                           "importance.threshold=quantile"])
-    assert loop.step_spec(cfg, torch.device("cpu")).temperature == temperature
+    assert recipe.specs(cfg, torch.device("cpu")).step.temperature == temperature
     pair = load_pair(cfg.pair, torch.device("cpu"))
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
     with torch.no_grad():  # float64 reference: both models' full logits, divided by T
         kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         ls = (pair.student(**kw).logits.double()[batch.target_mask] / temperature).log_softmax(-1)  # [N, V]
@@ -113,6 +113,6 @@ def test_a_top_k_vllm_teacher_refuses_a_temperature_other_than_one_when_composed
     with pytest.raises(ConfigError, match="loss.temperature=1"):
         compose_config(["rollout.temperature=0.6", "loss.temperature=null", *f"teacher.backend={backend}".split()])
     cfg = compose_config(["rollout.temperature=0.6", "loss.temperature=1", *f"teacher.backend={backend}".split()])
-    assert loop.step_spec(cfg, torch.device("cpu")).temperature == 1.0
+    assert recipe.specs(cfg, torch.device("cpu")).step.temperature == 1.0
     cfg = compose_config(["rollout.temperature=0.6", "loss.temperature=null"])  # hf: T follows the rollouts
-    assert loop.step_spec(cfg, torch.device("cpu")).temperature == 0.6
+    assert recipe.specs(cfg, torch.device("cpu")).step.temperature == 0.6

@@ -11,7 +11,7 @@ from tip_cli.checkpoint import STATE_FILE
 from tip_cli.cli import compose_config
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
-from tip_cli.train import loop, precision
+from tip_cli.train import precision, recipe
 from tip_cli.train import step as train_step
 
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
@@ -26,7 +26,7 @@ def step_once(micro_overrides, mode: str, lr: float, extra=()) -> dict:
     pair = load_pair(cfg.pair, torch.device("cpu"), student_dtype=prec.master, teacher_dtype=prec.pair)
     before = {n: p.detach().clone() for n, p in pair.student.named_parameters()}
     batch = pack(PROMPTS, RESPONSES, pair.tokenizer.pad_token_id)
-    metrics, _, _ = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+    metrics, _, _ = train_step.distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
     grads = {n: p.grad.detach().clone() for n, p in pair.student.named_parameters()}
     torch.optim.AdamW(pair.student.parameters(), lr=lr, weight_decay=0.0).step()
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in pair.student.named_parameters())
@@ -83,7 +83,7 @@ def test_auto_precision_by_device():
 def test_export_keeps_the_pair_dtype_and_resume_continues_from_the_master_weights(tmp_path, micro_overrides):
     base = [*micro_overrides, "train.precision=bf16_mixed", "pair.dtype=bfloat16", "train.save_every=1",
             "train.eval_before=false", "train.token_sample_every=0", "optim.lr=1e-6"]
-    loop.train(compose_config([*base, "train.steps=1"]), tmp_path)
+    recipe.train(compose_config([*base, "train.steps=1"]), tmp_path)
     ckpt = tmp_path / "checkpoints" / "step_1"
     with safe_open(ckpt / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}

@@ -18,7 +18,7 @@ from tip_cli.models import Pair
 from tip_cli.pairs import load_pair
 from tip_cli.rollout.batch import pack
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop, parallel, probe, sharding
+from tip_cli.train import parallel, probe, recipe, sharding
 from tip_cli.train.step import distill_step
 
 COS, RATIO = "grad/param_cosine", "grad/param_norm_ratio"
@@ -52,7 +52,7 @@ def reference(pair: Pair, batch, kept: list[int], normalizer: int) -> tuple[floa
 def probed_step(pair: Pair, batch, cfg, step: int | None) -> tuple[dict, torch.Tensor, list[torch.Tensor]]:
     """distill_step from zeroed gradients: (metrics, kept, the gradients it leaves)."""
     pair.student.zero_grad(set_to_none=True)
-    metrics, _, kept = distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {}, step=step)
+    metrics, _, kept = distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {}, step=step)
     return metrics, kept, [p.grad.clone() for p in pair.student.parameters()]
 
 
@@ -124,7 +124,7 @@ def test_probe_reports_nothing_for_a_non_finite_or_zero_gradient():
 def test_probe_is_logged_every_n_steps_of_a_run(tmp_path, micro_overrides):
     cfg = compose_config([*micro_overrides, "selector=soft_or", "budget=0.5", "train.steps=4",
                           "train.grad_probe_every=2", "train.eval_before=false", "train.token_sample_every=0"])
-    loop.train(cfg, tmp_path)
+    recipe.train(cfg, tmp_path)
     steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["step"] for r in steps if COS in r and RATIO in r] == [2, 4]
@@ -150,12 +150,12 @@ def probe_step(cfg) -> dict:
     left for the update, gathered whole."""
     parallel.setup("cpu")
     pair = load_pair(cfg.pair, torch.device("cpu"))
-    sharding.shard(pair, cfg.parallel, loop.step_spec(cfg, pair.device).precision)
+    sharding.shard(pair, cfg.parallel, recipe.specs(cfg, pair.device).step.precision)
     batch = pack(parallel.my_slice(PROMPTS), parallel.my_slice(RESPONSES), pair.tokenizer.pad_token_id)
     out = {}
     for step in (1, None):
         pair.student.zero_grad(set_to_none=True)
-        metrics, _, _ = distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {}, step=step)
+        metrics, _, _ = distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {}, step=step)
         grads = {n: p.grad.full_tensor() if parallel.active() else p.grad for n, p in pair.student.named_parameters()}
         out[step] = ({k: metrics[k] for k in (COS, RATIO) if k in metrics}, grads)
     shards = [p.grad for p in pair.student.parameters()]  # DTensors under FSDP2

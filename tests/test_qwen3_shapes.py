@@ -12,7 +12,7 @@ from tip_cli.config.schema import ConfigError
 from tip_cli.models import render_prompt
 from tip_cli.toy import qwen3_shapes, qwen3_tokenizer
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop
+from tip_cli.train import recipe
 
 
 def test_full_shapes_are_qwen3_1_7b_and_8b():
@@ -89,7 +89,7 @@ def test_tiny_shapes_run_the_whole_loop_on_cpu(tmp_path, monkeypatch, micro, req
                           "rollout.max_new_tokens=8", "benchmark.max_new_tokens=8", "eval.limit=2", "logger=none",
                           "train.device=cpu", "train.save_every=0", f"data.path={micro['train']}",
                           f"benchmark.path={micro['test']}"])
-    final = loop.train(cfg, tmp_path / "run")
+    final = recipe.train(cfg, tmp_path / "run")
     steps = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["tokens/total"] > 0 and r["loss"] > 0 and r["train/skipped_steps"] == 0 for r in steps)

@@ -11,7 +11,7 @@ import yaml
 from tip_cli.cli import compose_config
 from tip_cli.config.compose import CONF_DIR
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop
+from tip_cli.train import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -127,7 +127,7 @@ def test_a_selector_at_a_low_budget_keeps_more_signal_than_random(tmp_path, micr
     kept_vs_all = {}
     for selector, mode in (("random", "sample"), ("soft_or", "topk"), ("divergence", "topk")):
         run_dir = tmp_path / selector
-        loop.train(compose_config([*common, f"selector={selector}", f"selector.mode={mode}"]), run_dir)
+        recipe.train(compose_config([*common, f"selector={selector}", f"selector.mode={mode}"]), run_dir)
         steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
         assert [r["step"] for r in steps] == [1, 2, 3]
         assert all(0 < r["tokens/kept_frac"] <= 0.15 for r in steps)

@@ -18,7 +18,7 @@ from tip_cli.models import load_model, load_tokenizer
 from tip_cli.rollout.batch import Sampling, eos_ids
 from tip_cli.rollout.hf import HFEngine
 from tip_cli.rollout.server import RolloutServerError, ServerEngine
-from tip_cli.train import loop
+from tip_cli.train import loop, recipe
 
 
 def _rows(run: Path) -> list[dict]:
@@ -48,7 +48,7 @@ def test_two_steps_on_the_student_server_leave_it_serving_the_trained_student(st
     """After a 2-step run (version 0 pushed at start-up, one push per update), the server's log-probs of a fixed
     sequence equal the run's final student (its checkpoint, float64) to 1e-4, and differ from the untrained one."""
     url, out = student_server.ensure(), tmp_path / "run"
-    loop.train(compose_config(_overrides(micro_overrides, url, out)), out)
+    recipe.train(compose_config(_overrides(micro_overrides, url, out)), out)
     rows = [r for r in _rows(out) if "loss" in r]
     assert [r["rollout/weight_version"] for r in rows] == [0.0, 1.0]
     assert all(r["rollout/staleness"] == 0.0 and math.isfinite(r["loss"]) and r["time/weight_sync"] > 0 for r in rows)
@@ -62,7 +62,7 @@ def test_two_steps_on_the_student_server_leave_it_serving_the_trained_student(st
 def test_staleness_one_trains_each_step_after_the_first_on_the_previous_versions_rollouts(
         student_server, micro, micro_overrides, tmp_path):
     url, out = student_server.ensure(), tmp_path / "run"
-    loop.train(compose_config(_overrides(micro_overrides, url, out, "rollout.max_staleness=1", "train.steps=3")), out)
+    recipe.train(compose_config(_overrides(micro_overrides, url, out, "rollout.max_staleness=1", "train.steps=3")), out)
     rows = [r for r in _rows(out) if "loss" in r]
     assert [r["rollout/staleness"] for r in rows] == [0.0, 1.0, 1.0]
     assert [r["rollout/weight_version"] for r in rows] == [0.0, 0.0, 1.0]
@@ -103,7 +103,7 @@ def test_a_server_of_another_model_fails_at_start_up(server, micro, micro_overri
     the first step, with a hint to start a student replica."""
     out = tmp_path / "run"
     with pytest.raises(ConfigError) as err:
-        loop.train(compose_config(_overrides(micro_overrides, server.ensure(), out)), out)
+        recipe.train(compose_config(_overrides(micro_overrides, server.ensure(), out)), out)
     assert server.url in str(err.value)
     assert not (out / "metrics.jsonl").exists()
 
@@ -127,17 +127,17 @@ def test_a_resumed_overlapped_run_regenerates_the_batch_in_flight_from_its_check
 
     monkeypatch.setattr(loop, "distill_step", crash_at_step_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        loop.train(compose_config(args), out)
+        recipe.train(compose_config(args), out)
     monkeypatch.setattr(loop, "distill_step", train_step.distill_step)
     again = tmp_path / "again"
     shutil.copytree(out, again)
-    loop.train(compose_config(args), out)
+    recipe.train(compose_config(args), out)
     rows = {r["step"]: r for r in _rows(out) if "loss" in r}
     assert sorted(rows) == [1, 2, 3]
     assert [(rows[s]["rollout/weight_version"], rows[s]["rollout/staleness"]) for s in (1, 2, 3)] == [
         (0.0, 0.0), (1.0, 0.0), (1.0, 1.0)]
     # the replay is deterministic: a second resume of the same crashed run dir logs the same losses
-    loop.train(compose_config(_overrides(micro_overrides, url, again, *extra)), again)
+    recipe.train(compose_config(_overrides(micro_overrides, url, again, *extra)), again)
     assert [r["loss"] for r in _rows(again) if "loss" in r] == [rows[s]["loss"] for s in (1, 2, 3)]
 
 

@@ -31,21 +31,21 @@ from tip_cli.eval.benchmark import run_eval_command
 from tip_cli.rollout.batch import Sampling
 from tip_cli.rollout.hf import HFEngine
 from tip_cli.tracking import MetricsLogger, read_jsonl
-from tip_cli.train import loop, rundir
+from tip_cli.train import recipe, rundir
 
 FAST = ["train.eval_before=false", "train.eval_every=0", "train.token_sample_every=0"]
 FIRST_WRITER = """
 import os, pathlib, time
 from tip_cli.cli import compose_config
 from tip_cli.rollout import sources
-from tip_cli.train import loop
+from tip_cli.train import recipe
 
 def stuck(*args, **kwargs):
     os.write({fd}, b"x")
     time.sleep(120)
 
 sources.pack = stuck
-loop.train(compose_config({overrides!r}), pathlib.Path({run_dir!r}))
+recipe.train(compose_config({overrides!r}), pathlib.Path({run_dir!r}))
 """
 
 
@@ -58,7 +58,7 @@ def finished(micro, tmp_path_factory) -> tuple[Path, list[str]]:
         "benchmark.max_new_tokens=12", "eval.limit=4", "logger=none", *FAST, "train.save_every=1",
     ]
     run = tmp_path_factory.mktemp("finished") / "run"
-    loop.train(compose_config(overrides), run)
+    recipe.train(compose_config(overrides), run)
     return run, overrides
 
 
@@ -69,7 +69,7 @@ def run_copy(finished, tmp_path: Path) -> tuple[Path, list[str]]:
 
 def refuse_models(monkeypatch) -> None:
     """From here on, loading a model fails the test: for what must fail (or finish) before any model loads."""
-    monkeypatch.setattr(loop, "load_pair", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(recipe, "load_pair", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -118,7 +118,7 @@ def test_changed_config_rerun_stops_before_loading_models_listing_each_change(fi
     refuse_models(monkeypatch)
     changed = compose_config([*overrides, "train.steps=4", "selector=all", "optim.lr=1e-3"])
     with pytest.raises(rundir.RunDirError) as err:
-        loop.train(changed, run)
+        recipe.train(changed, run)
     message = str(err.value)
     assert "selector.name: 'soft_or' -> 'all'" in message and "optim.lr: 0.0001 -> 0.001" in message
     assert "train.steps" not in message  # growing steps under a constant schedule is a continuation
@@ -128,7 +128,7 @@ def test_changed_config_rerun_stops_before_loading_models_listing_each_change(fi
 
 def test_override_takes_effect_is_recorded_and_analyze_splits_the_run(finished, tmp_path):
     run, overrides = run_copy(finished, tmp_path)
-    loop.train(compose_config([*overrides, "train.steps=4", "selector=all", "optim.lr=1e-3",
+    recipe.train(compose_config([*overrides, "train.steps=4", "selector=all", "optim.lr=1e-3",
                                   "train.resume=override"]), run)
     rows = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
     assert [rows[s]["optim/lr"] for s in (1, 2, 3, 4)] == [1e-4, 1e-4, 1e-3, 1e-3]
@@ -145,7 +145,7 @@ def test_finished_run_rerun_unchanged_writes_nothing(finished, tmp_path, monkeyp
     final = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/toy/accuracy" in r][-1]
     before = snapshot(run)
     refuse_models(monkeypatch)
-    again = loop.train(compose_config([*overrides, "train.save_every=7"]), run)  # cadence is harmless
+    again = recipe.train(compose_config([*overrides, "train.save_every=7"]), run)  # cadence is harmless
     assert snapshot(run) == before
     assert again["accuracy"] == final["eval/toy/accuracy"]
     assert "is complete" in " ".join(capsys.readouterr().out.split())  # the console wraps long paths
@@ -175,11 +175,11 @@ def test_a_run_dir_written_before_the_move_reruns_unchanged_and_stops_on_a_chang
     before = snapshot(run)
     refuse_models(monkeypatch)
     for same in ([], ["train.lr=1e-4", "train.selection_scope=global"]):
-        loop.train(compose_config([*overrides, *same]), run)
+        recipe.train(compose_config([*overrides, *same]), run)
         assert snapshot(run) == before
         assert "is complete" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(rundir.RunDirError) as err:
-        loop.train(compose_config([*overrides, "train.lr=1e-3"]), run)
+        recipe.train(compose_config([*overrides, "train.lr=1e-3"]), run)
     assert "optim.lr: 0.0001 -> 0.001" in str(err.value) and "train.lr" not in str(err.value)
     (read,) = load_runs([run])
     assert read.cfg.optim.lr == 1e-4 and "lr" not in read.cfg.train and read.cfg.parallel.rank_scope == "global"
@@ -187,7 +187,7 @@ def test_a_run_dir_written_before_the_move_reruns_unchanged_and_stops_on_a_chang
 
 def test_an_override_recorded_under_an_old_key_splits_the_run_at_its_new_place(finished, tmp_path):
     run, overrides = run_copy(finished, tmp_path)
-    loop.train(compose_config([*overrides, "train.steps=3", "optim.lr=1e-3", "train.resume=override"]), run)
+    recipe.train(compose_config([*overrides, "train.steps=3", "optim.lr=1e-3", "train.resume=override"]), run)
     as_written_before_the_move(run)
     assert "train.lr" in (run / "overrides.jsonl").read_text()
     first, second = sorted(load_runs([run]), key=lambda r: r.name)
@@ -216,14 +216,14 @@ def test_second_writer_is_refused_naming_holder_and_a_dead_holders_lock_is_taken
         if os.read(ready_r, 1) != b"x":
             raise AssertionError(f"the first run ended before its first step: {first.communicate()[1][-3000:]}")
         with pytest.raises(rundir.RunDirError) as err:
-            loop.train(cfg, tmp_path)
+            recipe.train(cfg, tmp_path)
         assert f"host {socket.gethostname()}, PID {pid}" in str(err.value)
     finally:
         first.kill()
         first.wait()
     assert str(pid) in (tmp_path / rundir.LOCK_FILE).read_text()
     capsys.readouterr()
-    loop.train(cfg, tmp_path)
+    recipe.train(cfg, tmp_path)
     assert f"PID {pid}" in capsys.readouterr().out  # the stale lock was taken over, and said so
     assert [s for s, _ in losses(tmp_path)] == [1]
 
@@ -243,7 +243,7 @@ def test_truncated_latest_checkpoint_falls_back_in_resume_and_eval(finished, tmp
     out = capsys.readouterr().out.replace("\n", " ")
     assert "skipping checkpoint" in out and "step_2" in out and "truncated" in out
 
-    loop.train(compose_config(overrides), run)  # resumes from step 1 and redoes step 2
+    recipe.train(compose_config(overrides), run)  # resumes from step 1 and redoes step 2
     out = capsys.readouterr().out.replace("\n", " ")
     assert "skipping checkpoint" in out and "(step 1)" in out
     redone = weights(run, 2)
@@ -251,7 +251,7 @@ def test_truncated_latest_checkpoint_falls_back_in_resume_and_eval(finished, tmp
     for step in (1, 2):  # with no good checkpoint left, starting over would overwrite them: refused
         (run / "checkpoints" / f"step_{step}" / checkpoint.MANIFEST).unlink()
     with pytest.raises(rundir.RunDirError, match="none of its 2 checkpoint"):
-        loop.train(compose_config([*overrides, "train.steps=3"]), run)
+        recipe.train(compose_config([*overrides, "train.steps=3"]), run)
 
 
 def test_torn_metrics_line_is_dropped_on_resume_and_analyze_names_the_file(finished, tmp_path, capsys):
@@ -285,7 +285,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_cleans_up(tmp_path, micro
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     with pytest.raises(checkpoint.StorageError) as err:
-        loop.train(compose_config(overrides), tmp_path)
+        recipe.train(compose_config(overrides), tmp_path)
     message = str(err.value)
     assert "\n" not in message and "No space left on device" in message and "GiB free" in message
     assert str(tmp_path / "checkpoints" / ".step_2.tmp" / "trainer_state.pt") in message
@@ -337,7 +337,7 @@ def test_pickle_payload_in_a_checkpoint_is_refused(finished, tmp_path, monkeypat
     checkpoint.write_manifest(ckpt)  # a forged run dir verifies: the loader itself must refuse
     refuse_models(monkeypatch)
     with pytest.raises(checkpoint.CheckpointError, match="refusing to load"):
-        loop.train(compose_config([*overrides, "train.steps=3"]), run)
+        recipe.train(compose_config([*overrides, "train.steps=3"]), run)
     assert not marker.exists()
 
 
@@ -347,9 +347,9 @@ def test_pickle_payload_in_a_checkpoint_is_refused(finished, tmp_path, monkeypat
 def test_bad_data_and_sampling_fail_before_any_model_loads(tmp_path, micro_overrides, monkeypatch):
     refuse_models(monkeypatch)
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
-        loop.train(compose_config([*micro_overrides, f"data.path={tmp_path / 'nowhere.jsonl'}"]), tmp_path / "a")
+        recipe.train(compose_config([*micro_overrides, f"data.path={tmp_path / 'nowhere.jsonl'}"]), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        loop.train(compose_config([*micro_overrides, f"benchmark.path={tmp_path / 'missing.jsonl'}"]), tmp_path / "b")
+        recipe.train(compose_config([*micro_overrides, f"benchmark.path={tmp_path / 'missing.jsonl'}"]), tmp_path / "b")
     with pytest.raises(ConfigError, match="eval.temperature > 0"):
         compose_config([*micro_overrides, "eval.n=2"])
     with pytest.raises(ConfigError, match="rollout.temperature > 0"):
@@ -404,7 +404,7 @@ def test_kill_9_at_random_points_then_identical_final_weights(tmp_path, micro_ov
     overrides = [*micro_overrides, *FAST, "train.steps=4", "train.save_every=1"]
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     started = time.perf_counter()
-    loop.train(compose_config(overrides), reference)
+    recipe.train(compose_config(overrides), reference)
     run_seconds = time.perf_counter() - started
     rng = random.Random(18)
 
@@ -443,10 +443,10 @@ def test_kill_9_at_random_points_then_identical_final_weights(tmp_path, micro_ov
     kills = [(torn_checkpoint, rng.randint(1, 2)), (torn_metrics_line, rng.randint(1, 2)),
              (at_random_time, rng.uniform(0.2, 0.8) * run_seconds)]
     for i, (arm, where) in enumerate(kills):
-        status = in_child(lambda arm=arm, where=where: (arm(where), loop.train(compose_config(overrides), crashed)))
+        status = in_child(lambda arm=arm, where=where: (arm(where), recipe.train(compose_config(overrides), crashed)))
         # the random moment may come after the run has finished; the injected faults always strike
         assert killed(status) or (i == 2 and status == 0), f"{arm.__name__}({where}): wait status {status}"
-    loop.train(compose_config(overrides), crashed)
+    recipe.train(compose_config(overrides), crashed)
     assert losses(crashed) == losses(reference)
     want, got = weights(reference, 4), weights(crashed, 4)
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -459,7 +459,7 @@ def test_default_keeps_two_checkpoints_and_a_resume_reads_the_state_once(tmp_pat
     """By default the newest two checkpoints stay; resuming maps the trainer state for the safety check and reads
     it once, to restore it."""
     overrides = [*micro_overrides, *FAST, "train.save_every=1"]
-    loop.train(compose_config([*overrides, "train.steps=3"]), tmp_path)
+    recipe.train(compose_config([*overrides, "train.steps=3"]), tmp_path)
     assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [2, 3]
 
     loads = []
@@ -470,7 +470,7 @@ def test_default_keeps_two_checkpoints_and_a_resume_reads_the_state_once(tmp_pat
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "load", spy)
-    loop.train(compose_config([*overrides, "train.steps=4"]), tmp_path)
+    recipe.train(compose_config([*overrides, "train.steps=4"]), tmp_path)
     states = [mmap for name, mmap in loads if name == checkpoint.STATE_FILE]
     assert states == [True, False]  # the check maps it, the resume reads it
     assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [3, 4]

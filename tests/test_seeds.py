@@ -50,7 +50,7 @@ def test_a_training_step_seeds_its_generator_and_the_global_rng_from_the_stream(
     from tip_cli.train.loop import step_generator
 
     for step in (1, 4):
-        gen = step_generator(SimpleNamespace(cfg=SimpleNamespace(seed=seed)), step)
+        gen = step_generator(SimpleNamespace(loop=SimpleNamespace(seed=seed)), step)
         drawn_global = torch.rand(3)
         want = seed * 1_000_003 + step
         assert torch.equal(torch.rand(3, generator=gen), torch.rand(3, generator=torch.Generator().manual_seed(want)))

@@ -15,12 +15,19 @@ import torch
 from test_step_reference import llama, make_batch, per_token_div, qwen2, scaled
 
 from tip_cli import tracking
-from tip_cli.config.schema import ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
+from tip_cli.config.schema import (
+    ImportanceConfig,
+    LossConfig,
+    SelectorConfig,
+    TeacherConfig,
+    TipConfig,
+    TrainConfig,
+)
 from tip_cli.models import Pair
 from tip_cli.selection.quadrants import compute_stats
 from tip_cli.selection.selectors import top_count
 from tip_cli.selection.signal import Signal, dense_signal, jaccard, signal_metrics, topk_mass, topk_signal
-from tip_cli.train import loop
+from tip_cli.train import loop, recipe
 from tip_cli.train.step import distill_step
 
 KINDS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)]
@@ -196,7 +203,7 @@ def test_distill_step_logs_the_signal_of_every_token(tiny, kind, budget, temp, b
     logp_t = torch.log_softmax(z_t, -1)
     want_loss, want = ref_grad_sq(z_s, lambda z: ref_div(torch.log_softmax(z / temp, -1), logp_t, kind, 0.3))
     pair = Pair(student, teacher, tokenizer=None, vocab=80, device=torch.device("cpu"))
-    metrics, stats, kept = distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
     student.zero_grad(set_to_none=True)
     torch.testing.assert_close(stats.grad_sq.double(), want, rtol=2e-3, atol=1e-9)
     assert set(SIGNAL_METRICS) <= set(metrics), set(SIGNAL_METRICS) - set(metrics)
@@ -222,7 +229,7 @@ def test_a_topk_teacher_logs_its_mass_and_the_bucket_gradient(tiny, budget):
     _, want = ref_grad_sq(
         z_s, lambda z: ref_topk_loss(torch.log_softmax(z, -1), scorer.ids, scorer.logp, "reverse_kl", 0.5))
     pair = Pair(student, teacher, tokenizer=None, vocab=80, device=torch.device("cpu"))
-    metrics, stats, kept = distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {}, scorer)
+    metrics, stats, kept = distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {}, scorer)
     student.zero_grad(set_to_none=True)
     torch.testing.assert_close(stats.grad_sq.double(), want, rtol=2e-3, atol=1e-9)
     mass = [sum(sorted(row.tolist(), reverse=True)[:k]) for row in torch.softmax(z_t, -1)]
@@ -239,7 +246,7 @@ def test_importance_topk_logs_the_dense_teachers_topk_mass(tiny, budget):
     cfg.importance.topk = k
     _, z_t = full_logits(student, teacher, batch, 1.0)
     pair = Pair(student, teacher, tokenizer=None, vocab=80, device=torch.device("cpu"))
-    metrics, _, _ = distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+    metrics, _, _ = distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
     student.zero_grad(set_to_none=True)
     mass = [sum(sorted(row.tolist(), reverse=True)[:k]) for row in torch.softmax(z_t, -1)]
     assert metrics["teacher/topk_mass"] == pytest.approx(float(np.mean(mass)), rel=1e-4)
@@ -254,8 +261,8 @@ def test_signal_metrics_off_logs_none_and_keeps_the_step(tiny, budget):
     out = []
     for on in (True, False):
         student.zero_grad(set_to_none=True)
-        metrics, stats, kept = distill_step(pair, batch, loop.step_spec(step_cfg("reverse_kl", budget, 1.0, signal_metrics=on),
-                                                                   pair.device), torch.Generator().manual_seed(0), {})
+        metrics, stats, kept = distill_step(pair, batch, recipe.specs(step_cfg("reverse_kl", budget, 1.0, signal_metrics=on),
+                                                                   pair.device).step, torch.Generator().manual_seed(0), {})
         out.append((metrics, stats, kept, [p.grad.clone() for p in student.parameters()]))
     student.zero_grad(set_to_none=True)
     (m_on, s_on, k_on, g_on), (m_off, s_off, k_off, g_off) = out
@@ -281,14 +288,15 @@ def test_token_sample_stores_each_tokens_gradient_norm(tmp_path):
 
 
 def test_low_topk_mass_warns_once_naming_the_key(capsys):
-    cfg = TipConfig(teacher=SimpleNamespace(backend="vllm_topk", topk=20), importance=ImportanceConfig())
-    run = SimpleNamespace(cfg=cfg, topk_mass_warned=False)
+    cfg = TipConfig(teacher=TeacherConfig(backend="vllm_topk", topk=20), importance=ImportanceConfig())
+    run = SimpleNamespace(loop=recipe.specs(cfg, torch.device("cpu")).loop, topk_mass_warned=False)
     loop.warn_topk_mass(run, 1, {"teacher/topk_mass": 0.95})
     loop.warn_topk_mass(run, 2, {"teacher/topk_mass": 0.5})
     loop.warn_topk_mass(run, 3, {"teacher/topk_mass": 0.4})
     out = capsys.readouterr().out
     assert out.count("teacher/topk_mass") == 1 and "teacher.topk" in out and "step 2" in out
-    run = SimpleNamespace(cfg=TipConfig(importance=ImportanceConfig(topk=8)), topk_mass_warned=False)
+    cfg = TipConfig(importance=ImportanceConfig(topk=8))
+    run = SimpleNamespace(loop=recipe.specs(cfg, torch.device("cpu")).loop, topk_mass_warned=False)
     loop.warn_topk_mass(run, 1, {"teacher/topk_mass": 0.5})
     assert "importance.topk (now 8)" in capsys.readouterr().out.replace("\n", " ")
     assert math.isfinite(cfg.importance.topk_mass_warn)

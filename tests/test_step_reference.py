@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from tip_cli.config.schema import ImportanceConfig, LossConfig, SelectorConfig, TipConfig, TrainConfig
 from tip_cli.models import Pair
 from tip_cli.rollout.batch import Batch, pack
-from tip_cli.train.loop import step_spec
+from tip_cli.train.recipe import specs
 from tip_cli.train.step import distill_step
 
 SMALL_V, LARGE_V = 80, 96  # two lm_head sizes: the loss uses the shared prefix [:SMALL_V]
@@ -157,7 +157,7 @@ def run_distill_step(student, teacher, batch: Batch, cfg: TipConfig):
     pair = Pair(student, teacher, tokenizer=None, vocab=min(student.config.vocab_size, teacher.config.vocab_size),
                 device=torch.device("cpu"))
     student.zero_grad(set_to_none=True)
-    metrics, stats, kept = distill_step(pair, batch, step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = distill_step(pair, batch, specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
     grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in student.named_parameters()}
     return metrics, stats, kept, grads
 

@@ -28,7 +28,7 @@ from tip_cli.selection.quadrants import compute_stats
 from tip_cli.selection.scores import support_mass, top_support, topk_support_mass
 from tip_cli.selection.selectors import budget_count, select
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop
+from tip_cli.train import recipe
 from tip_cli.train.step import distill_step
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_distill_step_keeps_the_budget_by_teachability(tiny, budget, micro, back
     logp_s, logp_t = z_s.log_softmax(-1), z_t.log_softmax(-1)
     want_c = ref_support(logp_s, logp_t, support_k)
     pair = Pair(student, teacher, tokenizer=None, vocab=80, device=torch.device("cpu"))
-    spec = loop.step_spec(teach_cfg(budget, micro, backend, support_k), pair.device)
+    spec = recipe.specs(teach_cfg(budget, micro, backend, support_k), pair.device).step
     metrics, stats, kept = distill_step(pair, batch, spec, torch.Generator().manual_seed(0), {})
     student.zero_grad(set_to_none=True)
     np.testing.assert_allclose(stats.support_mass.double().numpy(), want_c, rtol=1e-4, atol=1e-6)
@@ -250,7 +250,7 @@ def test_distill_step_with_a_topk_teacher_ranks_by_the_lower_bound(tiny):  # noq
     scorer = TopKScorer(z_t, k_teacher)
     want_c = ref_topk_support(z_s.log_softmax(-1), scorer.ids, scorer.logp, 16)
     pair = Pair(student, teacher, tokenizer=None, vocab=80, device=torch.device("cpu"))
-    metrics, stats, kept = distill_step(pair, batch, loop.step_spec(teach_cfg(0.3, 2), pair.device),
+    metrics, stats, kept = distill_step(pair, batch, recipe.specs(teach_cfg(0.3, 2), pair.device).step,
                                         torch.Generator().manual_seed(0), {}, scorer)
     student.zero_grad(set_to_none=True)
     np.testing.assert_allclose(stats.support_mass.double().numpy(), want_c, rtol=1e-4, atol=1e-6)
@@ -264,7 +264,7 @@ def test_other_selectors_and_the_full_token_step_compute_no_support_mass(tiny): 
     for name, budget in (("soft_or", 0.3), ("teachability", 1.0)):
         cfg = teach_cfg(budget, 2)
         cfg.selector = SelectorConfig(name=name)
-        metrics, stats, kept = distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+        metrics, stats, kept = distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
         student.zero_grad(set_to_none=True)
         assert stats.support_mass is None and "support/mean" not in metrics
         assert kept.numel() == budget_count(len(stats), budget)
@@ -273,7 +273,7 @@ def test_other_selectors_and_the_full_token_step_compute_no_support_mass(tiny): 
 def test_train_writes_support_mass_to_the_token_sample(tmp_path, micro_overrides):
     cfg = compose_config([*micro_overrides, "selector=teachability", "budget=0.3", "train.steps=1",
                           "train.eval_before=false", "importance.support_k=4"])
-    loop.train(cfg, tmp_path)
+    recipe.train(cfg, tmp_path)
     (row,) = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     sample = np.load(tmp_path / "token_samples" / "step_000001.npz")
     c = sample["support_mass"].astype(np.float64)
@@ -364,7 +364,7 @@ def _select_on_ranks() -> dict:
     lo = sum(SEQ_LENS[: 3 * r])
     mine = slice(lo, lo + sum(SEQ_LENS[3 * r : 3 * r + 3]))
     cfg = TipConfig(selector=SelectorConfig(name="teachability"), budget=0.2)
-    spec = loop.step_spec(cfg, torch.device("cpu")).selection
+    spec = recipe.specs(cfg, torch.device("cpu")).step.selection
     sel = parallel.select_tokens(ent[mine], div[mine], seq[mine] - 3 * r, 3, spec, torch.Generator().manual_seed(7),
                                  support=c[mine])
     parallel.teardown()

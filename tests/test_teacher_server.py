@@ -20,7 +20,7 @@ from tip_cli.models import load_model, load_tokenizer
 from tip_cli.servers import HTTPRefused, check_tokenizer
 from tip_cli.teacher.server import ServerTeacher, TeacherServerError
 from tip_cli.toy.build import build_micro_pair
-from tip_cli.train import loop
+from tip_cli.train import recipe
 from tip_cli.train import step as train_step
 
 TEACHER_TARGETS = train_step.teacher_targets  # the real one, whatever a test has patched in
@@ -69,7 +69,7 @@ def test_two_steps_against_the_server_take_the_hf_teachers_topk(server, micro, m
 
     monkeypatch.setattr(train_step, "teacher_targets", spy)
     out = tmp_path / "run"
-    loop.train(compose_config(_overrides(micro_overrides, out, "teacher.backend=vllm_server",
+    recipe.train(compose_config(_overrides(micro_overrides, out, "teacher.backend=vllm_server",
                                          f"teacher.url={server.ensure()}")), out)
     losses = _losses(out)
     assert len(seen) == 2 and len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
@@ -110,7 +110,7 @@ def test_a_server_for_another_vocabulary_fails_at_start_up(server, tmp_path):
                           f"benchmark.path={tmp_path / 'other' / 'test.jsonl'}", "logger=none", f"out_dir={out}",
                           "teacher.backend=vllm_server", f"teacher.url={url}", f"teacher.topk={TOPK}"])
     with pytest.raises(ConfigError) as err:
-        loop.train(cfg, out)
+        recipe.train(cfg, out)
     msg = str(err.value)
     assert f"teacher server {url}" in msg and str(server.model) in msg
     assert "tokenizes differently from the student" in msg or "different vocabulary" in msg
@@ -158,7 +158,7 @@ def test_a_killed_server_is_retried_then_the_run_stops_naming_the_url_and_checkp
                                     "train.steps=3", "train.save_every=1", "teacher.retries=2", "teacher.backoff_s=0.2"))
     start = time.monotonic()
     with pytest.raises(TeacherServerError) as err:
-        loop.train(cfg, out)
+        recipe.train(cfg, out)
     waited = time.monotonic() - calls[1]
     msg = str(err.value)
     assert f"teacher server {url} did not answer after 3 attempts" in msg

@@ -18,7 +18,7 @@ from tip_cli.pairs import load_pair
 from tip_cli.rollout import sources
 from tip_cli.rollout.batch import pack
 from tip_cli.tracking import read_jsonl
-from tip_cli.train import loop, precision, schedule
+from tip_cli.train import loop, precision, recipe, schedule
 from tip_cli.train import step as train_step
 
 SPEC_METRICS = [
@@ -35,7 +35,7 @@ PHASES = ["time/rollout", "time/teacher", "time/select", "time/train", "time/pro
 
 def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_overrides):
     cfg = compose_config([*micro_overrides, "selector=soft_or", "budget=0.5", "logger=wandb", "logger.mode=offline"])
-    loop.train(cfg, tmp_path)
+    recipe.train(cfg, tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -61,13 +61,13 @@ def test_train_logs_every_spec_metric_and_saves_hf_checkpoints(tmp_path, micro_o
 
 def grads_after_step(pair, batch, cfg) -> list[torch.Tensor]:
     pair.student.zero_grad(set_to_none=True)
-    metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+    metrics, stats, kept = train_step.distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
     assert metrics["tokens/kept"] == kept.numel() == round(0.5 * len(stats))
     return [p.grad.clone() for p in pair.student.parameters()]
 
 
 def test_a_run_resolves_its_selector_and_precision_once_not_every_step(tmp_path, micro_overrides, monkeypatch):
-    """The step's specs are built once per run (loop.step_spec) and handed down; no step reads the config."""
+    """The step's specs are built once per run (recipe.specs) and handed down; no step reads the config."""
     calls = {"selector": 0, "precision": 0}
     real_spec, real_resolve = SelectorConfig.spec, precision.resolve
 
@@ -81,7 +81,7 @@ def test_a_run_resolves_its_selector_and_precision_once_not_every_step(tmp_path,
 
     monkeypatch.setattr(SelectorConfig, "spec", counting_spec)
     monkeypatch.setattr(precision, "resolve", counting_resolve)
-    loop.train(compose_config([*micro_overrides, "train.steps=3", "train.eval_before=false"]), tmp_path)
+    recipe.train(compose_config([*micro_overrides, "train.steps=3", "train.eval_before=false"]), tmp_path)
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
     assert calls == {"selector": 1, "precision": 1}
 
@@ -104,7 +104,7 @@ def test_micro_batches_give_the_same_gradient_as_one_pass(micro_overrides, loss_
 def test_killed_run_resumes_and_continues_the_curve(tmp_path, micro_overrides, monkeypatch):
     overrides = [*micro_overrides, "train.steps=4", "train.save_every=1", "train.eval_before=false"]
     reference = tmp_path / "reference"
-    loop.train(compose_config(overrides), reference)
+    recipe.train(compose_config(overrides), reference)
 
     crashed = tmp_path / "crashed"
     calls = {"n": 0}
@@ -118,11 +118,11 @@ def test_killed_run_resumes_and_continues_the_curve(tmp_path, micro_overrides, m
 
     monkeypatch.setattr(sources, "pack", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(compose_config(overrides), crashed)
+        recipe.train(compose_config(overrides), crashed)
     monkeypatch.setattr(sources, "pack", real_pack)
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step_1", "step_2"]
 
-    loop.train(compose_config(overrides), crashed)
+    recipe.train(compose_config(overrides), crashed)
     got = [r for r in read_jsonl(crashed / "metrics.jsonl") if "loss" in r]
     want = [r for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in got] == [1, 2, 3, 4]
@@ -195,7 +195,7 @@ def test_full_token_step_takes_its_stats_from_the_loss_pass(micro_overrides, mon
 
     def step():
         pair.student.zero_grad(set_to_none=True)
-        metrics, stats, kept = train_step.distill_step(pair, batch, loop.step_spec(cfg, pair.device), torch.Generator().manual_seed(0), {})
+        metrics, stats, kept = train_step.distill_step(pair, batch, recipe.specs(cfg, pair.device).step, torch.Generator().manual_seed(0), {})
         return metrics, stats, kept, [p.grad.clone() for p in pair.student.parameters()]
 
     fused = step()
@@ -259,8 +259,8 @@ def test_each_step_starts_its_peak_when_the_engine_sleeps(tmp_path, micro_overri
     from tip_cli import tracking
 
     cuda, events = FakeCuda(), []
-    monkeypatch.setattr(loop, "PeakMemory", lambda device: tracking.PeakMemory(device, cuda))
-    build = loop.make_engine
+    monkeypatch.setattr(recipe, "PeakMemory", lambda device: tracking.PeakMemory(device, cuda))
+    build = recipe.make_engine
 
     def engine_with_a_pool(*args, **kwargs):
         engine = build(*args, **kwargs)
@@ -274,7 +274,7 @@ def test_each_step_starts_its_peak_when_the_engine_sleeps(tmp_path, micro_overri
         engine.sleep = logged_sleep
         return engine
 
-    monkeypatch.setattr(loop, "make_engine", engine_with_a_pool)
+    monkeypatch.setattr(recipe, "make_engine", engine_with_a_pool)
     step = train_step.distill_step
 
     def step_with_a_peak(*args, **kwargs):
@@ -284,7 +284,7 @@ def test_each_step_starts_its_peak_when_the_engine_sleeps(tmp_path, micro_overri
         return step(*args, **kwargs)
 
     monkeypatch.setattr(loop, "distill_step", step_with_a_peak)
-    loop.train(compose_config([*micro_overrides, "train.eval_before=false"]), tmp_path)
+    recipe.train(compose_config([*micro_overrides, "train.eval_before=false"]), tmp_path)
     assert events == [("sleep", 0), ("step", 1), ("sleep", 1), ("step", 2)]
     peaks = [r["perf/peak_mem_gb"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert peaks == [2.0, 2.0]
@@ -295,7 +295,7 @@ def test_an_engine_with_its_own_weights_is_synced_and_timed_each_step(tmp_path, 
     time/weight_sync, inside time/step with the other phases."""
     import time
 
-    build, pushes = loop.make_engine, []
+    build, pushes = recipe.make_engine, []
 
     def engine_with_its_own_copy(*args, **kwargs):
         engine = build(*args, **kwargs)
@@ -308,8 +308,8 @@ def test_an_engine_with_its_own_weights_is_synced_and_timed_each_step(tmp_path, 
         engine.sync_weights = slow_sync
         return engine
 
-    monkeypatch.setattr(loop, "make_engine", engine_with_its_own_copy)
-    loop.train(compose_config([*micro_overrides, "train.eval_before=false"]), tmp_path)
+    monkeypatch.setattr(recipe, "make_engine", engine_with_its_own_copy)
+    recipe.train(compose_config([*micro_overrides, "train.eval_before=false"]), tmp_path)
     steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert len(pushes) == len(steps) == 2
     for row in steps:

@@ -168,7 +168,7 @@ def _run_job(command: str, cfg) -> None:
     try:
         with signals.sigterm_stops():
             if command == "train":
-                from tip_cli.train.loop import train
+                from tip_cli.train.recipe import train
 
                 train(tip_cfg, run_dir)
             else:

@@ -7,7 +7,7 @@ teacher's h_T [K, d_T] (no grad). The loss is
 
 with div = reverse KL (default), forward KL or JSD(beta) (beta 0: forward KL, beta 1: reverse KL, as in TRL), exact
 over the shared vocabulary prefix [:V]. At a distillation temperature T the trainer passes h / T for both models, so
-the distributions are softmax(logits / T) (tip_cli.train.loop.step_spec). The teacher's side
+the distributions are softmax(logits / T) (tip_cli.train.recipe.specs). The teacher's side
 (tip_cli.teacher.targets) is its hidden states and lm_head, or its top-K log-probs from a vLLM engine: div is then
 taken over K + 1 buckets.
 The [K, V] logits are never materialised with grad: the forward pass walks K in chunks, computes each chunk's

@@ -12,7 +12,7 @@ import torch
 
 from tip_cli.models import Pair, head_weight, response_hidden
 from tip_cli.rollout.batch import Batch
-from tip_cli.train import loop
+from tip_cli.train import recipe
 from tip_cli.train import step as train_step
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def tip_runner(cfg):
     def run(pair: Pair, batch: Batch, meter: Meter, times: dict) -> float:
         nonlocal step
         step += 1
-        spec = specs.get(pair.device) or specs.setdefault(pair.device, loop.step_spec(cfg, pair.device))
+        spec = specs.get(pair.device) or specs.setdefault(pair.device, recipe.specs(cfg, pair.device).step)
         generator = torch.Generator().manual_seed(step)
         loss_fn = train_step.selected_token_loss
 

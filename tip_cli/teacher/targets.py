@@ -115,7 +115,7 @@ def teacher_targets(
 ) -> Teacher:
     """The teacher's view of the N response positions: its hidden states (divided by `temperature`) per micro-batch
     of `parts`, or top-K log-probs from `scorer` (a VLLMTeacher or ServerTeacher; at T = 1 only:
-    tip_cli.train.loop.step_spec)."""
+    tip_cli.train.recipe.specs)."""
     from tip_cli.models import head_weight, response_hidden
 
     if scorer is not None:

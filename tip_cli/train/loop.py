@@ -8,49 +8,35 @@ One step, for a batch of prompts:
   5. the optimizer steps unless a value was non-finite, and an engine with its own copy of the student takes the new
      weights; metrics (with each phase's seconds, tracking.STEP_PHASES), token samples, checkpoints and evaluations
      follow.
+
+The loop runs on what the recipe (tip_cli.train.recipe) built once per run: the specs (LoopSpec, StepSpec, EvalSpec)
+and the components. It never reads the config.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tip_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
-from tip_cli.config.compose import to_container
-from tip_cli.config.schema import TipConfig
-from tip_cli.data import Problem, load_problems
+from tip_cli.checkpoint import latest_checkpoint, list_checkpoints
+from tip_cli.data import Problem
 from tip_cli.errors import UserError
-from tip_cli.eval.benchmark import (
-    EnvBenchmark,
-    EvalSpec,
-    counting_tokenizer,
-    engine_context,
-    eval_spec,
-    evaluate_benchmark,
-    fit_benchmark,
-    fit_models,
-    load_benchmark,
-)
-from tip_cli.eval.benchmark import console as eval_console
-from tip_cli.models import Pair, enable_checkpointing
-from tip_cli.pairs import load_pair, resolve_model
-from tip_cli.rollout import make_engine
+from tip_cli.eval.benchmark import EnvBenchmark, EvalSpec, evaluate_benchmark
+from tip_cli.models import Pair
 from tip_cli.rollout.batch import Sampling, response_positions
-from tip_cli.rollout.sources import EpisodeSource, PromptSource, Rollout, rollout_source
+from tip_cli.rollout.sources import EpisodeSource, PromptSource, Rollout
 from tip_cli.seeds import derive_seed, stream_seed
-from tip_cli.selection.selectors import needs_support
-from tip_cli.teacher.factory import make_scorer
-from tip_cli.tracking import STEP_PHASES, MetricsLogger, PeakMemory, read_jsonl, save_token_sample, timed
-from tip_cli.train import checkpoints, parallel, precision, rundir, sharding, signals
+from tip_cli.tracking import STEP_PHASES, PeakMemory, read_jsonl, save_token_sample, timed
+from tip_cli.train import checkpoints, parallel, sharding, signals
 from tip_cli.train.pipeline import RolloutPipeline
-from tip_cli.train.schedule import apply_schedule, lr_lambda, make_optimizer, prompt_indices
-from tip_cli.train.spec import SelectionSpec, StepSpec
+from tip_cli.train.schedule import prompt_indices
+from tip_cli.train.spec import LoopSpec, StepSpec
 from tip_cli.train.step import distill_step, weights_finite
 
 console = Console()
@@ -68,64 +54,13 @@ def non_finite_message(step: int, skipped: int, last) -> str:
             "optim.lr or train.precision=bf16_mixed / fp32, and check the models' logits for inf")
 
 
-def train(cfg: TipConfig, run_dir: Path) -> dict:
-    """Run (or resume) OPD into run_dir; returns the final evaluation metrics.
-
-    Under torchrun every rank runs this (tip_cli.train.parallel): each on its slice of the prompts, rank 0 alone logging.
-    """
-    device = parallel.setup(cfg.train.device)  # joins the torchrun job when launched by one
-    parallel.check(cfg.train, cfg.parallel)
-    run_dir = parallel.broadcast(run_dir)  # rank 0's: each rank's Hydra may have stamped its own
-    console.quiet = eval_console.quiet = not parallel.is_main()
-    # the data and the benchmark are read first, so that a bad file fails in seconds and leaves no run dir behind
-    problems, too_long = None, {}  # rows left out for not fitting the context, logged when skipping is on
-    models = [resolve_model(cfg.pair.student), resolve_model(cfg.pair.teacher)]
-    tokenizer = functools.cache(lambda: counting_tokenizer(models[0], cfg.pair))  # one load for data and benchmark
-    if not cfg.data.env:
-        skip = cfg.train.skip_bad_rows
-        problems = load_problems(cfg.data, skip_bad_rows=skip, skip_key="train.skip_bad_rows")
-        problems, n = fit_models(cfg.pair, engine_context(cfg.rollout), problems, models, tokenizer,
-                                 cfg.rollout.max_new_tokens, cfg.data.name, skip, "train.skip_bad_rows")
-        too_long |= {"data/skipped_too_long": n} if skip else {}
-    evals = eval_spec(cfg.benchmark, cfg.eval, cfg.pair, cfg.agent, cfg.rollout)
-    bench, n = fit_benchmark(evals, load_benchmark(evals), models[:1], tokenizer)
-    too_long |= {f"eval/{cfg.benchmark.name}/skipped_too_long": n} if evals.skip_bad_rows else {}
-    spec = step_spec(cfg, device)
-    # the run dir's contract (tip_cli.train.rundir): one writer, the recorded config, the newest verified checkpoint
-    plan = rundir.open_run(cfg, run_dir, console)
-    if plan.complete is not None:
-        console.print(f"{run_dir} is complete (step {cfg.train.steps} of {cfg.train.steps}, final eval logged): "
-                      "nothing to do; raise train.steps to continue it, or give a new out_dir")
-        parallel.teardown()
-        return plan.complete
-    try:
-        return _train(prepare(cfg, spec, evals, run_dir, device, plan.checkpoint, problems, bench), too_long)
-    finally:
-        plan.release()
-
-
-def step_spec(cfg: TipConfig, device: torch.device) -> StepSpec:
-    """The run's frozen step spec on `device`, built once; T is the config's distill_temperature (a vLLM top-K
-    teacher at any T but 1 is refused when the config is composed)."""
-    temp = cfg.distill_temperature
-    t, loss = cfg.train, cfg.loss
-    selection = SelectionSpec(cfg.importance.axis_spec(), cfg.selector.spec(), cfg.budget, cfg.parallel.rank_scope,
-                              loss.norm)
-    return StepSpec(
-        temp, precision.resolve(t.precision, cfg.pair.dtype, device), selection, cfg.importance.score_spec(),
-        loss.kind, loss.jsd_beta, t.micro_batch_size, cfg.importance.chunk_size, loss.chunk_size, loss.backend,
-        t.signal_metrics, t.grad_probe_every,
-        cfg.importance.support_k if needs_support(selection.selector) else None,
-    )
-
-
 @dataclass
 class Run:
-    """Everything a training run holds: the specs of its step (its precision included) and its evaluation (built
-    once, from `cfg`), the pair, the teacher's scorer, the rollout engine and source, the optimizer and schedule, the
-    logger, and the step it starts after."""
+    """Everything a training run holds: the specs of its loop, its step (its precision included) and its evaluation
+    (built once, by tip_cli.train.recipe), the pair, the teacher's scorer, the rollout engine and source, the optimizer
+    and schedule, the logger, and the step it starts after."""
 
-    cfg: TipConfig
+    loop: LoopSpec
     step: StepSpec
     evals: EvalSpec
     run_dir: Path
@@ -155,52 +90,17 @@ class Run:
         return result
 
 
-def prepare(cfg: TipConfig, spec: StepSpec, evals: EvalSpec, run_dir: Path, device: torch.device,
-            ckpt: Checkpoint | None, problems: list[Problem] | None, bench: list[Problem] | EnvBenchmark) -> Run:
-    """Load the pair (the student from `ckpt` if given) in `spec`'s precision, shard it under torchrun, and build the
-    scorer, the engine, the rollout source, the optimizer and schedule (restored from `ckpt`) and the logger."""
-    prec = spec.precision
-    precision.warn_pure_bf16(prec, cfg.optim.lr)
-    pair = load_pair(cfg.pair, device, student_path=str(ckpt.path) if ckpt else None,
-                     load_teacher=cfg.teacher.backend == "hf", student_dtype=prec.master, teacher_dtype=prec.pair)
-    student = pair.student
-    if cfg.train.gradient_checkpointing:
-        enable_checkpointing(student)
-    sharding.shard(pair, cfg.parallel, prec)  # FSDP2 under torchrun, before the optimizer sees the parameters
-    scorer = make_scorer(cfg.teacher, cfg.seed, pair, prec.pair, run_dir)
-    memory = PeakMemory(device)
-    with memory.engine_build():
-        engine = make_engine(cfg.rollout, student, pair.tokenizer, pair.student_path, cfg.seed, dtype=prec.compute,
-                             vocab=pair.vocab, run_dir=run_dir, version=ckpt.step if ckpt else 0)
-    source = rollout_source(cfg.data, cfg.pair, cfg.agent, pair, problems, resolve_model)
-    if isinstance(source, PromptSource) and hasattr(engine, "check_prompts"):  # a served context of its own
-        engine.check_prompts(list(map(len, source.prompts)), cfg.rollout.max_new_tokens)
-    optimizer = make_optimizer(student.parameters(), cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
-    start = 0
-    if ckpt:
-        start = checkpoints.resume(ckpt, student, optimizer, scheduler)
-        apply_schedule(optimizer, scheduler, cfg.optim, cfg.train.steps)
-        console.print(f"[bold]resuming[/] from {ckpt.path} (step {start})", soft_wrap=True)
-    logger = parallel.NullLogger()
-    if parallel.is_main():
-        logger = MetricsLogger(run_dir, cfg.logger, to_container(cfg), start, run_dir.name)
-    return Run(cfg, spec, evals, run_dir, device, pair, scorer, engine, source, optimizer, scheduler, logger, bench, memory,
-               start)
-
-
 def step_generator(run: Run, step: int) -> torch.Generator:
     """Seed the step: every random draw derives from (seed, step) (and the rank), so a resumed run replays exactly."""
-    torch.manual_seed(parallel.rank_seed(stream_seed(run.cfg.seed, step)))
-    return torch.Generator().manual_seed(stream_seed(run.cfg.seed, step))
+    torch.manual_seed(parallel.rank_seed(stream_seed(run.loop.seed, step)))
+    return torch.Generator().manual_seed(stream_seed(run.loop.seed, step))
 
 
 def step_prompts(run: Run, step: int) -> tuple[list[int], Sampling]:
     """This step's prompts (this rank's slice) and its sampling, seeded from (seed, step, rank)."""
-    cfg, r = run.cfg, run.cfg.rollout
-    idx = parallel.my_slice(prompt_indices(len(run.source), cfg.train.prompts_per_step, step, cfg.seed))
-    return idx, Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k,
-                         seed=derive_seed(cfg.seed, step, parallel.rank()))
+    loop = run.loop
+    idx = parallel.my_slice(prompt_indices(len(run.source), loop.prompts_per_step, step, loop.seed))
+    return idx, replace(loop.sampling, seed=derive_seed(loop.seed, step, parallel.rank()))
 
 
 def generate(run: Run, step: int):
@@ -231,15 +131,15 @@ def rollout_pipeline(run: Run) -> RolloutPipeline:
 
         run.engine.on_done = score_ahead
     return RolloutPipeline(functools.partial(generate, run), functools.partial(pack, run),
-                           lambda: getattr(run.engine, "version", 0), run.cfg.rollout.max_staleness, run.cfg.train.steps)
+                           lambda: getattr(run.engine, "version", 0), run.loop.max_staleness, run.loop.steps)
 
 
 def update(run: Run, stats, m: dict) -> torch.Tensor:
     """Clip, and step the optimizer unless H, D, the loss or the gradient is non-finite on any rank (AdamW would
     spread the NaN) or no token was kept; step the schedule either way. Returns the gradient norm."""
-    student, cfg = run.pair.student, run.cfg
+    student = run.pair.student
     with timed("time/train", m):
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), run.loop.grad_clip or math.inf)
         good = parallel.all_true(stats is not None and math.isfinite(m["loss"]) and math.isfinite(float(grad_norm)))
         run.skipped = 0 if good else run.skipped + 1
         run.skipped_total += 0 if good else 1
@@ -279,7 +179,7 @@ def step_metrics(run: Run, out: Rollout, m: dict, grad_norm: torch.Tensor) -> di
 def save(run: Run, step: int) -> None:
     p = run.pair
     checkpoints.save(run.run_dir, step, p.student, p.tokenizer, run.optimizer, run.scheduler,
-                     run.cfg.train.keep_checkpoints, run.step.precision.pair)
+                     run.loop.keep_checkpoints, run.step.precision.pair)
 
 
 def stop_after(run: Run, step: int) -> None:
@@ -293,12 +193,11 @@ def stop_after(run: Run, step: int) -> None:
 def warn_topk_mass(run: Run, step: int, m: dict) -> None:
     """One line, once a run, when the teacher's top-K holds less mass than importance.topk_mass_warn: D or the loss
     then compares distributions with much of the teacher's probability in one tail bucket or cut away."""
-    floor, mass = run.cfg.importance.topk_mass_warn, m.get("teacher/topk_mass")
+    floor, mass = run.loop.topk_mass_warn, m.get("teacher/topk_mass")
     if run.topk_mass_warned or mass is None or not mass < floor or not parallel.is_main():
         return
     run.topk_mass_warned = True
-    top_k = ("teacher.topk", run.cfg.teacher.topk) if run.cfg.teacher.backend != "hf" else ("importance.topk",
-                                                                                          run.cfg.importance.topk)
+    top_k = run.loop.topk
     console.print(f"[yellow]step {step}: the teacher's top-K holds {mass:.3f} of its probability on average "
                   f"(teacher/topk_mass < importance.topk_mass_warn={floor:g}); consider a larger "
                   f"{top_k[0]} (now {top_k[1]})[/]")
@@ -307,7 +206,7 @@ def warn_topk_mass(run: Run, step: int, m: dict) -> None:
 def after_step(run: Run, step: int, m: dict, stats, kept: torch.Tensor) -> str:
     """Stop on too many skipped steps, save a token sample and checkpoints, evaluate when due; returns the progress
     line."""
-    t = run.cfg.train
+    t = run.loop
     warn_topk_mass(run, step, m)
     if run.skipped:
         console.print(f"[yellow]step {step}: non-finite H, D, loss or gradient; no update[/] "
@@ -317,7 +216,7 @@ def after_step(run: Run, step: int, m: dict, stats, kept: torch.Tensor) -> str:
     elif not parallel.all_true(weights_finite(run.pair.student)):  # before it is saved: a checkpoint to fall back on
         last = latest_checkpoint(run.run_dir)
         raise NonFiniteStepsError(f"step {step}: the update made the student's weights non-finite (NaN or inf) at "
-                                  f"optim.lr={run.cfg.optim.lr:g}; nothing of it was saved; last good "
+                                  f"optim.lr={run.loop.lr:g}; nothing of it was saved; last good "
                                   f"checkpoint: {last.path if last else 'none'}. Try a lower optim.lr")
     elif parallel.is_main() and t.token_sample_every and (step == 1 or step % t.token_sample_every == 0):
         save_token_sample(run.run_dir, step, stats, kept, t.token_sample_size)
@@ -333,13 +232,13 @@ def after_step(run: Run, step: int, m: dict, stats, kept: torch.Tensor) -> str:
 
 def finish(run: Run) -> dict:
     """The final evaluation, and the accuracy before and after on the console."""
-    cfg = run.cfg
-    final = run.evaluate(cfg.train.steps)
+    name = run.evals.benchmark.name
+    final = run.evaluate(run.loop.steps)
     run.logger.finish()
-    key = f"eval/{cfg.benchmark.name}/accuracy"
+    key = f"eval/{name}/accuracy"
     before = [r[key] for r in read_jsonl(run.run_dir / "metrics.jsonl") if r["step"] == 0 and key in r]
     if before:
-        console.print(f"[bold]student {cfg.benchmark.name} accuracy: {before[0]:.3f} before -> {final['accuracy']:.3f} after[/]")
+        console.print(f"[bold]student {name} accuracy: {before[0]:.3f} before -> {final['accuracy']:.3f} after[/]")
     console.print(f"run dir: {run.run_dir}", soft_wrap=True)
     parallel.teardown()
     return final
@@ -348,20 +247,20 @@ def finish(run: Run) -> dict:
 PROGRESS = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
 
 
-def _train(run: Run, too_long: dict[str, int]) -> dict:
-    """`train` in a run dir it holds, prepared (from a checkpoint or the start): each step is rollout -> teacher ->
-    select -> loss (distill_step) -> update -> log. `too_long` (rows skipped for the context) is logged at the step
-    the run starts from."""
-    cfg = run.cfg
+def run_loop(run: Run, too_long: dict[str, int]) -> dict:
+    """The steps of a run prepared by tip_cli.train.recipe (from a checkpoint or the start), in a run dir it holds:
+    each is rollout -> teacher -> select -> loss (distill_step) -> update -> log. `too_long` (rows skipped for the
+    context) is logged at the step the run starts from; returns the final evaluation metrics."""
+    loop = run.loop
     if too_long:
         run.logger.log(too_long, run.start)
-    if run.start == 0 and cfg.train.eval_before:
+    if run.start == 0 and loop.eval_before:
         run.evaluate(0)
     pipe = rollout_pipeline(run)
-    with Progress(*PROGRESS, console=console) as bar, signals.sigterm_grace(cfg.train.sigterm_grace_s) as stop:
-        task = bar.add_task("train", total=cfg.train.steps, completed=run.start, info="")
+    with Progress(*PROGRESS, console=console) as bar, signals.sigterm_grace(loop.sigterm_grace_s) as stop:
+        task = bar.add_task("train", total=loop.steps, completed=run.start, info="")
         try:
-            for step in range(run.start + 1, cfg.train.steps + 1):
+            for step in range(run.start + 1, loop.steps + 1):
                 generator = step_generator(run, step)
                 m: dict[str, float] = {}
                 with timed("time/step", m):
