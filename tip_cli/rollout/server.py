@@ -49,10 +49,17 @@ class ServerEngine:
 
     def __init__(self, cfg: RolloutConfig, model: str, urls: list[str], context: dict[str, int], eos: set[int],
                  pusher=None, run_dir: Path | None = None):
-        self.cfg, self.model, self.urls, self.context, self.eos_ids = cfg, model, list(urls), context, eos
+        self.cfg, self.model, self.context, self.eos_ids = cfg, model, context, eos
         self.pusher, self.run_dir = pusher, run_dir
+        self._urls = list(urls)  # the live replicas, where no pusher holds them
         self.version = 0  # the weight version every live replica serves: the optimizer steps behind its weights
         self.on_done: Callable[[int, list[int], list[list[int]]], None] | None = None  # per finished prompt
+
+    @property
+    def urls(self) -> list[str]:
+        """The live replicas, one list for prompts and weights: the pusher's (a replica it gives up on leaves it, and
+        one dropped here gets no more weights), or the engine's own without a pusher."""
+        return self.pusher.urls if self.pusher is not None else self._urls
 
     @classmethod
     def connect(cls, cfg: RolloutConfig, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, vocab: int,
@@ -167,15 +174,13 @@ class ServerEngine:
         """Take a replica out of the pool (it gets no more prompts, nor weights); one line says so."""
         if url in self.urls:
             self.urls.remove(url)
-            if self.pusher is not None and url in self.pusher.urls:
-                self.pusher.urls.remove(url)
             print(f"student server {url} dropped: {why}; {len(self.urls)} left", flush=True)
 
     def sync_weights(self, model: PreTrainedModel, version: int | None = None) -> None:
         """Push the student's weights to every live replica as the next version (or `version`); a replica the
         pusher gives up on is dropped or stops the run (rollout.on_push_failure)."""
         version = self.version + 1 if version is None else version
-        self.urls = self.pusher.push(model, version)
+        self.pusher.push(model, version)  # the replicas it gives up on leave self.urls
         self.version = version
 
     def sleep(self) -> None:  # the replicas' memory is their own
