@@ -374,11 +374,10 @@ def config(overrides: list[str] = OVERRIDES) -> None:
 
 
 def main() -> None:
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()  # tip shows its own progress; per-file bars are noise
-    transformers.utils.logging.disable_progress_bar()
+    # tip shows its own progress; the Hub's, datasets' and transformers' per-file bars are noise. Set before they are
+    # imported (a variable the user set stays theirs), so a command that needs neither does not import them for it.
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(var, "1")
     app()
 
 
