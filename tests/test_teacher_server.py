@@ -139,6 +139,16 @@ def test_a_wrong_model_name_or_no_server_fails_at_start_up(server, micro, micro_
         ServerTeacher.connect(cfg, tok, len(tok))
 
 
+def test_the_teacher_server_is_refused_as_a_student_replica_at_start_up(server, micro, micro_overrides, tmp_path):
+    """The teacher's server (no weight-transfer routes, another model's tokenizer checks aside) is refused before
+    the first step, with a hint to start a student replica."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        recipe.train(compose_config([*micro_overrides, "rollout=vllm_server", f"rollout.url={server.ensure()}", f"out_dir={out}"]), out)
+    assert server.url in str(err.value)
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_a_killed_server_is_retried_then_the_run_stops_naming_the_url_and_checkpoint(
     server, micro_overrides, tmp_path, monkeypatch
 ):
