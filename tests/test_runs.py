@@ -283,7 +283,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_cleans_up(tmp_path, micro
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)  # what checkpoint.write_checkpoint calls
     with pytest.raises(checkpoint.StorageError) as err:
         recipe.train(compose_config(overrides), tmp_path)
     message = str(err.value)
@@ -469,7 +469,7 @@ def test_default_keeps_two_checkpoints_and_a_resume_reads_the_state_once(tmp_pat
         loads.append((Path(path).name, kwargs.get("mmap", False)))
         return real_load(path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.torch, "load", spy)
+    monkeypatch.setattr(torch, "load", spy)  # what checkpoint.load_trainer_state calls
     recipe.train(compose_config([*overrides, "train.steps=4"]), tmp_path)
     states = [mmap for name, mmap in loads if name == checkpoint.STATE_FILE]
     assert states == [True, False]  # the check maps it, the resume reads it

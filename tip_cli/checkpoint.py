@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from tip_cli.errors import UserError
 
 STATE_FILE = "trainer_state.pt"
@@ -171,6 +169,8 @@ def storage_errors(run_dir: Path, path: Path, cleanup: Path | None = None) -> It
 def write_checkpoint(tmp: Path, step: int, model, tokenizer, trainer_state: dict, state_dict: dict | None = None) -> None:
     """The student in HF format, its tokenizer and the trainer state; `state_dict` stands in for the model's own
     (the gathered weights of a sharded model)."""
+    import torch  # here, not at the top: the CLI checks a run dir's storage (make_run_dir) before torch loads
+
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, **trainer_state}, tmp / STATE_FILE)
@@ -205,6 +205,8 @@ def save_checkpoint(
 def load_trainer_state(ckpt: Checkpoint, mmap: bool = False) -> dict:
     """The step, optimizer and scheduler state: tensors and plain data only (weights_only), never code. With `mmap`
     the tensors are mapped from the file, not read: the refusal of code costs the unpickling alone."""
+    import torch
+
     path = ckpt.path / STATE_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

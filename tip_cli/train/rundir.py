@@ -38,8 +38,6 @@ from tip_cli.checkpoint import (
 from tip_cli.config.compose import load_yaml, to_container, to_yaml
 from tip_cli.config.schema import ConfigError, TipConfig
 from tip_cli.errors import UserError
-from tip_cli.tracking import read_jsonl
-from tip_cli.train import parallel
 
 LOCK_FILE = "tip.lock"
 OVERRIDES_FILE = "overrides.jsonl"
@@ -151,6 +149,8 @@ def _changes_message(run_dir: Path, changes: dict[str, tuple[Any, Any]], step: i
 
 def _final_eval(run_dir: Path, cfg: TipConfig) -> dict[str, float] | None:
     """The final evaluation of a run that reached train.steps, if it was logged (else None)."""
+    from tip_cli.tracking import read_jsonl  # torch: see open_run
+
     prefix = f"eval/{cfg.benchmark.name}/"
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl", quiet=True)
             if r.get("step") == cfg.train.steps and prefix + "accuracy" in r]
@@ -244,6 +244,10 @@ def _decide(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
 def open_run(cfg: TipConfig, run_dir: Path, console: Console) -> RunPlan:
     """Check the run dir against `cfg` and take it: rank 0 decides and locks, every rank gets the decision (and
     raises rank 0's error, so that no rank waits on the others)."""
+    # imported here: the CLI makes the run dir (make_run_dir) before torch is imported, so that a path that cannot be
+    # one fails in a second
+    from tip_cli.train import parallel
+
     plan, error = None, None
     if parallel.is_main():
         try:
