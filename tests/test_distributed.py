@@ -2,6 +2,7 @@
 process holding the whole batch: the kept token set and the loss, one FSDP2 training step, and a sharded checkpoint's
 save -> kill -> resume."""
 
+import dataclasses
 import faulthandler
 import json
 import os
@@ -214,14 +215,30 @@ def steps_on_ranks(cfgs: list[TipConfig]) -> list[dict]:
     return out
 
 
-def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
-    base = [*micro_overrides, "optim.lr=1e-2", "optim.grad_clip=1.0"]
-    cfgs = [
-        compose_config([*base, "selector=soft_or", "budget=0.5", "train.gradient_checkpointing=true"]),
-        compose_config([*base, "selector=entropy", "selector.mode=sample", "budget=0.3", "train.micro_batch_size=1",
-                        "loss.norm=total", "parallel.shard_teacher=true"]),
-    ]
-    ranks = spawn(steps_on_ranks, tmp_path, cfgs)
+_STEP_RANKS: list = []  # the ranks' steps, spawned once for the two tests below (micro_overrides is function-scoped)
+
+
+@pytest.fixture
+def step_ranks(tmp_path_factory, micro_overrides) -> tuple[dict[str, list[TipConfig]], list[list[dict]]]:
+    """{"fp32": two configs, "bf16_mixed": one}, and each rank's steps of all three, in that order, from one spawn."""
+    if not _STEP_RANKS:
+        base = [*micro_overrides, "optim.lr=1e-2", "optim.grad_clip=1.0"]
+        mixed = [*micro_overrides, "optim.lr=1e-2", "optim.grad_clip=1e9", "selector=all"]  # no clipping: raw grads
+        cfgs = {
+            "fp32": [
+                compose_config([*base, "selector=soft_or", "budget=0.5", "train.gradient_checkpointing=true"]),
+                compose_config([*base, "selector=entropy", "selector.mode=sample", "budget=0.3",
+                                "train.micro_batch_size=1", "loss.norm=total", "parallel.shard_teacher=true"]),
+            ],
+            "bf16_mixed": [compose_config([*mixed, "train.precision=bf16_mixed"])],
+        }
+        _STEP_RANKS.append((cfgs, spawn(steps_on_ranks, tmp_path_factory.mktemp("steps"), [*cfgs["fp32"], *cfgs["bf16_mixed"]])))
+    return _STEP_RANKS[0]
+
+
+def test_fsdp_step_on_two_ranks_matches_one_process(step_ranks):
+    configs, ranks = step_ranks
+    cfgs = configs["fp32"]
     before = load_pair(cfgs[0].pair, torch.device("cpu")).student.state_dict()
     for i, cfg in enumerate(cfgs):
         want = one_step(cfg)
@@ -240,12 +257,12 @@ def test_fsdp_step_on_two_ranks_matches_one_process(tmp_path, micro_overrides):
         assert max((want["weights"][n] - w).abs().max().item() for n, w in before.items()) > 1e-3  # the step moved them
 
 
-def test_fsdp_bf16_mixed_step_on_two_ranks_uses_the_mixed_precision_policy(tmp_path, micro_overrides):
+def test_fsdp_bf16_mixed_step_on_two_ranks_uses_the_mixed_precision_policy(step_ranks):
     """train.precision=bf16_mixed under FSDP2: bf16 parameters in forward/backward, fp32 reduction and fp32 shards;
     the step matches one fp32 process within bf16 tolerance."""
-    base = [*micro_overrides, "optim.lr=1e-2", "optim.grad_clip=1e9", "selector=all"]  # no clipping: raw grads
-    (got,) = spawn(steps_on_ranks, tmp_path, [compose_config([*base, "train.precision=bf16_mixed"])])[0]
-    want = one_step(compose_config([*base, "train.precision=fp32"]))
+    configs, ranks = step_ranks
+    (mixed,), got = configs["bf16_mixed"], ranks[0][len(configs["fp32"])]
+    want = one_step(dataclasses.replace(mixed, train=dataclasses.replace(mixed.train, precision="fp32")))
     assert got["policy"] == (torch.bfloat16, torch.float32) and want["policy"] is None
     assert got["compute_dtype"] == torch.bfloat16 and want["compute_dtype"] == torch.float32
     assert got["param_dtypes"] == {torch.float32}  # the sharded master weights (and so AdamW's state) stay fp32
