@@ -1,9 +1,9 @@
 """The recipe entry: the one place below the CLI that reads the whole config.
 
 `train(cfg, run_dir)` reads the data and the benchmark, opens the run dir, builds the run's frozen specs once
-(`specs`: StepSpec for distill_step, LoopSpec for the step loop; EvalSpec for evaluation) and its components (the pair, the
-teacher's scorer, the rollout engine and source, the optimizer, the logger), each from its own config group, and
-hands them to the step loop (tip_cli.train.loop.run_loop), which never sees the config.
+(`specs`: StepSpec for distill_step, LoopSpec for the step loop; EvalSpec for evaluation) and its components
+(`prepare`: the pair, the teacher's scorer, the rollout engine and source, the optimizer, the logger), each from its
+own config group, and hands them to the step loop (tip_cli.train.loop.run_loop), which never sees the config.
 """
 
 from __future__ import annotations
@@ -89,11 +89,15 @@ def specs(cfg: TipConfig, device: torch.device) -> RunSpec:
         t.signal_metrics, t.grad_probe_every, imp.support_k if needs_support(selection.selector) else None,
     )
     topk = ("importance.topk", imp.topk) if cfg.teacher.backend == "hf" else ("teacher.topk", cfg.teacher.topk)
-    loop = LoopSpec(cfg.seed, t.steps, t.prompts_per_step,
-                    Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k), r.max_staleness,
-                    cfg.optim.grad_clip, cfg.optim.lr, t.save_every, t.keep_checkpoints, t.eval_every, t.eval_before,
-                    t.token_sample_every, t.token_sample_size, t.max_skipped_steps, t.sigterm_grace_s,
-                    imp.topk_mass_warn, topk)
+    loop = LoopSpec(
+        seed=cfg.seed, steps=t.steps, prompts_per_step=t.prompts_per_step,
+        sampling=Sampling(r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, r.top_k),
+        max_staleness=r.max_staleness, grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, save_every=t.save_every,
+        keep_checkpoints=t.keep_checkpoints, eval_every=t.eval_every, eval_before=t.eval_before,
+        token_sample_every=t.token_sample_every, token_sample_size=t.token_sample_size,
+        max_skipped_steps=t.max_skipped_steps, sigterm_grace_s=t.sigterm_grace_s,
+        topk_mass_warn=imp.topk_mass_warn, topk=topk,
+    )
     return RunSpec(step, loop)
 
 
