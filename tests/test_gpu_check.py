@@ -5,12 +5,15 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tip_cli.toy import qwen3_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
@@ -86,9 +89,12 @@ def test_gpu_profile_bench_covers_every_mode_backend_and_budget(gpu_check):
 
 
 @pytest.mark.slow
-def test_tiny_gpu_check_writes_one_report_of_every_part(tmp_path, shared_data):
+def test_tiny_gpu_check_writes_one_report_of_every_part(tmp_path, shared_data, request):
     """The whole script at the tiny shapes on CPU: every part ran; the 3 steps trained with soft_or's K = floor(N/2 +
     1/2) of N tokens; the bench's ratios are its own rows' quotients; the Markdown carries the tables."""
+    if qwen3_tokenizer.available():  # the session's build of Qwen3's tokenizer, not a second one
+        shutil.copytree(request.getfixturevalue("qwen3_cache")["root"] / qwen3_tokenizer.VERSION,
+                        tmp_path / "cache" / qwen3_tokenizer.VERSION)
     env = {**os.environ, "TIP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(SCRIPT.parents[1])}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(tmp_path / "out"), "--data",
