@@ -1,8 +1,8 @@
 """What the clients of running `vllm serve` replicas share (the teacher's, tip_cli.teacher.server, and the student's,
 tip_cli.rollout.server): JSON over HTTP, and the start-up checks that a replica is the model the trainer expects.
 
-`connect_checks` finds the served model (the one a replica lists, or the configured name) and compares the
-replica's tokenizer with the student's: a probe text's token ids from the server's `/tokenize`, and the size of the
+`served_models` and `pick_model` find the served model (the one a replica lists, or the configured name) and
+`check_tokenizer` compares the replica's tokenizer with the student's: a probe text's token ids from the server's `/tokenize`, and the size of the
 vocabulary (the server accepts the last id of the shared vocabulary, tokens or model rows whichever is larger, and
 refuses the next one). Every failure is a ConfigError naming the replica, as `what` calls it ("teacher server").
 """

@@ -234,14 +234,19 @@ class WeightPusher:
                 _request(url + "/start_weight_update", {}, t)
                 _request(url + "/update_weights", {"update_info": info}, t)
                 _request(url + "/finish_weight_update", {"weight_version": str(version)}, t)
-                # running requests are preempted and recomputed, so the reset cannot be refused while they hold blocks
-                _request(url + "/reset_prefix_cache?reset_running_requests=true", {}, t)
-                if (served := self.version(url)) != version:
-                    raise ConnectionError(f"it reports weights version {served} after the push")
+                self._confirm(url, version)
                 return None
             except (OSError, ValueError, KeyError) as failure:  # down, timed out, refused, or a garbled answer
                 err = failure
         return err
+
+    def _confirm(self, url: str, version: int) -> None:
+        """After a push: drop the replica's prefix cache (no KV computed with the old weights is reused) and check
+        that it serves `version`; ConnectionError naming the replica when it does not."""
+        # running requests are preempted and recomputed, so the reset cannot be refused while they hold blocks
+        _request(url + "/reset_prefix_cache?reset_running_requests=true", {}, self.cfg.timeout_s)
+        if (served := self.version(url)) != version:
+            raise ConnectionError(f"{url} reports weights version {served} after the push")
 
     def _failure(self, url: str, err: Exception, version: int) -> str:
         resume = resume_hint(self.run_dir, "once the replica is back")
@@ -278,8 +283,6 @@ class WeightPusher:
             self._nccl.send_weights()
             if self._rank == 0:
                 for url in self.urls:
-                    _request(url + "/reset_prefix_cache?reset_running_requests=true", {}, self.cfg.timeout_s)
-                    if (served := self.version(url)) != version:
-                        raise ConnectionError(f"{url} reports weights version {served} after the push")
+                    self._confirm(url, version)
         except (OSError, ValueError, RuntimeError) as err:
             raise WeightPushError(self._failure(", ".join(self.urls), err, version)) from err
