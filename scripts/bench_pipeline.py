@@ -20,13 +20,13 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from statistics import mean
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tip_cli.servers import wait_serving  # noqa: E402
 from tip_cli.tracking import STEP_PHASES  # noqa: E402
 
 MODES = {"sync": 0, "overlap": 1}
@@ -45,20 +45,6 @@ def start_server(student: str, port: int, cores: str, log: Path) -> subprocess.P
     env = os.environ | {"VLLM_CPU_OMP_THREADS_BIND": cores.replace(",", "|") if "-" not in cores else cores}
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             cwd=ROOT)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 600) -> float:
-    """Seconds until the server answers /v1/models; SystemExit with its log's tail if it dies first."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if proc.poll() is not None:
-            sys.exit(f"the student server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=2):
-                return time.monotonic() - start
-        except OSError:
-            time.sleep(1)
-    sys.exit(f"the student server did not answer within {timeout_s:.0f} s; see {log}")
 
 
 def train(url: str, staleness: int, seed: int, steps: int, run_dir: Path, cores: str, extra: list[str]) -> float:
@@ -114,7 +100,10 @@ def main() -> int:
     url, log = f"http://127.0.0.1:{args.port}", args.out / "server.log"
     server = start_server(student, args.port, args.server_cores, log)
     try:
-        print(f"student server up in {wait_ready(url, server, log):.0f} s", flush=True)
+        try:
+            print(f"student server up in {wait_serving(url, server, log, 600):.0f} s", flush=True)
+        except RuntimeError as err:
+            sys.exit(str(err))
         results: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for seed in args.seeds:
             for mode, staleness in MODES.items():

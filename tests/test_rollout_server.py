@@ -218,7 +218,7 @@ def test_a_dead_replica_stops_the_run_naming_it_and_the_checkpoint_or_is_dropped
     none_left = WeightPusher(_cfg([dead], on_push_failure="drop"), tmp_path)
     with pytest.raises(WeightPushError, match="no replica is left"):
         none_left.push(model, 23)
-    with pytest.raises(ConfigError, match=f"rollout replica {dead} refused the weight-transfer set-up .*tip_file"):
+    with pytest.raises(ConfigError, match=f"student server {dead} refused the weight-transfer set-up .*tip_file"):
         none_left.connect(model)
 
 

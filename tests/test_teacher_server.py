@@ -26,6 +26,40 @@ from tip_cli.train import step as train_step
 TEACHER_TARGETS = train_step.teacher_targets  # the real one, whatever a test has patched in
 
 
+def test_with_retries_waits_a_doubling_backoff_and_raises_the_last_error_or_a_refusal_at_once(monkeypatch):
+    slept = []
+    monkeypatch.setattr(servers.time, "sleep", slept.append)
+
+    def failing(errors):
+        tries = []
+
+        def attempt(a):
+            tries.append(a)
+            if a < len(errors):
+                raise errors[a]
+            return f"answer at try {a}"
+        return attempt, tries
+
+    attempt, tries = failing([OSError("down"), ValueError("truncated")])
+    assert servers.with_retries(attempt, 3, 0.5) == "answer at try 2"
+    assert tries == [0, 1, 2] and slept == [0.5, 1.0]
+
+    slept.clear()
+    attempt, tries = failing([OSError("a"), OSError("b"), KeyError("c")])
+    with pytest.raises(KeyError, match="c"):  # the last try's error
+        servers.with_retries(attempt, 2, 0.5)
+    assert tries == [0, 1, 2] and slept == [0.5, 1.0]
+
+    for first, kwargs in ((HTTPRefused("HTTP 400"), {}), (TypeError("a bug"), {}),
+                          (KeyError("not retried here"), {"retry_on": (OSError,)})):
+        slept.clear()
+        attempt, tries = failing([first])
+        with pytest.raises(type(first)):
+            servers.with_retries(attempt, 3, 0.5, **kwargs)
+        assert tries == [0] and slept == []
+    assert [servers.backoff(0.5, n) for n in (1, 2, 3, 7, 20)] == [0.5, 1.0, 2.0, 32.0, 32.0]
+
+
 def test_teacher_url_takes_one_url_or_a_list_and_rejects_what_is_not_http():
     one = compose_config(["teacher.backend=vllm_server", "teacher.url=http://10.0.0.2:8000/v1/"]).teacher
     assert one.url == ["http://10.0.0.2:8000"]

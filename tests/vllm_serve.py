@@ -6,9 +6,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from tip_cli.servers import wait_serving
 
 TOPK = 5  # --max-logprobs: the teacher.topk the tests ask for
 START_TIMEOUT_S = 600
@@ -49,18 +49,13 @@ class VLLMServer:
     def ensure(self) -> str:
         if not self.alive():
             self.launch()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.ready and time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=2):
-                    self.ready = True
-            except OSError:
-                time.sleep(1)
         if not self.ready:
-            self.stop()
-            raise RuntimeError(f"vllm serve did not answer within {START_TIMEOUT_S} s:\n{self.log.read_text()[-4000:]}")
+            try:
+                wait_serving(self.url, self.proc, self.log, START_TIMEOUT_S)
+            except RuntimeError:
+                self.stop()
+                raise
+            self.ready = True
         return self.url
 
     def kill(self) -> None:

@@ -1,5 +1,7 @@
 """What the clients of running `vllm serve` replicas share (the teacher's, tip_cli.teacher.server, and the student's,
-tip_cli.rollout.server): JSON over HTTP, and the start-up checks that a replica is the model the trainer expects.
+tip_cli.rollout.server, and the weight pusher): JSON over HTTP, tries repeated after a doubling backoff
+(`with_retries`), the wait for a server just started (`wait_serving`), and the start-up checks that a replica is
+the model the trainer expects.
 
 `served_models` and `pick_model` find the served model (the one a replica lists, or the configured name) and
 `check_tokenizer` compares the replica's tokenizer with the student's: a probe text's token ids from the server's `/tokenize`, and the size of the
@@ -10,14 +12,21 @@ refuses the next one). Every failure is a ConfigError naming the replica, as `wh
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, TypeVar
 
 from tip_cli.checkpoint import latest_checkpoint
 from tip_cli.config.schema import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+T = TypeVar("T")
 
 # Chat markup, digits, punctuation, accents, CJK and an emoji: pieces where two tokenizers tend to disagree.
 PROBE_TEXT = "What is 12 + 345? Think step by step.\n\tThe answer is 357. Naïve café, 東京, 🙂 {x_1}^2 = ½!"
@@ -47,6 +56,44 @@ def request(url: str, body: dict | None, timeout: float, raw: bool = False) -> d
         if 400 <= err.code < 500:
             raise HTTPRefused(f"HTTP {err.code} from {url}: {detail}") from err
         raise ConnectionError(f"HTTP {err.code} from {url}: {detail}") from err
+
+
+def backoff(base_s: float, failures: int) -> float:
+    """Seconds to wait before the next try after `failures` failed ones: `base_s`, doubling, at most 64 * base_s."""
+    return base_s * 2 ** min(failures - 1, 6)
+
+
+def with_retries(attempt: Callable[[int], T], retries: int, backoff_s: float,
+                 retry_on: tuple[type[Exception], ...] = (OSError, ValueError, KeyError),
+                 fatal: tuple[type[Exception], ...] = (HTTPRefused,)) -> T:
+    """attempt(a) for a = 0, 1, ... retries until one returns, waiting backoff(backoff_s, a) before try a > 0; the
+    last try's error is raised. An error in `fatal` (a refusal, which a retry would get again) or outside `retry_on`
+    is raised at once."""
+    for a in range(retries):
+        try:
+            return attempt(a)
+        except fatal:
+            raise
+        except retry_on:
+            time.sleep(backoff(backoff_s, a + 1))
+    return attempt(retries)
+
+
+def wait_serving(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> float:
+    """Seconds until a server that `proc` started answers `url`/v1/models; RuntimeError with the end of its `log`
+    when it exits first or does not answer within timeout_s."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with {proc.returncode}; the end of {log}:\n"
+                               f"{log.read_text(errors='replace')[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=2):
+                return time.monotonic() - start
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"the server for {url} did not answer within {timeout_s:.0f} s; the end of {log}:\n"
+                       f"{log.read_text(errors='replace')[-4000:]}")
 
 
 def served_models(url: str, timeout: float, what: str, hint: str) -> dict[str, dict]:

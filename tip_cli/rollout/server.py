@@ -30,7 +30,15 @@ from tip_cli.config.schema import ConfigError, RolloutConfig
 from tip_cli.errors import DataError, UserError
 from tip_cli.rollout.batch import Generation, Sampling, eos_ids, trim_at_eos
 from tip_cli.seeds import derive_seed
-from tip_cli.servers import HTTPRefused, check_tokenizer, pick_model, request, resume_hint, served_models
+from tip_cli.servers import (
+    HTTPRefused,
+    backoff,
+    check_tokenizer,
+    pick_model,
+    request,
+    resume_hint,
+    served_models,
+)
 
 WHAT = "student server"
 START_HINT = ("start it with `VLLM_SERVER_DEV_MODE=1 python -m tip_cli.rollout.serve --model STUDENT --port PORT` "
@@ -148,7 +156,7 @@ class ServerEngine:
                         failures[url] = failures.get(url, 0) + 1
                         if failures[url] > self.cfg.retries:
                             self.drop(url, f"no answer after {failures[url]} attempts (last error: {err})")
-                        time.sleep(self.cfg.backoff_s * 2 ** min(failures[url] - 1, 6))
+                        time.sleep(backoff(self.cfg.backoff_s, failures[url]))
                         pending.append(i)
                         continue
                     if self.on_done is not None:

@@ -31,7 +31,6 @@ import json
 import os
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,7 +42,7 @@ from transformers import PreTrainedModel
 from tip_cli.config.schema import ConfigError, RolloutConfig
 from tip_cli.errors import UserError
 from tip_cli.rollout.vllm_plugin import BACKEND, VERSION_KEY
-from tip_cli.servers import request, resume_hint
+from tip_cli.servers import request, resume_hint, with_retries
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 SERVE_HINT = ("start it with `python -m tip_cli.rollout.serve --model STUDENT` (vllm serve with the weight-transfer "
@@ -175,7 +174,7 @@ class WeightPusher:
                 try:
                     _request(url + "/init_weight_transfer_engine", {"init_info": {}}, self.cfg.timeout_s)
                 except OSError as err:
-                    raise ConfigError(f"rollout replica {url} refused the weight-transfer set-up ({err}); it needs "
+                    raise ConfigError(f"student server {url} refused the weight-transfer set-up ({err}); it needs "
                                       f"the weight-transfer routes and --weight-transfer-config "
                                       f"'{{\"backend\": \"{BACKEND}\"}}': {SERVE_HINT}") from err
 
@@ -217,28 +216,26 @@ class WeightPusher:
             raise WeightPushError(self._failure(*failed[0], version))
         live = [url for url, err in zip(self.urls, errors, strict=True) if err is None]
         for url, err in failed:
-            print(f"rollout: dropped replica {url}: the push of weights version {version} failed "
-                  f"{self.cfg.retries + 1} times ({err}); {len(live)} replica(s) left")
+            print(f"student server {url} dropped: the push of weights version {version} failed "
+                  f"{self.cfg.retries + 1} times ({err}); {len(live)} left", flush=True)
         if not live:
             raise WeightPushError(self._failure(*failed[-1], version) + "; no replica is left")
         return live
 
     def _push_with_retries(self, url: str, info: dict, version: int) -> Exception | None:
-        """None once the replica serves `version`; the last error after 1 + retries attempts."""
-        err: Exception | None = None
-        for attempt in range(self.cfg.retries + 1):
-            if attempt:
-                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
-            try:
-                t = self.cfg.timeout_s
-                _request(url + "/start_weight_update", {}, t)
-                _request(url + "/update_weights", {"update_info": info}, t)
-                _request(url + "/finish_weight_update", {"weight_version": str(version)}, t)
-                self._confirm(url, version)
-                return None
-            except (OSError, ValueError, KeyError) as failure:  # down, timed out, refused, or a garbled answer
-                err = failure
-        return err
+        """None once the replica serves `version`; the last error after 1 + retries tries."""
+        def push(_: int) -> None:
+            t = self.cfg.timeout_s
+            _request(url + "/start_weight_update", {}, t)
+            _request(url + "/update_weights", {"update_info": info}, t)
+            _request(url + "/finish_weight_update", {"weight_version": str(version)}, t)
+            self._confirm(url, version)
+
+        try:  # every failure is retried, a refusal (4xx) included
+            with_retries(push, self.cfg.retries, self.cfg.backoff_s, fatal=())
+        except (OSError, ValueError, KeyError) as failure:  # down, timed out, refused, or a garbled answer
+            return failure
+        return None
 
     def _confirm(self, url: str, version: int) -> None:
         """After a push: drop the replica's prefix cache (no KV computed with the old weights is reused) and check
@@ -250,7 +247,7 @@ class WeightPusher:
 
     def _failure(self, url: str, err: Exception, version: int) -> str:
         resume = resume_hint(self.run_dir, "once the replica is back")
-        return (f"rollout replica {url} did not take weights version {version} after {self.cfg.retries + 1} "
+        return (f"student server {url} did not take weights version {version} after {self.cfg.retries + 1} "
                 f"attempts (last error: {err}); training stopped: {resume}")
 
     def _connect_nccl(self, model: PreTrainedModel) -> None:

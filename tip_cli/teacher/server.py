@@ -17,7 +17,6 @@ last id of the student's vocabulary, tokens or model rows whichever is larger, a
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from tip_cli.servers import (
     request,
     resume_hint,
     served_models,
+    with_retries,
 )
 from tip_cli.teacher.topk import json_rows, targets
 
@@ -93,25 +93,22 @@ class ServerTeacher:
         return rows
 
     def _score_with_retries(self, i: int, seq: list[int], positions: list[int]):
-        """Sequence i on replica i mod R; attempt a on replica (i + a) mod R after backoff * 2^(a-1) seconds."""
-        err: Exception | None = None
-        for attempt in range(self.cfg.retries + 1):
-            url = self.urls[(i + attempt) % len(self.urls)]
-            if attempt:
-                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
-            try:
-                return self._score(url, seq, positions)
-            except HTTPRefused as failure:  # the server answered and refused: a retry would be refused too
-                raise TeacherServerError(f"teacher server {url} refused a request: {failure}") from failure
-            except ConfigError:  # token ids outside the shared vocabulary
-                raise
-            except (OSError, ValueError) as failure:  # down, timed out, or a truncated answer
-                err = failure
-        resume = resume_hint(self.run_dir)
-        raise TeacherServerError(
-            f"teacher server {url} did not answer after {self.cfg.retries + 1} attempts "
-            f"(last error: {err}); training stopped: {resume}"
-        ) from err
+        """Sequence i on replica i mod R; try a on replica (i + a) mod R after a doubling backoff (servers.backoff)."""
+        def on(a: int) -> str:
+            return self.urls[(i + a) % len(self.urls)]
+
+        try:  # ConfigError (token ids outside the shared vocabulary) is raised as it is
+            return with_retries(lambda a: self._score(on(a), seq, positions), self.cfg.retries, self.cfg.backoff_s,
+                                retry_on=(OSError, ValueError), fatal=(HTTPRefused, ConfigError))
+        except HTTPRefused as failure:  # the server answered and refused: a retry would be refused too
+            raise TeacherServerError(f"teacher server refused a request: {failure}") from failure
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as err:  # down, timed out, or a truncated answer, at every try
+            raise TeacherServerError(
+                f"teacher server {on(self.cfg.retries)} did not answer after {self.cfg.retries + 1} attempts "
+                f"(last error: {err}); training stopped: {resume_hint(self.run_dir)}"
+            ) from err
 
     def _submit(self, i: int, seq: list[int], positions: list[int]) -> Future:
         if self._pool is None:
