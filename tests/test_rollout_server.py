@@ -8,7 +8,6 @@ import json
 import math
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from tip_cli.rollout.batch import Sampling, eos_ids
 from tip_cli.rollout.hf import HFEngine
 from tip_cli.rollout.server import RolloutServerError, ServerEngine
 from tip_cli.rollout.weights import WeightPusher, WeightPushError
+from tip_cli.servers import request
 from tip_cli.train import loop, recipe
 
 SEQ = [5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 30, 31, 40, 41, 3, 4]  # repeats: a prefix-cache hit would show
@@ -42,10 +42,7 @@ def _served(url: str, model_path: Path) -> torch.Tensor:
     """The replica's prompt log-probs of SEQ's tokens 1.. (/v1/completions, prompt_logprobs=1 always holds the
     prompt's own token)."""
     body = {"model": str(model_path), "prompt": SEQ, "max_tokens": 1, "prompt_logprobs": 1, "temperature": 0.0}
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        rows = json.loads(resp.read())["choices"][0]["prompt_logprobs"]
+    rows = request(url + "/v1/completions", body, 60)["choices"][0]["prompt_logprobs"]
     return torch.tensor([rows[t][str(tok)]["logprob"] for t, tok in enumerate(SEQ) if t], dtype=torch.float64)
 
 

@@ -178,7 +178,8 @@ def test_the_teacher_server_is_refused_as_a_student_replica_at_start_up(server, 
     the first step, with a hint to start a student replica."""
     out = tmp_path / "run"
     with pytest.raises(ConfigError) as err:
-        recipe.train(compose_config([*micro_overrides, "rollout=vllm_server", f"rollout.url={server.ensure()}", f"out_dir={out}"]), out)
+        recipe.train(compose_config([*micro_overrides, "rollout=vllm_server", f"rollout.url={server.ensure()}",
+                                     f"out_dir={out}"]), out)
     assert server.url in str(err.value)
     assert not (out / "metrics.jsonl").exists()
 

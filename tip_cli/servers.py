@@ -4,9 +4,9 @@ tip_cli.rollout.server, and the weight pusher): JSON over HTTP, tries repeated a
 the model the trainer expects.
 
 `served_models` and `pick_model` find the served model (the one a replica lists, or the configured name) and
-`check_tokenizer` compares the replica's tokenizer with the student's: a probe text's token ids from the server's `/tokenize`, and the size of the
-vocabulary (the server accepts the last id of the shared vocabulary, tokens or model rows whichever is larger, and
-refuses the next one). Every failure is a ConfigError naming the replica, as `what` calls it ("teacher server").
+`check_tokenizer` compares the replica's tokenizer with the student's: a probe text's token ids from the server's
+`/tokenize`, and the size of the vocabulary (the server accepts the last id of the shared vocabulary, tokens or model
+rows whichever is larger, and refuses the next one). Every failure is a ConfigError naming the replica, as `what` calls it ("teacher server").
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from tip_cli.selection.signal import Signal, signal_metrics
 @dataclass(frozen=True)
 class Ranks:
     """This process among the ranks of a job: `sizes(*counts, device=)` every rank's counts [world, len(counts)]
-    int64; `gather(x, sizes)` every rank's x [sizes[r], ...] concatenated in rank order (along the first dim). `joined`: part of a torchrun job
-    (a world of 1 included), so the counts and the loss normaliser are summed over the ranks."""
+    int64; `gather(x, sizes)` every rank's x [sizes[r], ...] concatenated in rank order (along the first dim).
+    `joined`: part of a torchrun job (a world of 1 included), so the counts and the loss normaliser are summed over
+    the ranks."""
 
     rank: int
     sizes: Callable[..., torch.Tensor]

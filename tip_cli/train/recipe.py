@@ -45,7 +45,8 @@ from tip_cli.train.spec import LoopSpec, RunSpec, SelectionSpec, StepSpec
 def train(cfg: TipConfig, run_dir: Path) -> dict:
     """Run (or resume) OPD into run_dir; returns the final evaluation metrics.
 
-    Under torchrun every rank runs this (tip_cli.train.parallel): each on its slice of the prompts, rank 0 alone logging.
+    Under torchrun every rank runs this (tip_cli.train.parallel): each on its slice of the prompts, rank 0 alone
+    logging.
     """
     device = parallel.setup(cfg.train.device)  # joins the torchrun job when launched by one
     parallel.check(cfg.train, cfg.parallel)
@@ -130,5 +131,5 @@ def prepare(cfg: TipConfig, spec: RunSpec, evals: EvalSpec, run_dir: Path, devic
     logger = parallel.NullLogger()
     if parallel.is_main():
         logger = MetricsLogger(run_dir, cfg.logger, to_container(cfg), start, run_dir.name)
-    return Run(spec.loop, spec.step, evals, run_dir, device, pair, scorer, engine, source, optimizer, scheduler, logger, bench,
-               memory, start)
+    return Run(spec.loop, spec.step, evals, run_dir, device, pair, scorer, engine, source, optimizer, scheduler,
+               logger, bench, memory, start)
